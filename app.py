@@ -1,0 +1,612 @@
+"""A Tabby-compatible code-completion server in one file: Flask + llama-cpp-python.
+
+It speaks TabbyML Tabby's HTTP API (/v1/health, /v1/completions, /v1/events,
+/v1beta/server_setting), so the Tabby extensions for VS Code, Vim and IntelliJ (all of
+them run the tabby-agent client) get fill-in-the-middle completions from a local GGUF model.
+
+    python app.py --model ./model.gguf --port 8080
+    TABBYPY_MODEL=./model.gguf flask run --port 8080
+
+`python app.py --help` lists every option with its environment variable.
+"""
+import argparse
+import ctypes
+import hmac
+import json
+import os
+import platform
+import re
+import sys
+import threading
+import time
+import uuid
+
+from flask import Flask, abort, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+# -----------------------------------------------------------------------------
+# Config: the only place knobs live. Each is a flag --key-name and an env var TABBYPY_KEY_NAME.
+
+ENV_PREFIX = "TABBYPY_"
+CONFIG = {
+    "model": ("", "GGUF file, or a Hugging Face repo id (owner/repo or owner/repo:file.gguf), downloaded once"),
+    "prompt_template": ("", "FIM template in Tabby's syntax, e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'; empty: from the model's tokens"),
+    "device": ("cpu", "cpu, or gpu to offload every layer (llama-cpp-python must be built with a GPU backend)"),
+    "ctx": (4096, "context size in tokens: prompt and completion together"),
+    "threads": (0, "CPU threads; 0: one per core"),
+    "max_tokens": (64, "most tokens generated per completion (Tabby's max_decoding_tokens)"),
+    "temperature": (0.1, "sampling temperature when a request sends none; 0 is greedy"),
+    "token": ("", "bearer token every /v1 and /v1beta request must carry; empty: no auth"),
+    "root": ("~/.tabby", "data directory: events go to ROOT/events/YYYY-MM-DD.json, as Tabby writes them"),
+    "max_body": (1 << 20, "largest request body in bytes; larger ones get 413"),
+    "client_telemetry": (False, "let tabby-agent send its anonymous usage statistics to TabbyML"),
+    "host": ("127.0.0.1", "address to listen on (python app.py only; flask run has --host)"),
+    "port": (8080, "port to listen on (python app.py only; flask run has --port)"),
+}
+
+
+def convert(value, default, source):
+    """A flag or env string as the type of the knob's default; source names it in errors."""
+    if isinstance(default, bool):
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"{source} must be true or false, not {value!r}")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"{source} must be a{'n' if type(default) is int else ''} {type(default).__name__}, not {value!r}") from None
+
+
+def load_config(argv=(), environ=None):
+    """CONFIG's defaults, overlaid by TABBYPY_* environment variables, then by --flags."""
+    environ = os.environ if environ is None else environ
+    for name in environ:
+        if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX):].lower() not in CONFIG:
+            raise ValueError(f"unknown setting {name} (see --help)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    config = {}
+    for key, (default, help) in CONFIG.items():
+        env = ENV_PREFIX + key.upper()
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, metavar="VALUE",
+                            help=f"{help} (default: {default!r}; env {env})")
+        config[key] = convert(environ[env], default, env) if env in environ else default
+    for key, value in vars(parser.parse_args(list(argv))).items():
+        if value is not None:
+            config[key] = convert(value, CONFIG[key][0], "--" + key.replace("_", "-"))
+    return config
+
+# -----------------------------------------------------------------------------
+# Data tables, in Tabby's own shapes so they can be diffed against upstream.
+
+# The Tabby release whose API we speak: tabby-agent reads version.git_describe as a semver
+# and asks for /v1beta/server_setting only from 0.9.0 on.
+TABBY_VERSION = "v0.32.0"
+
+# FIM prompt templates (TabbyML/registry-tabby:models.json), tried in order: the first whose
+# markers are all special tokens of the model wins.
+FIM_TEMPLATES = [
+    "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",  # StarCoder, StarCoder2, CodeQwen
+    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",  # CodeGemma, Qwen2.5-Coder
+    "<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>",  # DeepSeek-Coder
+    "<PRE> {prefix} <SUF>{suffix} <MID>",  # CodeLlama
+    "[SUFFIX]{suffix}[PREFIX]{prefix}",  # Codestral: suffix first, no middle token
+]
+# a special-token marker inside a template: <...> or [UPPER]
+MARKER = r"<[^\s<>{}]+>|\[[A-Z]+\]"
+
+# TabbyML/tabby:crates/tabby-common/assets/languages.toml. line_comment None: the language has
+# none, so context snippets are left out. Each top-level keyword becomes the stop word "\n" + kw.
+LANGUAGES = [
+    {"languages": ["python"], "line_comment": "#", "top_level_keywords": ["def", "from", "class", "import"]},
+    {"languages": ["rust"], "line_comment": "//", "top_level_keywords": ["fn", "trait", "impl", "enum", "pub", "extern", "static", "trait", "unsafe", "use"]},
+    {"languages": ["java"], "line_comment": "//", "top_level_keywords": ["abstract", "public", "private", "class", "const", "exports", "extends", "implements", "static", "import", "interface", "module", "package", "var", "enum", "return"]},
+    {"languages": ["kotlin"], "line_comment": "//", "top_level_keywords": ["abstract", "public", "private", "companion", "class", "data", "const", "actual", "expect", "sealed", "suspend", "fun", "import", "interface", "package", "var", "val", "enum"]},
+    {"languages": ["javascript-typescript", "javascript", "typescript", "javascriptreact", "typescriptreact"], "line_comment": "//",
+     "top_level_keywords": ["abstract", "async", "class", "const", "export", "function", "interface", "module", "package", "type", "var", "enum", "let"]},
+    {"languages": ["go"], "line_comment": "//", "top_level_keywords": ["func", "interface", "struct", "package", "type", "import", "var", "const"]},
+    {"languages": ["ruby"], "line_comment": "#", "top_level_keywords": ["begin", "class", "def", "end", "ensure", "include", "module", "require", "rescue", "self"]},
+    {"languages": ["c"], "line_comment": "//", "top_level_keywords": ["const", "enum", "extern", "inline", "register", "static", "struct", "typedef", "union", "volatile"]},
+    {"languages": ["cpp"], "line_comment": "//", "top_level_keywords": ["auto", "class", "const", "concept", "enum", "extern", "inline", "namespace", "register", "static", "struct", "template", "typedef", "union", "volatile"]},
+    {"languages": ["csharp"], "line_comment": "//", "top_level_keywords": ["class", "struct", "enum", "interface", "abstract", "static", "extern", "namespace", "using", "var", "dynamic", "async"]},
+    {"languages": ["php"], "line_comment": "//", "top_level_keywords": ["abstract", "class", "const", "declare", "extends", "final", "finally", "function", "global", "implements", "include_once", "include", "interface", "namespace", "private", "protected", "public", "require_once", "require", "static", "trait", "use"]},
+    {"languages": ["solidity"], "line_comment": "//", "top_level_keywords": ["contract", "interface", "error", "library", "struct", "enum", "function", "type"]},
+    {"languages": ["dart"], "line_comment": "//", "top_level_keywords": ["abstract", "class", "late", "var", "final", "const", "export", "interface", "type", "enum", "int", "String", "double", "DateTime", "typedef"]},
+    {"languages": ["elixir"], "line_comment": "#", "top_level_keywords": ["def", "defp", "defmacro", "defmacrop", "module", "use", "import", "alias", "require", "if", "unless", "case", "cond", "with", "try", "catch", "throw", "receive", "after", "do", "end"]},
+    {"languages": ["r"], "line_comment": "#", "top_level_keywords": ["function", "library", "install.packages"]},
+    {"languages": ["lua"], "line_comment": "--", "top_level_keywords": ["and", "break", "do", "else", "elseif", "end", "false", "for", "function", "if", "in", "local", "nil", "not", "or", "repeat", "return", "then", "true", "until", "while"]},
+    {"languages": ["scala"], "line_comment": "//", "top_level_keywords": ["abstract", "case", "class", "def", "do", "else", "enum", "extends", "final", "for", "given", "if", "implicit", "import", "lazy", "match", "new", "object", "override", "package", "private", "protected", "return", "sealed", "then", "throw", "trait", "try", "type", "val", "var", "while", "with", "yield"]},
+    {"languages": ["ocaml"], "line_comment": None, "top_level_keywords": ["and", "as", "assert", "begin", "class", "constraint", "do", "done", "downto", "else", "end", "exception", "external", "for", "fun", "function", "functor", "if", "in", "include", "inherit", "initializer", "lazy", "let", "match", "method", "module", "mutable", "new", "nonrec", "object", "of", "open", "private", "rec", "sig", "struct", "then", "to", "try", "type", "val", "virtual", "when", "while", "with"]},
+    {"languages": ["gdscript"], "line_comment": "#", "top_level_keywords": ["var", "const", "enum", "func", "class", "class_name", "extends"]},
+    {"languages": ["css", "dockerfile", "haskell", "html", "julia", "makefile", "markdown", "txt", "perl", "powershell", "sql", "shellscript", "tex", "vb"],
+     "line_comment": None, "top_level_keywords": []},
+]
+LANGUAGE = {name: entry for entry in LANGUAGES for name in entry["languages"]}
+# any other language: Tabby's UNKNOWN_LANGUAGE, whose empty line comment makes "\n" a stop word
+UNKNOWN_LANGUAGE = {"line_comment": "", "top_level_keywords": []}
+
+# Tabby's DEFAULT stop words: a blank line, also followed by indentation (a tokenizer often
+# emits "\n\n    " as one piece), and the special tokens of common FIM and chat formats.
+DEFAULT_STOP_WORDS = (["\n\n"] + ["\n\n" + " " * n for n in range(2, 15, 2)] + ["\n\n" + "\t" * n for n in range(1, 8)]
+                      + ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", " <EOT>", "<|fim_prefix|>", "<|fim_suffix|>",
+                         "<|fim_middle|>", "<|file_separator|>", "<|system|>", "<|user|>", "<|end|>", "<|assistant|>"])
+
+SNIPPET_BUDGET = 768  # characters of declarations and snippets put before the prefix (Tabby's)
+
+# -----------------------------------------------------------------------------
+# Prompt building: pure functions, no Flask, no model.
+
+
+def stop_words(language):
+    """Tabby's stop words for a language: DEFAULT, "\\n" + its line comment, "\\n" + each top-level keyword."""
+    entry = LANGUAGE.get(language, UNKNOWN_LANGUAGE)
+    comment = [] if entry["line_comment"] is None else ["\n" + entry["line_comment"]]
+    return DEFAULT_STOP_WORDS + comment + ["\n" + kw for kw in entry["top_level_keywords"]]
+
+
+def find_stop(text, words, start):
+    """Where the earliest stop word that ends after text[start:] begins in text, or None.
+
+    Tabby checks whether the prompt plus the generated text ends with a stop word after each
+    token; searching the whole new text as well also catches a stop word inside one token."""
+    hits = [text.find(w, max(0, start - len(w) + 1)) for w in words]
+    return min((i for i in hits if i >= 0), default=None)
+
+
+def pick_snippets(segments):
+    """Declarations, then snippets from changed files, then from recently opened files, while
+    their bodies fit Tabby's 768-character budget; a body that does not fit ends its list."""
+    used, picked = 0, []
+    for key in ("declarations", "relevant_snippets_from_changed_files", "relevant_snippets_from_recently_opened_files"):
+        for snippet in segments.get(key) or []:
+            if used + len(snippet["body"].encode()) > SNIPPET_BUDGET:
+                break
+            used += len(snippet["body"].encode())
+            picked.append({"filepath": snippet["filepath"], "body": snippet["body"], "score": snippet.get("score", 1.0)})
+    return picked
+
+
+def build_prefix(language, prefix, snippets):
+    """The prefix after a comment block of the snippets, each under a "Path:" line, as Tabby writes it."""
+    comment = LANGUAGE.get(language, UNKNOWN_LANGUAGE)["line_comment"]
+    if not snippets or not comment:  # no line comment, no way to hide code from the model
+        return prefix
+    lines = []
+    for i, snippet in enumerate(snippets):
+        lines += [f"Path: {snippet['filepath']}"] + snippet["body"].splitlines() + ([""] if i < len(snippets) - 1 else [])
+    return "\n".join(f"{comment} {line}" if line else comment for line in lines) + "\n" + prefix
+
+
+def split_template(template, specials):
+    """'<PRE> {prefix} <SUF>{suffix} <MID>' -> ['<PRE>', ' ', '{prefix}', ' ', '<SUF>', '{suffix}', ' ', '<MID>']."""
+    names = ["{prefix}", "{suffix}"] + sorted(specials, key=len, reverse=True)
+    return [part for part in re.split("(" + "|".join(map(re.escape, names)) + ")", template) if part]
+
+
+def fill_template(parts, specials, prefix, suffix):
+    """The template with prefix and suffix put in, as pieces (a special token's id, or plain
+    text to tokenize with special parsing off) and as one string for logs."""
+    pieces, text = [], ""
+    for part in parts:
+        value = {"{prefix}": prefix, "{suffix}": suffix}.get(part, part)
+        text += value
+        if part in specials:
+            pieces.append(specials[part])
+        elif pieces and isinstance(pieces[-1], str):
+            pieces[-1] += value
+        else:
+            pieces.append(value)
+    return pieces, text
+
+
+def keep_lines(text, fits, keep_end):
+    """The most whole lines from one end of text (its end if keep_end, else its start) for which
+    fits(kept) holds. Only when not even the nearest line fits is that line cut, by characters."""
+    if fits(text):
+        return text
+    lines = text.splitlines(keepends=True)
+    take = (lambda n: "".join(lines[len(lines) - n:])) if keep_end else (lambda n: "".join(lines[:n]))
+    lo, hi = 0, len(lines) - 1  # lines kept: fits(take(lo)) holds, take(hi + 1) is too long
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(take(mid)) else (lo, mid - 1)
+    if lo > 0:
+        return take(lo)
+    line = lines[-1] if keep_end else lines[0]
+    take = (lambda n: line[len(line) - n:]) if keep_end else (lambda n: line[:n])
+    lo, hi = 0, len(line) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(take(mid)) else (lo, mid - 1)
+    return take(lo)
+
+
+def fit_prompt(prefix, suffix, count, budget):
+    """Cut prefix (keeping its end) and suffix (keeping its start) at line boundaries until
+    count(prefix, suffix) <= budget tokens. The suffix keeps what the prefix leaves, and at
+    least a quarter of the budget when both are long, llama-server's 3:1 split."""
+    if count(prefix, suffix) <= budget:
+        return prefix, suffix
+    room = max(budget // 4, budget - count(prefix, ""))
+    suffix = keep_lines(suffix, lambda s: count("", s) <= room, keep_end=False)
+    prefix = keep_lines(prefix, lambda p: count(p, suffix) <= budget, keep_end=True)
+    return prefix, suffix
+
+
+def clean(text):
+    """text with lone surrogates (valid JSON, not valid UTF-8) replaced by U+FFFD."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+# -----------------------------------------------------------------------------
+# Request validation: each helper answers 400 with what was expected.
+
+KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false", list: "a list", dict: "an object"}
+
+
+def get(obj, key, kind, where="", required=False):
+    """obj[key] if it is of kind (None when absent or null); strings come back clean()ed."""
+    value = obj.get(key)
+    if value is None:
+        if required:
+            abort(400, f"{where}{key} is required")
+        return None
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        abort(400, f"{where}{key} must be {KINDS[kind]}")
+    return clean(value) if kind is str else value
+
+
+def parse_completion(body):
+    """A /v1/completions body as plain values; unknown fields are ignored, as Tabby does."""
+    debug = get(body, "debug_options", dict)
+    raw_prompt = get(debug or {}, "raw_prompt", str, "debug_options.")
+    segments = get(body, "segments", dict, required=raw_prompt is None) or {}
+    req = {
+        "language": get(body, "language", str) or "unknown",
+        "user": get(body, "user", str),
+        "temperature": get(body, "temperature", float),
+        "seed": get(body, "seed", int),
+        "debug": debug,
+        "raw_prompt": raw_prompt,
+        "segments": {},
+    }
+    if get(body, "mode", str) not in (None, "standard"):
+        abort(400, "mode must be \"standard\" (next_edit_suggestion is not supported)")
+    if req["temperature"] is not None and req["temperature"] < 0:
+        abort(400, "temperature must be 0 or more")
+    if req["seed"] is not None and req["seed"] < 0:
+        abort(400, "seed must be 0 or more")
+    for key in ("return_snippets", "return_prompt", "disable_retrieval_augmented_code_completion"):
+        get(debug or {}, key, bool, "debug_options.")
+    if raw_prompt is None:
+        req["segments"]["prefix"] = get(segments, "prefix", str, "segments.", required=True)
+    for key in ("suffix", "filepath", "git_url", "clipboard"):
+        req["segments"][key] = get(segments, key, str, "segments.")
+    for key in ("declarations", "relevant_snippets_from_changed_files", "relevant_snippets_from_recently_opened_files"):
+        items = get(segments, key, list, "segments.")
+        if items is not None:
+            for i, item in enumerate(items):
+                if not isinstance(item, dict):
+                    abort(400, f"segments.{key}[{i}] must be an object")
+                where = f"segments.{key}[{i}]."
+                item = {"filepath": get(item, "filepath", str, where, True), "body": get(item, "body", str, where, True),
+                        "score": get(item, "score", float, where)}
+                items[i] = {k: v for k, v in item.items() if v is not None}
+            req["segments"][key] = items
+    return req
+
+# -----------------------------------------------------------------------------
+# The model: loading, finding its FIM template, tokenizing, generating.
+
+
+def download(repo_id):
+    """owner/repo[:file.gguf] from the Hugging Face hub into its cache, once, with a progress bar."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise SystemExit(f"error: --model {repo_id} is a Hugging Face repo id, and downloading it needs "
+                         "huggingface_hub: pip install huggingface_hub (or pass a local .gguf file)") from None
+    repo, _, filename = repo_id.partition(":")
+    try:
+        if not filename:
+            ggufs = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".gguf")]
+            tabby_layout = "ggml/model-00001-of-00001.gguf"  # where Tabby's own model repos keep it
+            if len(ggufs) != 1 and tabby_layout not in ggufs:
+                raise SystemExit(f"error: --model {repo_id}: {len(ggufs)} GGUF files there ({', '.join(ggufs[:8])}); "
+                                 f"pick one as {repo}:FILE")
+            filename = ggufs[0] if len(ggufs) == 1 else tabby_layout
+        return huggingface_hub.hf_hub_download(repo, filename)
+    except SystemExit:
+        raise
+    except Exception as e:  # no network, no such repo, disk full: all end start-up the same way
+        raise SystemExit(f"error: --model {repo_id}: download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def load_model(config):
+    """A llama_cpp.Llama for --model, or SystemExit with one line that says what to fix."""
+    path = config["model"]
+    if not path:
+        raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL")
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+(:.+)?", path) and not path.endswith(".gguf"):
+        path = download(path)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --model {path}: no such file")
+    import llama_cpp  # here, not at the top: --help and config errors should not wait for it
+    gpu = config["device"] == "gpu"
+    if gpu and not llama_cpp.llama_supports_gpu_offload():
+        raise SystemExit("error: --device gpu: this llama-cpp-python was built without a GPU backend "
+                         "(reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\", see README)")
+    threads = config["threads"] or os.cpu_count()
+    try:
+        return llama_cpp.Llama(model_path=path, n_ctx=config["ctx"], n_threads=threads, n_threads_batch=threads,
+                               n_gpu_layers=-1 if gpu else 0, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: --model {path}: cannot load it as a GGUF model ({e})") from None
+
+
+def special_token(llm, text):
+    """The id of the special token spelled text, or None when the model has no such token."""
+    ids = llm.tokenize(text.encode(), add_bos=False, special=True)
+    return ids[0] if len(ids) == 1 and ids != llm.tokenize(text.encode(), add_bos=False, special=False) else None
+
+
+def find_template(llm, override):
+    """(template, {marker: token id}) for the model: --prompt-template, else the first known family
+    whose markers it has, else one built from llama.cpp's FIM ids, else prefix only."""
+    import llama_cpp
+    for template in [override] if override else FIM_TEMPLATES:
+        specials = {m: special_token(llm, m) for m in re.findall(MARKER, template)}
+        if None not in specials.values():
+            return template, specials
+        if override:
+            missing = next(m for m, i in specials.items() if i is None)
+            raise SystemExit(f"error: --prompt-template: {missing!r} is not a special token of this model "
+                             "(a model without FIM tokens can only complete from the prefix: leave the template empty)")
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    ids = [llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab), llama_cpp.llama_vocab_fim_mid(vocab)]
+    if min(ids) < 0:
+        return "{prefix}", {}
+    pre, suf, mid = (llama_cpp.llama_vocab_get_text(vocab, i).decode(errors="replace") for i in ids)
+    return f"{pre}{{prefix}}{suf}{{suffix}}{mid}", dict(zip((pre, suf, mid), ids))
+
+
+def tokenize_text(llm, text, protected):
+    """User text as tokens with special parsing off. llama.cpp still matches user-defined tokens
+    (some GGUFs mark FIM tokens so), so any protected token found is spelled out as text."""
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    if not protected.intersection(ids):
+        return ids
+    out = []
+    for i in ids:
+        if i in protected:  # split its spelling in two, so neither half can match the token
+            spelling = llm.detokenize([i], special=True)
+            out += llm.tokenize(spelling[:1], add_bos=False, special=False) + llm.tokenize(spelling[1:], add_bos=False, special=False)
+        else:
+            out.append(i)
+    return out
+
+
+def piece(vocab, token):
+    """The bytes of one token (llama-cpp-python's detokenize garbles pieces over 32 bytes)."""
+    import llama_cpp
+    buf = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, False)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, -n, 0, False)
+    return buf.raw[:n]
+
+
+def generate(llm, tokens, max_tokens, temperature, seed, stops, tail):
+    """The one generation loop: sample after tokens until an end-of-generation or other special
+    token, max_tokens, or a stop word, which is cut off. tail is the end of the prompt text, so
+    a stop word may start in it, as in Tabby. -> (text, tokens generated, reason)"""
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp seeds are 32-bit
+    raw, text, n, reason = b"", "", 0, "length"
+    for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):
+        n += 1
+        if llama_cpp.llama_vocab_is_eog(vocab, token) or llama_cpp.llama_vocab_is_control(vocab, token):
+            reason = "eos"
+            break
+        raw += piece(vocab, token)
+        text = raw.decode("utf-8", "ignore")  # a character split across tokens shows up once whole
+        cut = find_stop(tail + text, stops, len(tail))
+        if cut is not None:
+            text, reason = text[:max(0, cut - len(tail))], "stop"
+            break
+        if n >= max_tokens:
+            break
+    return text, n, reason
+
+
+def system_info(config, llm):
+    """The static part of /v1/health: what runs this server."""
+    import llama_cpp
+    cpu_info = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu_info = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_info)
+    device = "cpu"
+    if config["device"] == "gpu":
+        backends = llama_cpp.llama_print_system_info().decode()
+        device = next((name.lower() for name in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if name in backends), "gpu")
+    model = config["model"] if not os.path.exists(config["model"]) else os.path.basename(config["model"])
+    return {"model": model, "device": device, "arch": platform.machine(), "cpu_info": cpu_info,
+            "cpu_count": os.cpu_count(), "cuda_devices": [],
+            "version": {"build_date": "", "build_timestamp": "", "git_sha": "", "git_describe": TABBY_VERSION}}
+
+# -----------------------------------------------------------------------------
+# The app.
+
+
+def create_app(config=None):
+    """The Flask app serving one model. flask run calls it with nothing: config from the env."""
+    if config is None:
+        try:
+            config = load_config(environ=os.environ)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    if config["device"] not in ("cpu", "gpu"):
+        raise SystemExit(f"error: --device must be cpu or gpu, not {config['device']!r}")
+    if not 0 < config["max_tokens"] < config["ctx"]:
+        raise SystemExit(f"error: --max-tokens must be at least 1 and less than --ctx ({config['ctx']})")
+    events_dir = os.path.join(os.path.expanduser(config["root"]), "events")
+    try:
+        os.makedirs(events_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --root: cannot create {events_dir}: {e.strerror}") from None
+
+    llm = load_model(config)
+    template, specials = find_template(llm, config["prompt_template"])
+    parts = split_template(template, specials)
+    fim = "{suffix}" in template
+    import llama_cpp
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    bos = [llm.token_bos()] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
+    protected = {llm.token_bos(), llm.token_eos(), *specials.values()}
+    health = system_info(config, llm)
+    lock = threading.Lock()  # a Llama context is not thread-safe; flask run serves on threads
+    log_lock = threading.Lock()
+    print(f"model {health['model']}: {'FIM template ' + repr(template) if fim else 'no FIM tokens, prefix-only prompts'}; "
+          f"ctx {config['ctx']}, {config['threads'] or os.cpu_count()} threads, device {health['device']}", file=sys.stderr)
+    if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {config['host']} without a token: anyone who can reach it can use it "
+              f"(set --token or {ENV_PREFIX}TOKEN)", file=sys.stderr)
+
+    def encode(pieces):
+        return bos + [t for p in pieces for t in ([p] if isinstance(p, int) else tokenize_text(llm, p, protected))]
+
+    def log_event(user, event):
+        """Append one line to today's (UTC) events file, in Tabby's layout, with one write()."""
+        now = time.time()
+        line = json.dumps({"user": user, "ts": int(now * 1000), "event": event}, ensure_ascii=False) + "\n"
+        path = os.path.join(events_dir, time.strftime("%Y-%m-%d", time.gmtime(now)) + ".json")
+        with log_lock:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+
+    def json_body():
+        try:
+            body = json.loads(request.get_data())
+        except UnicodeDecodeError:
+            abort(400, "body is not valid UTF-8")
+        except ValueError as e:
+            abort(400, f"body is not valid JSON: {e}")
+        if not isinstance(body, dict):
+            abort(400, "body must be a JSON object")
+        return body
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
+    app.json.ensure_ascii = False
+
+    @app.before_request
+    def check_token():
+        if config["token"] and request.path.startswith(("/v1/", "/v1beta/")):
+            given = request.headers.get("Authorization", "").partition(" ")[2]  # any scheme, as Tabby
+            if not hmac.compare_digest(given.encode(), config["token"].encode()):
+                abort(401, "missing or wrong token: send Authorization: Bearer <token>")
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        return jsonify(error=e.description), e.code
+
+    @app.errorhandler(Exception)
+    def server_error(e):
+        app.logger.exception("unexpected error on %s", request.path)
+        return jsonify(error=f"internal error: {type(e).__name__}"), 500
+
+    @app.route("/v1/health", methods=["GET", "POST"])
+    def health_route():
+        return jsonify(health)
+
+    @app.get("/v1beta/server_setting")
+    def server_setting():
+        return jsonify(disable_client_side_telemetry=not config["client_telemetry"])
+
+    @app.post("/v1/events")
+    def events():
+        body = json_body()
+        kind = get(body, "type", str, required=True)
+        fields = {"completion_id": get(body, "completion_id", str, required=True),
+                  "choice_index": get(body, "choice_index", int, required=True),
+                  "view_id": get(body, "view_id", str), "elapsed": get(body, "elapsed", int),
+                  "kind": clean(request.args["select_kind"]) if "select_kind" in request.args else None}
+        log_event(get(body, "user", str), {kind: {k: v for k, v in fields.items() if v is not None}})
+        return "", 200
+
+    @app.post("/v1/completions")
+    def completions():
+        t0 = time.perf_counter()
+        req = parse_completion(json_body())
+        seg, debug = req["segments"], req["debug"] or {}
+        stops = stop_words(req["language"])
+        budget = config["ctx"] - config["max_tokens"]
+        snippets, crlf = [], False
+        if req["raw_prompt"] is not None:  # a debugging aid: used verbatim, special tokens and all
+            count = lambda text: len(bos) + len(llm.tokenize(text.encode(), add_bos=False, special=True))  # noqa: E731
+            prompt = keep_lines(req["raw_prompt"], lambda text: count(text) <= budget, keep_end=True)
+            tokens = bos + llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        else:
+            prefix, suffix = seg["prefix"], seg["suffix"] or "\n"  # Tabby's default for no suffix
+            crlf = "\r\n" in prefix or "\r\n" in suffix
+            if not debug.get("disable_retrieval_augmented_code_completion"):
+                snippets = pick_snippets(seg)
+            if crlf:
+                prefix, suffix = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
+                snippets = [dict(s, body=s["body"].replace("\r\n", "\n")) for s in snippets]
+            prefix = build_prefix(req["language"], prefix, snippets)
+            if not fim:
+                suffix = ""
+            count = lambda p, s: len(encode(fill_template(parts, specials, p, s)[0]))  # noqa: E731
+            prefix, suffix = fit_prompt(prefix, suffix, count, budget)
+            pieces, prompt = fill_template(parts, specials, prefix, suffix)
+            tokens = encode(pieces)
+        seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
+        temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
+        tail = prompt[-max(map(len, stops)):]
+        with lock:
+            t1 = time.perf_counter()
+            cached = llm.input_ids[:llm.n_tokens].tolist()
+            reused = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
+            text, generated, reason = generate(llm, tokens, config["max_tokens"], temperature, seed, stops, tail)
+        if crlf:
+            text = re.sub(r"(?<!\r)\n", "\r\n", text)
+        completion_id = f"cmpl-{uuid.uuid4()}"
+        choices = [{"index": 0, "text": text}]
+        log_event(req["user"], {"completion": {
+            "completion_id": completion_id, "language": req["language"], "prompt": prompt,
+            "segments": {k: v for k, v in seg.items() if v is not None}, "choices": choices,
+            "user_agent": request.headers.get("User-Agent")}})
+        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, stop %s, %.0f ms (%.0f ms waiting)",
+                        completion_id, len(tokens), reused, generated, reason, (time.perf_counter() - t0) * 1000, (t1 - t0) * 1000)
+        response = {"id": completion_id, "choices": choices}
+        if req["debug"] is not None:
+            response["debug_data"] = {"snippets": snippets if debug.get("return_snippets") else None,
+                                      "prompt": prompt if debug.get("return_prompt") else None}
+        return jsonify(response)
+
+    return app
+
+# -----------------------------------------------------------------------------
+
+
+if __name__ == "__main__":
+    try:
+        config = load_config(sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    create_app(config).run(host=config["host"], port=config["port"], threaded=True)
