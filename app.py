@@ -224,14 +224,14 @@ def keep_lines(text, fits, keep_end):
 
 def fit_prompt(prefix, suffix, count, budget):
     """Cut prefix (keeping its end) and suffix (keeping its start) at line boundaries until
-    count(prefix, suffix) <= budget tokens. The suffix keeps what the prefix leaves, and at
-    least a quarter of the budget when both are long, llama-server's 3:1 split."""
+    count(prefix, suffix) <= budget tokens. When both are long the suffix gets a quarter,
+    llama-server's 3:1 split, then whatever room the prefix's whole lines leave."""
     if count(prefix, suffix) <= budget:
         return prefix, suffix
     room = max(budget // 4, budget - count(prefix, ""))
-    suffix = keep_lines(suffix, lambda s: count("", s) <= room, keep_end=False)
-    prefix = keep_lines(prefix, lambda p: count(p, suffix) <= budget, keep_end=True)
-    return prefix, suffix
+    short_suffix = keep_lines(suffix, lambda s: count("", s) <= room, keep_end=False)
+    prefix = keep_lines(prefix, lambda p: count(p, short_suffix) <= budget, keep_end=True)
+    return prefix, keep_lines(suffix, lambda s: count(prefix, s) <= budget, keep_end=False)
 
 
 def clean(text):
@@ -378,6 +378,25 @@ def find_template(llm, override):
     return f"{pre}{{prefix}}{suf}{{suffix}}{mid}", dict(zip((pre, suf, mid), ids))
 
 
+def prompt_format(llm, override):
+    """What start-up learns of the model's prompts, kept for every request: the template as parts,
+    its special tokens, whether a BOS token leads, and the tokens user text must never become."""
+    import llama_cpp
+    template, specials = find_template(llm, override)
+    add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
+    return {"template": template, "fim": "{suffix}" in template, "parts": split_template(template, specials),
+            "specials": specials, "bos": [llm.token_bos()] if add_bos else [],
+            "protected": {llm.token_bos(), llm.token_eos(), *specials.values()}}
+
+
+def encode(llm, fmt, prefix, suffix):
+    """(tokens, text) of the prompt for prefix and suffix: the template's special tokens as ids,
+    the rest tokenized as plain text."""
+    pieces, text = fill_template(fmt["parts"], fmt["specials"], prefix, suffix)
+    tokens = [t for p in pieces for t in ([p] if isinstance(p, int) else tokenize_text(llm, p, fmt["protected"]))]
+    return fmt["bos"] + tokens, text
+
+
 def tokenize_text(llm, text, protected):
     """User text as tokens with special parsing off. llama.cpp still matches user-defined tokens
     (some GGUFs mark FIM tokens so), so any protected token found is spelled out as text."""
@@ -467,24 +486,15 @@ def create_app(config=None):
         raise SystemExit(f"error: --root: cannot create {events_dir}: {e.strerror}") from None
 
     llm = load_model(config)
-    template, specials = find_template(llm, config["prompt_template"])
-    parts = split_template(template, specials)
-    fim = "{suffix}" in template
-    import llama_cpp
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    bos = [llm.token_bos()] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
-    protected = {llm.token_bos(), llm.token_eos(), *specials.values()}
+    fmt = prompt_format(llm, config["prompt_template"])
     health = system_info(config, llm)
     lock = threading.Lock()  # a Llama context is not thread-safe; flask run serves on threads
     log_lock = threading.Lock()
-    print(f"model {health['model']}: {'FIM template ' + repr(template) if fim else 'no FIM tokens, prefix-only prompts'}; "
+    print(f"model {health['model']}: {'FIM template ' + repr(fmt['template']) if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
           f"ctx {config['ctx']}, {config['threads'] or os.cpu_count()} threads, device {health['device']}", file=sys.stderr)
     if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {config['host']} without a token: anyone who can reach it can use it "
               f"(set --token or {ENV_PREFIX}TOKEN)", file=sys.stderr)
-
-    def encode(pieces):
-        return bos + [t for p in pieces for t in ([p] if isinstance(p, int) else tokenize_text(llm, p, protected))]
 
     def log_event(user, event):
         """Append one line to today's (UTC) events file, in Tabby's layout, with one write()."""
@@ -557,9 +567,9 @@ def create_app(config=None):
         budget = config["ctx"] - config["max_tokens"]
         snippets, crlf = [], False
         if req["raw_prompt"] is not None:  # a debugging aid: used verbatim, special tokens and all
-            count = lambda text: len(bos) + len(llm.tokenize(text.encode(), add_bos=False, special=True))  # noqa: E731
+            count = lambda text: len(fmt["bos"]) + len(llm.tokenize(text.encode(), add_bos=False, special=True))  # noqa: E731
             prompt = keep_lines(req["raw_prompt"], lambda text: count(text) <= budget, keep_end=True)
-            tokens = bos + llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            tokens = fmt["bos"] + llm.tokenize(prompt.encode(), add_bos=False, special=True)
         else:
             prefix, suffix = seg["prefix"], seg["suffix"] or "\n"  # Tabby's default for no suffix
             crlf = "\r\n" in prefix or "\r\n" in suffix
@@ -569,12 +579,11 @@ def create_app(config=None):
                 prefix, suffix = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
                 snippets = [dict(s, body=s["body"].replace("\r\n", "\n")) for s in snippets]
             prefix = build_prefix(req["language"], prefix, snippets)
-            if not fim:
+            if not fmt["fim"]:
                 suffix = ""
-            count = lambda p, s: len(encode(fill_template(parts, specials, p, s)[0]))  # noqa: E731
+            count = lambda p, s: len(encode(llm, fmt, p, s)[0])  # noqa: E731
             prefix, suffix = fit_prompt(prefix, suffix, count, budget)
-            pieces, prompt = fill_template(parts, specials, prefix, suffix)
-            tokens = encode(pieces)
+            tokens, prompt = encode(llm, fmt, prefix, suffix)
         seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
         temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
         tail = prompt[-max(map(len, stops)):]
@@ -595,8 +604,8 @@ def create_app(config=None):
                         completion_id, len(tokens), reused, generated, reason, (time.perf_counter() - t0) * 1000, (t1 - t0) * 1000)
         response = {"id": completion_id, "choices": choices}
         if req["debug"] is not None:
-            response["debug_data"] = {"snippets": snippets if debug.get("return_snippets") else None,
-                                      "prompt": prompt if debug.get("return_prompt") else None}
+            response["debug_data"] = {**({"snippets": snippets} if debug.get("return_snippets") else {}),
+                                      **({"prompt": prompt} if debug.get("return_prompt") else {})}
         return jsonify(response)
 
     return app

@@ -55,10 +55,11 @@ def byte_encoder():
     return {b: chr(c) for b, c in zip(printable, codes)}
 
 
-def build_vocab(specials):
+def build_vocab(specials, special_type=3):
     enc = byte_encoder()
     tokens = list(specials) + [enc[b] for b in range(256)]
-    types = [3] * len(specials) + [1] * 256  # 3 = CONTROL, 1 = NORMAL
+    # end-of-text is CONTROL (3); the markers CONTROL, or USER_DEFINED (4) as some GGUFs have them
+    types = [3] + [special_type] * (len(specials) - 1) + [1] * 256  # 1 = NORMAL
     merges, known = [], set(tokens)
     for piece in PIECES:
         chars = "".join(enc[b] for b in piece.encode())
@@ -87,9 +88,9 @@ def split_script(text, tokens):
     return ids
 
 
-def write_model(path, family="starcoder", n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096):
+def write_model(path, family="starcoder", special_type=3, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096):
     spec = FAMILIES[family]
-    tokens, types, merges = build_vocab(spec["specials"])
+    tokens, types, merges = build_vocab(spec["specials"], special_type)
     n_vocab, eos = len(tokens), 0
 
     # successor of each routed token: the scripts as chains ending in end-of-text

@@ -1,0 +1,126 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import app as server  # noqa: E402
+import tinymodel  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    """Tests never see the developer's TABBYPY_* or FLASK_* settings."""
+    for name in list(os.environ):
+        if name.startswith((server.ENV_PREFIX, "FLASK_")):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory):
+    """model_path(family) -> a tiny scripted GGUF with that family's FIM tokens, built once."""
+    folder = tmp_path_factory.mktemp("models")
+    built = {}
+
+    def make(family="starcoder", **kw):
+        key = (family, tuple(sorted(kw.items())))
+        if key not in built:
+            built[key] = tinymodel.write_model(str(folder / f"{family}-{len(built)}.gguf"), family, **kw)
+        return built[key]
+    return make
+
+
+@pytest.fixture
+def make_app(model_path, tmp_path):
+    """make_app(family, **config) -> (app, events dir): a test app on a tiny model."""
+    def make(family="starcoder", **overrides):
+        config = server.load_config(["--model", model_path(family), "--root", str(tmp_path / "tabby")], environ={})
+        config.update(overrides)
+        app = server.create_app(config)
+        app.config["TESTING"] = True
+        return app, tmp_path / "tabby" / "events"
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()[0]
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def complete(client, prefix, suffix=None, language="python", **body):
+    """POST /v1/completions and return the one choice's text (asserting the response shape)."""
+    segments = {"prefix": prefix} if suffix is None else {"prefix": prefix, "suffix": suffix}
+    r = client.post("/v1/completions", json={"language": language, "segments": segments, **body})
+    assert r.status_code == 200, r.get_data(as_text=True)
+    data = r.get_json()
+    assert data["id"].startswith("cmpl-") and len(data["choices"]) == 1 and data["choices"][0]["index"] == 0
+    return data["choices"][0]["text"]
+
+
+def read_events(events_dir):
+    lines = []
+    for path in sorted(events_dir.glob("*.json")):
+        lines += [json.loads(line) for line in path.read_text().splitlines()]
+    return lines
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args, env=None, port=None, timeout=60):
+    """Start `python app.py ARGS --port P` on 127.0.0.1; wait until /v1/health answers."""
+    port = port or free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(server.ENV_PREFIX)}, **(env or {})}
+    log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs into a full pipe blocks
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), *args, "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {output(proc)}")
+        try:
+            urllib.request.urlopen(url + "/v1/health", timeout=2).close()
+            return proc, url
+        except urllib.error.HTTPError:  # up, and asking for a token
+            return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not answer within {timeout}s: {output(proc)}")
+
+
+def output(proc):
+    proc.log.seek(0)
+    return proc.log.read()
+
+
+def stop(proc):
+    """Stop a server from start_server and return what it printed."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return output(proc)

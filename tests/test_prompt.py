@@ -1,0 +1,137 @@
+"""Prompt building and stop words: pure functions, no model."""
+import re
+
+import pytest
+
+import app as server
+
+LANGUAGE_NAMES = [name for entry in server.LANGUAGES for name in entry["languages"]]
+
+
+@pytest.mark.parametrize("language", LANGUAGE_NAMES)
+def test_stop_words_follow_tabbys_formula(language):
+    entry = server.LANGUAGE[language]
+    words = server.stop_words(language)
+    assert words[:len(server.DEFAULT_STOP_WORDS)] == server.DEFAULT_STOP_WORDS
+    for kw in entry["top_level_keywords"]:
+        assert "\n" + kw in words
+    if entry["line_comment"]:
+        assert "\n" + entry["line_comment"] in words
+    else:
+        assert len(words) == len(server.DEFAULT_STOP_WORDS) + len(entry["top_level_keywords"])
+    assert "\n" not in words  # a known language keeps multi-line completions
+
+
+def test_tabbys_default_stop_words():
+    assert server.DEFAULT_STOP_WORDS[:15] == ["\n\n", "\n\n  ", "\n\n    ", "\n\n      ", "\n\n        ", "\n\n          ",
+                                            "\n\n            ", "\n\n              ", "\n\n\t", "\n\n\t\t", "\n\n\t\t\t",
+                                            "\n\n\t\t\t\t", "\n\n\t\t\t\t\t", "\n\n\t\t\t\t\t\t", "\n\n\t\t\t\t\t\t\t"]
+    assert server.stop_words("python")[-5:] == ["\n#", "\ndef", "\nfrom", "\nclass", "\nimport"]
+
+
+@pytest.mark.parametrize("language", ["json", "yaml", "plaintext", "unknown", ""])
+def test_an_unknown_language_stops_at_a_newline(language):
+    assert "\n" in server.stop_words(language)
+
+
+@pytest.mark.parametrize("text, start, expected", [
+    ("<fim_middle>return x\n\ndef", 12, 20),   # the blank line, inside the generated text
+    ("<fim_middle>return x", 12, None),         # nothing to stop at yet
+    ("def f():\n\n", 9, 8),                     # "\n\n" starts in the prompt's last character
+    ("def f():\n\nx", 10, None),                # a stop word wholly inside the prompt does not count
+    ("x = 1\n# note\nclass A", 0, 5),           # the earliest of several wins
+])
+def test_find_stop(text, start, expected):
+    assert server.find_stop(text, server.stop_words("python"), start) == expected
+
+
+def test_pick_snippets_in_priority_order_within_budget():
+    segments = {
+        "relevant_snippets_from_recently_opened_files": [{"filepath": "c.py", "body": "c = 3", "score": 0.2}],
+        "relevant_snippets_from_changed_files": [{"filepath": "b.py", "body": "b" * 700, "score": 0.9},
+                                                 {"filepath": "b2.py", "body": "b2 = 2", "score": 0.8}],
+        "declarations": [{"filepath": "a.py", "body": "a" * 100}],
+    }
+    picked = server.pick_snippets(segments)
+    # 100 + 700 > 768 ends the changed-files list at its first item; the next list still gets its turn
+    assert [s["filepath"] for s in picked] == ["a.py", "c.py"]
+    assert picked[0]["score"] == 1.0 and picked[1]["score"] == 0.2
+
+
+def test_snippet_budget_counts_bytes_like_tabby():
+    body = "é" * 300  # 600 bytes, 300 characters
+    picked = server.pick_snippets({"declarations": [{"filepath": "a", "body": body}, {"filepath": "b", "body": body}]})
+    assert [s["filepath"] for s in picked] == ["a"]
+
+
+def test_build_prefix_matches_tabbys_own_test():
+    # TabbyML/tabby completion_prompt.rs, test_build_prefix_readable
+    snippets = [{"filepath": f"a{i}.py", "body": f"res_{i} = invoke_function_{i}(n)", "score": 1.0} for i in (1, 2, 3)]
+    prefix = "'''\nUse some invoke_function to do some job.\n'''\ndef this_is_prefix():\n"
+    assert server.build_prefix("python", prefix, snippets) == (
+        "# Path: a1.py\n# res_1 = invoke_function_1(n)\n#\n"
+        "# Path: a2.py\n# res_2 = invoke_function_2(n)\n#\n"
+        "# Path: a3.py\n# res_3 = invoke_function_3(n)\n" + prefix)
+
+
+@pytest.mark.parametrize("language", ["css", "sql", "json", "unknown"])
+def test_build_prefix_leaves_out_snippets_without_a_line_comment(language):
+    assert server.build_prefix(language, "x", [{"filepath": "a", "body": "b", "score": 1.0}]) == "x"
+
+
+def fill(template, prefix, suffix):
+    """The template filled in one pass, so a "{suffix}" typed by the user stays as it is."""
+    return re.sub(r"\{prefix\}|\{suffix\}", lambda m: prefix if m.group() == "{prefix}" else suffix, template)
+
+
+@pytest.mark.parametrize("template", server.FIM_TEMPLATES + ["{prefix}"])
+def test_fill_template_gives_tabbys_prompt_string(template):
+    specials = {m: 100 + i for i, m in enumerate(re.findall(server.MARKER, template))}
+    parts = server.split_template(template, specials)
+    prefix, suffix = "def f(x):\n    {suffix} <fim_middle>", "\n    return y\n"
+    pieces, text = server.fill_template(parts, specials, prefix, suffix)
+    assert text == fill(template, prefix, suffix)
+    # the template's markers become ids in order; all else, user text that looks like a marker too, stays text
+    assert [p for p in pieces if isinstance(p, int)] == list(specials.values())
+    assert "".join(p for p in pieces if isinstance(p, str)) == fill(re.sub(server.MARKER, "", template), prefix, suffix)
+
+
+def test_fill_template_joins_template_text_with_user_text():
+    specials = {"<PRE>": 1, "<SUF>": 2, "<MID>": 3}
+    parts = server.split_template("<PRE> {prefix} <SUF>{suffix} <MID>", specials)
+    assert server.fill_template(parts, specials, "a", "b")[0] == [1, " a ", 2, "b ", 3]
+
+
+def test_keep_lines_keeps_whole_lines_from_the_right_end():
+    text = "".join(f"line{i}\n" for i in range(10))
+    fits = lambda t: len(t) <= 20  # noqa: E731
+    assert server.keep_lines(text, fits, keep_end=True) == "line7\nline8\nline9\n"
+    assert server.keep_lines(text, fits, keep_end=False) == "line0\nline1\nline2\n"
+    assert server.keep_lines("short", fits, keep_end=True) == "short"
+
+
+def test_keep_lines_cuts_inside_a_line_only_when_one_line_is_too_long():
+    line = "x" * 50 + "END"
+    assert server.keep_lines("a\n" + line, lambda t: len(t) <= 10, keep_end=True) == "x" * 7 + "END"
+    assert server.keep_lines("START" + "x" * 50 + "\nb", lambda t: len(t) <= 10, keep_end=False) == "START" + "x" * 5
+
+
+def test_fit_prompt_keeps_the_text_nearest_the_cursor():
+    prefix = "".join(f"p{i}\n" for i in range(100))
+    suffix = "".join(f"s{i}\n" for i in range(100))
+    count = lambda p, s: len(p) + len(s) + 3  # noqa: E731
+    p, s = server.fit_prompt(prefix, suffix, count, 200)
+    assert count(p, s) <= 200
+    assert prefix.endswith(p) and suffix.startswith(s) and p.startswith("p") and s.endswith("\n")
+    assert len(s) >= 200 // 4 - 4 and len(p) > len(s)  # the suffix gets its quarter, the prefix the rest
+
+
+def test_fit_prompt_gives_a_short_prefix_room_to_a_long_suffix():
+    suffix = "".join(f"s{i}\n" for i in range(100))
+    p, s = server.fit_prompt("x = ", suffix, lambda p, s: len(p) + len(s), 200)
+    assert p == "x = " and len(s) > 190
+
+
+def test_clean_replaces_lone_surrogates():
+    assert server.clean("a\ud800b") == "a\ufffdb"
+    assert server.clean("ok 😀") == "ok 😀"
