@@ -335,7 +335,7 @@ def load_model(config):
     path = config["model"]
     if not path:
         raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL")
-    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+(:.+)?", path) and not path.endswith(".gguf"):
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+(?<!\.gguf)(:.+)?", path):  # not dir/x.gguf
         path = download(path)
     if not os.path.isfile(path):
         raise SystemExit(f"error: --model {path}: no such file")

@@ -95,15 +95,21 @@ def start_server(args, env=None, port=None, timeout=60):
                             env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log
     url = f"http://127.0.0.1:{port}"
+    wait_for_health(proc, url, timeout)
+    return proc, url
+
+
+def wait_for_health(proc, url, timeout):
+    """Wait until a server process (whose output goes to proc.log) answers /v1/health."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited {proc.returncode}: {output(proc)}")
         try:
             urllib.request.urlopen(url + "/v1/health", timeout=2).close()
-            return proc, url
+            return
         except urllib.error.HTTPError:  # up, and asking for a token
-            return proc, url
+            return
         except OSError:
             time.sleep(0.1)
     proc.kill()
