@@ -13,6 +13,8 @@ import argparse
 import ctypes
 import hmac
 import json
+import logging
+import math
 import os
 import platform
 import re
@@ -160,9 +162,10 @@ def pick_snippets(segments):
     used, picked = 0, []
     for key in ("declarations", "relevant_snippets_from_changed_files", "relevant_snippets_from_recently_opened_files"):
         for snippet in segments.get(key) or []:
-            if used + len(snippet["body"].encode()) > SNIPPET_BUDGET:
+            size = len(snippet["body"].encode())  # bytes, as Rust's len()
+            if used + size > SNIPPET_BUDGET:
                 break
-            used += len(snippet["body"].encode())
+            used += size
             picked.append({"filepath": snippet["filepath"], "body": snippet["body"], "score": snippet.get("score", 1.0)})
     return picked
 
@@ -200,26 +203,27 @@ def fill_template(parts, specials, prefix, suffix):
     return pieces, text
 
 
+def most(limit, ok):
+    """The largest n in 0..limit for which ok(n) holds, by bisection; ok(0) is taken as true."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid - 1)
+    return lo
+
+
 def keep_lines(text, fits, keep_end):
     """The most whole lines from one end of text (its end if keep_end, else its start) for which
     fits(kept) holds. Only when not even the nearest line fits is that line cut, by characters."""
     if fits(text):
         return text
+    end = (lambda seq, n: seq[len(seq) - n:]) if keep_end else (lambda seq, n: seq[:n])
     lines = text.splitlines(keepends=True)
-    take = (lambda n: "".join(lines[len(lines) - n:])) if keep_end else (lambda n: "".join(lines[:n]))
-    lo, hi = 0, len(lines) - 1  # lines kept: fits(take(lo)) holds, take(hi + 1) is too long
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(take(mid)) else (lo, mid - 1)
-    if lo > 0:
-        return take(lo)
-    line = lines[-1] if keep_end else lines[0]
-    take = (lambda n: line[len(line) - n:]) if keep_end else (lambda n: line[:n])
-    lo, hi = 0, len(line) - 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(take(mid)) else (lo, mid - 1)
-    return take(lo)
+    n = most(len(lines) - 1, lambda n: fits("".join(end(lines, n))))
+    if n > 0:
+        return "".join(end(lines, n))
+    line = end(lines, 1)[0]
+    return end(line, most(len(line) - 1, lambda n: fits(end(line, n))))
 
 
 def fit_prompt(prefix, suffix, count, budget):
@@ -256,7 +260,7 @@ def get(obj, key, kind, where="", required=False):
             abort(400, f"{where}{key} is required")
         return None
     if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     else:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
@@ -448,7 +452,7 @@ def generate(llm, tokens, max_tokens, temperature, seed, stops, tail):
     return text, n, reason
 
 
-def system_info(config, llm):
+def system_info(config):
     """The static part of /v1/health: what runs this server."""
     import llama_cpp
     cpu_info = platform.processor() or platform.machine()
@@ -487,7 +491,7 @@ def create_app(config=None):
 
     llm = load_model(config)
     fmt = prompt_format(llm, config["prompt_template"])
-    health = system_info(config, llm)
+    health = system_info(config)
     lock = threading.Lock()  # a Llama context is not thread-safe; flask run serves on threads
     log_lock = threading.Lock()
     print(f"model {health['model']}: {'FIM template ' + repr(fmt['template']) if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
@@ -520,6 +524,7 @@ def create_app(config=None):
         return body
 
     app = Flask(__name__)
+    app.logger.setLevel(logging.INFO)  # one line per completion
     app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
     app.json.ensure_ascii = False
 
@@ -592,6 +597,7 @@ def create_app(config=None):
             cached = llm.input_ids[:llm.n_tokens].tolist()
             reused = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
             text, generated, reason = generate(llm, tokens, config["max_tokens"], temperature, seed, stops, tail)
+            t2 = time.perf_counter()
         if crlf:
             text = re.sub(r"(?<!\r)\n", "\r\n", text)
         completion_id = f"cmpl-{uuid.uuid4()}"
@@ -600,8 +606,8 @@ def create_app(config=None):
             "completion_id": completion_id, "language": req["language"], "prompt": prompt,
             "segments": {k: v for k, v in seg.items() if v is not None}, "choices": choices,
             "user_agent": request.headers.get("User-Agent")}})
-        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, stop %s, %.0f ms (%.0f ms waiting)",
-                        completion_id, len(tokens), reused, generated, reason, (time.perf_counter() - t0) * 1000, (t1 - t0) * 1000)
+        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, stop %s; %.0f ms in the model, %.0f ms in all",
+                        completion_id, len(tokens), reused, generated, reason, (t2 - t1) * 1000, (time.perf_counter() - t0) * 1000)
         response = {"id": completion_id, "choices": choices}
         if req["debug"] is not None:
             response["debug_data"] = {**({"snippets": snippets} if debug.get("return_snippets") else {}),

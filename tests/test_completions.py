@@ -1,5 +1,6 @@
 """/v1/completions, /v1/health, /v1/events and server_setting through Flask's test client."""
 import json
+import re
 import threading
 
 import llama_cpp
@@ -13,6 +14,18 @@ PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\n\ndef main():\n    print(add(1, 2)
 
 def test_fim_completion_is_cut_at_the_stop_word(client):
     assert complete(client, PREFIX, SUFFIX) == "total = a + b\n    return total"
+
+
+def test_each_completion_logs_one_line_with_its_counts(client, caplog):
+    caplog.set_level("INFO")
+    complete(client, PREFIX, SUFFIX)
+    complete(client, PREFIX, SUFFIX)
+    counts = [re.search(r"(\d+) prompt tokens \((\d+) reused\), (\d+) generated, stop (\w+)", r.getMessage())
+              for r in caplog.records]
+    first, second = [m.groups() for m in counts if m]
+    n = first[0]
+    assert first == (n, "0", "9", "stop")  # "\n\n" arrives with the 9th token
+    assert second == (n, n, "9", "stop")  # the same prompt again is all in the KV cache
 
 
 def test_unknown_language_stops_at_the_first_newline(client):
