@@ -10,7 +10,10 @@ them run the tabby-agent client) get fill-in-the-middle completions from a local
 `python app.py --help` lists every option with its environment variable.
 """
 import argparse
+import collections
+import contextlib
 import ctypes
+import itertools
 import hmac
 import json
 import logging
@@ -18,6 +21,8 @@ import math
 import os
 import platform
 import re
+import select
+import socket
 import sys
 import threading
 import time
@@ -35,9 +40,10 @@ CONFIG = {
     "prompt_template": ("", "FIM template in Tabby's syntax, e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'; empty: from the model's tokens"),
     "device": ("cpu", "cpu, or gpu to offload every layer (llama-cpp-python must be built with a GPU backend)"),
     "ctx": (4096, "context size in tokens: prompt and completion together"),
-    "threads": (0, "CPU threads; 0: one per core"),
+    "threads": (0, "CPU threads; 0: one per physical core"),
     "max_tokens": (64, "most tokens generated per completion (Tabby's max_decoding_tokens)"),
     "temperature": (0.1, "sampling temperature when a request sends none; 0 is greedy"),
+    "time_budget": (1000, "ms of generation after which a completion ends at the next line end (llama-server's t_max_predict_ms); 0: none"),
     "token": ("", "bearer token every /v1 and /v1beta request must carry; empty: no auth"),
     "root": ("~/.tabby", "data directory: events go to ROOT/events/YYYY-MM-DD.json, as Tabby writes them"),
     "max_body": (1 << 20, "largest request body in bytes; larger ones get 413"),
@@ -135,6 +141,8 @@ DEFAULT_STOP_WORDS = (["\n\n"] + ["\n\n" + " " * n for n in range(2, 15, 2)] + [
                          "<|fim_middle|>", "<|file_separator|>", "<|system|>", "<|user|>", "<|end|>", "<|assistant|>"])
 
 SNIPPET_BUDGET = 768  # characters of declarations and snippets put before the prefix (Tabby's)
+PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and the KV cache) stays put
+EVAL_CHUNK = 64  # prompt tokens evaluated between two checks for a cancelled request
 
 # -----------------------------------------------------------------------------
 # Prompt building: pure functions, no Flask, no model.
@@ -147,13 +155,41 @@ def stop_words(language):
     return DEFAULT_STOP_WORDS + comment + ["\n" + kw for kw in entry["top_level_keywords"]]
 
 
-def find_stop(text, words, start):
-    """Where the earliest stop word that ends after text[start:] begins in text, or None.
+def find_stop(text, words, tail=""):
+    """Where generated text ends for the earliest stop word in tail + text that ends inside text,
+    or None. tail is the end of the prompt: as in Tabby, a stop word may begin there.
 
     Tabby checks whether the prompt plus the generated text ends with a stop word after each
     token; searching the whole new text as well also catches a stop word inside one token."""
-    hits = [text.find(w, max(0, start - len(w) + 1)) for w in words]
-    return min((i for i in hits if i >= 0), default=None)
+    both = tail + text
+    hits = [both.find(w, max(0, len(tail) - len(w) + 1)) for w in words]
+    hit = min((i for i in hits if i >= 0), default=None)
+    return None if hit is None else max(0, hit - len(tail))
+
+
+def scope_end(text, line_prefix, line_suffix):
+    """Where tabby-agent's post-processing would cut text, so that generating on is waste, or
+    None. line_prefix and line_suffix are the cursor line's text before and after the cursor.
+    - Text after the cursor, other than closing brackets and quotes: one line only.
+    - Code before the cursor: one line, unless the line opens a block (ends in ( [ { or :).
+    - A line indented less than the cursor's line (or as little, after code) ends the text;
+      it stays when it starts with a closing bracket, as the client keeps such a line."""
+    newline = text.find("\n")
+    if newline < 0:
+        return None
+    code = line_prefix.strip() != ""
+    if line_suffix.strip(" \t)]}>\"'`") or code and not (line_prefix + text[:newline]).rstrip().endswith(("(", "[", "{", ":")):
+        return newline
+    limit = len(line_prefix) - len(line_prefix.lstrip()) + code  # indentation in characters, as the client counts
+    while newline >= 0:
+        end = text.find("\n", newline + 1)
+        line = text[newline + 1:] if end < 0 else text[newline + 1:end]
+        if line.strip() and len(line) - len(line.lstrip()) < limit:
+            if line.lstrip()[0] not in ")]}":
+                return newline
+            return None if end < 0 else end  # the closing line, once whole
+        newline = end
+    return None
 
 
 def pick_snippets(segments):
@@ -212,14 +248,19 @@ def most(limit, ok):
     return lo
 
 
-def keep_lines(text, fits, keep_end):
+def keep_lines(text, fits, keep_end, step=1):
     """The most whole lines from one end of text (its end if keep_end, else its start) for which
-    fits(kept) holds. Only when not even the nearest line fits is that line cut, by characters."""
+    fits(kept) holds, dropping lines step at a time: text that grows at its kept end then keeps
+    the same first line for a while, and so does the KV cache. Only when not even the nearest
+    line fits is that line cut, by characters."""
     if fits(text):
         return text
     end = (lambda seq, n: seq[len(seq) - n:]) if keep_end else (lambda seq, n: seq[:n])
     lines = text.splitlines(keepends=True)
     n = most(len(lines) - 1, lambda n: fits("".join(end(lines, n))))
+    dropped = -(-(len(lines) - n) // step) * step  # rounded up to whole steps
+    if dropped < len(lines):
+        n = len(lines) - dropped
     if n > 0:
         return "".join(end(lines, n))
     line = end(lines, 1)[0]
@@ -234,7 +275,7 @@ def fit_prompt(prefix, suffix, count, budget):
         return prefix, suffix
     room = max(budget // 4, budget - count(prefix, ""))
     short_suffix = keep_lines(suffix, lambda s: count("", s) <= room, keep_end=False)
-    prefix = keep_lines(prefix, lambda p: count(p, short_suffix) <= budget, keep_end=True)
+    prefix = keep_lines(prefix, lambda p: count(p, short_suffix) <= budget, keep_end=True, step=PREFIX_STEP)
     return prefix, keep_lines(suffix, lambda s: count(prefix, s) <= budget, keep_end=False)
 
 
@@ -348,10 +389,10 @@ def load_model(config):
     if gpu and not llama_cpp.llama_supports_gpu_offload():
         raise SystemExit("error: --device gpu: this llama-cpp-python was built without a GPU backend "
                          "(reinstall it with CMAKE_ARGS=\"-DGGML_CUDA=on\", see README)")
-    threads = config["threads"] or os.cpu_count()
+    threads = config["threads"] or physical_cores()
     try:
         return llama_cpp.Llama(model_path=path, n_ctx=config["ctx"], n_threads=threads, n_threads_batch=threads,
-                               n_gpu_layers=-1 if gpu else 0, verbose=False)
+                               n_batch=512, n_gpu_layers=-1 if gpu else 0, verbose=False)
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"error: --model {path}: cannot load it as a GGUF model ({e})") from None
 
@@ -388,17 +429,22 @@ def prompt_format(llm, override):
     import llama_cpp
     template, specials = find_template(llm, override)
     add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
-    return {"template": template, "fim": "{suffix}" in template, "parts": split_template(template, specials),
+    return {"template": template, "fim": "{suffix}" in template, "line_last": not template.endswith("{prefix}"),
+            "parts": split_template(template, specials),
             "specials": specials, "bos": [llm.token_bos()] if add_bos else [],
             "protected": {llm.token_bos(), llm.token_eos(), *specials.values()}}
 
 
 def encode(llm, fmt, prefix, suffix):
     """(tokens, text) of the prompt for prefix and suffix: the template's special tokens as ids,
-    the rest tokenized as plain text."""
-    pieces, text = fill_template(fmt["parts"], fmt["specials"], prefix, suffix)
-    tokens = [t for p in pieces for t in ([p] if isinstance(p, int) else tokenize_text(llm, p, fmt["protected"]))]
-    return fmt["bos"] + tokens, text
+    the rest tokenized as plain text. Code typed on the cursor line goes after the template, as
+    the start of the middle (llama.cpp's infill does so): each keystroke then only adds tokens at
+    the end, and the KV cache keeps the rest. An indentation-only line stays: Tabby's prompt."""
+    line = prefix[prefix.rfind("\n") + 1:] if fmt["line_last"] else ""
+    line = line if line.strip() else ""
+    pieces, text = fill_template(fmt["parts"], fmt["specials"], prefix[:len(prefix) - len(line)], suffix)
+    tokens = [t for p in pieces + [line] for t in ([p] if isinstance(p, int) else tokenize_text(llm, p, fmt["protected"]))]
+    return fmt["bos"] + tokens, text + line
 
 
 def tokenize_text(llm, text, protected):
@@ -428,28 +474,72 @@ def piece(vocab, token):
     return buf.raw[:n]
 
 
-def generate(llm, tokens, max_tokens, temperature, seed, stops, tail):
-    """The one generation loop: sample after tokens until an end-of-generation or other special
-    token, max_tokens, or a stop word, which is cut off. tail is the end of the prompt text, so
-    a stop word may start in it, as in Tabby. -> (text, tokens generated, reason)"""
+def generate(llm, tokens, max_tokens, temperature, seed, end_of=lambda text: None, should_stop=lambda: False, budget=0):
+    """The one generation loop. Keeps the KV cache's common prefix with tokens and evaluates the
+    rest a chunk at a time, then samples until: an end-of-generation or other special token;
+    end_of(text) gives where the text ends (stop words, scope); max_tokens; budget seconds
+    spent, then at the next line end; should_stop() (client gone, newer request: the text is
+    then empty). -> (text, tokens generated, reason, prompt tokens reused)"""
     import llama_cpp
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    cached = llm.input_ids[:llm.n_tokens].tolist()
+    reused = next((i for i, (a, b) in enumerate(zip(cached, tokens[:-1])) if a != b), min(len(cached), len(tokens) - 1))
+    llm.n_tokens = reused  # eval() drops the KV cache from here on
+    for i in range(reused, len(tokens) - 1, EVAL_CHUNK):
+        if should_stop():
+            break
+        llm.eval(tokens[i:min(i + EVAL_CHUNK, len(tokens) - 1)])
+    if should_stop():
+        return "", 0, "cancelled", reused
     llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp seeds are 32-bit
-    raw, text, n, reason = b"", "", 0, "length"
-    for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):
+    raw, text, n, reason, start, late = b"", "", 0, "length", time.monotonic(), None
+    for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):  # evaluates the last prompt token
         n += 1
         if llama_cpp.llama_vocab_is_eog(vocab, token) or llama_cpp.llama_vocab_is_control(vocab, token):
             reason = "eos"
             break
         raw += piece(vocab, token)
-        text = raw.decode("utf-8", "ignore")  # a character split across tokens shows up once whole
-        cut = find_stop(tail + text, stops, len(tail))
-        if cut is not None:
-            text, reason = text[:max(0, cut - len(tail))], "stop"
+        before, text = len(text), raw.decode("utf-8", "ignore")  # a character split across tokens shows up once whole
+        end = end_of(text)
+        if end is not None:
+            text, reason = text[:end], "stop"
+            break
+        if budget and late is None and time.monotonic() - start > budget:
+            late = before  # llama-server's t_max_predict_ms: the line being written may end
+        if late is not None and "\n" in text[late:]:
+            text, reason = text[:text.index("\n", late)], "time"
             break
         if n >= max_tokens:
             break
-    return text, n, reason
+        if should_stop():
+            text, reason = "", "cancelled"
+            break
+    return text, n, reason, reused
+
+
+def physical_cores():
+    """Cores this machine has, not counting hyper-threads: llama.cpp runs best with one thread each."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpus = f.read().split("\n\n")
+        cores = {tuple(line.split(":")[1].strip() for line in cpu.splitlines() if line.startswith(("physical id", "core id")))
+                 for cpu in cpus if "core id" in cpu}
+        return max(1, min(len(cores), len(os.sched_getaffinity(0))))
+    except (OSError, AttributeError):
+        return os.cpu_count() or 1
+
+
+def client_gone(environ):
+    """Whether the HTTP client hung up, as tabby-agent does on every keystroke. Werkzeug's server
+    (python app.py, flask run) exposes the socket; elsewhere this cannot tell, and says no."""
+    sock = environ.get("werkzeug.socket")
+    if sock is None:
+        return False
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""  # readable and empty: closed
+    except (OSError, ValueError):
+        return True
 
 
 def system_info(config):
@@ -492,10 +582,16 @@ def create_app(config=None):
     llm = load_model(config)
     fmt = prompt_format(llm, config["prompt_template"])
     health = system_info(config)
-    lock = threading.Lock()  # a Llama context is not thread-safe; flask run serves on threads
+    generate(llm, encode(llm, fmt, "def main():\n    ", "\n")[0], 2, 0, 0)  # warm-up: pages in the weights
     log_lock = threading.Lock()
+    # A Llama context is not thread-safe, and flask run serves on threads: requests take turns,
+    # first come first served, so that one editor's stream of requests cannot starve another's.
+    turns, turn_changed = collections.deque(), threading.Condition()
+    # Per client (address, user, file): the number of its newest request, so that a newer one
+    # pre-empts it, and its last answer, for typed-through answers. Small, under its own lock.
+    numbers, newest, last_answer, clients_lock = itertools.count(), {}, collections.OrderedDict(), threading.Lock()
     print(f"model {health['model']}: {'FIM template ' + repr(fmt['template']) if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
-          f"ctx {config['ctx']}, {config['threads'] or os.cpu_count()} threads, device {health['device']}", file=sys.stderr)
+          f"ctx {config['ctx']}, {llm.context_params.n_threads} threads, device {health['device']}", file=sys.stderr)
     if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {config['host']} without a token: anyone who can reach it can use it "
               f"(set --token or {ENV_PREFIX}TOKEN)", file=sys.stderr)
@@ -511,6 +607,35 @@ def create_app(config=None):
                 os.write(fd, line.encode())
             finally:
                 os.close(fd)
+
+    @contextlib.contextmanager
+    def model_turn(should_stop):
+        """Wait for this request's turn at the model (yields True), or until should_stop() (False)."""
+        me = object()
+        with turn_changed:
+            turns.append(me)
+            while turns[0] is not me and not should_stop():
+                turn_changed.wait(0.05)  # also wakes up to look at should_stop
+            mine = turns[0] is me
+            if not mine:
+                turns.remove(me)
+                turn_changed.notify_all()
+        try:
+            yield mine
+        finally:
+            if mine:
+                with turn_changed:
+                    turns.popleft()
+                    turn_changed.notify_all()
+
+    def typed_through(client, language, prefix, suffix):
+        """The rest of this client's last completion when it typed the start of it since, or None."""
+        with clients_lock:
+            last = last_answer.get(client)
+        if last is None or (language, suffix) != last[:2] or not prefix.startswith(last[2]):
+            return None
+        typed = prefix[len(last[2]):]
+        return last[3][len(typed):] if typed and last[3].startswith(typed) and len(last[3]) > len(typed) else None
 
     def json_body():
         try:
@@ -568,9 +693,52 @@ def create_app(config=None):
         t0 = time.perf_counter()
         req = parse_completion(json_body())
         seg, debug = req["segments"], req["debug"] or {}
+        client = (request.remote_addr, req["user"], seg.get("filepath"))
+        with clients_lock:
+            number = newest[client] = next(numbers)
+        environ = request.environ
+
+        def should_stop():
+            with clients_lock:
+                superseded = newest.get(client) != number
+            return superseded or client_gone(environ)
+
+        try:
+            text, prompt, snippets, log = answer(req, client, should_stop)
+        finally:
+            with clients_lock:
+                if newest.get(client) == number:
+                    del newest[client]
+        completion_id = f"cmpl-{uuid.uuid4()}"
+        choices = [{"index": 0, "text": text}]
+        if log["reason"] != "cancelled":
+            log_event(req["user"], {"completion": {
+                "completion_id": completion_id, "language": req["language"], "prompt": prompt,
+                "segments": {k: v for k, v in seg.items() if v is not None}, "choices": choices,
+                "user_agent": request.headers.get("User-Agent")}})
+        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, %s; %.0f ms in the model, %.0f ms in all",
+                        completion_id, log["prompt"], log["reused"], log["generated"], log["reason"], log["ms"],
+                        (time.perf_counter() - t0) * 1000)
+        response = {"id": completion_id, "choices": choices}
+        if req["debug"] is not None:
+            response["debug_data"] = {**({"snippets": snippets} if debug.get("return_snippets") else {}),
+                                      **({"prompt": prompt} if debug.get("return_prompt") else {})}
+        return jsonify(response)
+
+    def answer(req, client, should_stop):
+        """(text, prompt, snippets, log) for a parsed request: from the model, or typed through."""
+        seg, debug = req["segments"], req["debug"] or {}
+        log = {"prompt": 0, "reused": 0, "generated": 0, "reason": "typed through", "ms": 0}
+        if req["raw_prompt"] is None and req["temperature"] is None and req["seed"] is None:  # not asking for variety
+            rest = typed_through(client, req["language"], seg["prefix"], seg["suffix"])
+            if rest is not None:
+                with clients_lock:
+                    prompt = last_answer[client][4]
+                remember(client, req["language"], seg["suffix"], seg["prefix"], rest, prompt)
+                return rest, prompt, [], log
         stops = stop_words(req["language"])
         budget = config["ctx"] - config["max_tokens"]
-        snippets, crlf = [], False
+        snippets, crlf, line_prefix, line_suffix = [], False, "", ""
         if req["raw_prompt"] is not None:  # a debugging aid: used verbatim, special tokens and all
             count = lambda text: len(fmt["bos"]) + len(llm.tokenize(text.encode(), add_bos=False, special=True))  # noqa: E731
             prompt = keep_lines(req["raw_prompt"], lambda text: count(text) <= budget, keep_end=True)
@@ -583,36 +751,41 @@ def create_app(config=None):
             if crlf:
                 prefix, suffix = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
                 snippets = [dict(s, body=s["body"].replace("\r\n", "\n")) for s in snippets]
+            line_prefix, line_suffix = prefix[prefix.rfind("\n") + 1:], suffix.split("\n", 1)[0]
             prefix = build_prefix(req["language"], prefix, snippets)
             if not fmt["fim"]:
                 suffix = ""
             count = lambda p, s: len(encode(llm, fmt, p, s)[0])  # noqa: E731
             prefix, suffix = fit_prompt(prefix, suffix, count, budget)
             tokens, prompt = encode(llm, fmt, prefix, suffix)
+        tail = prompt[-max(map(len, stops)):]
+
+        def end_of(text):
+            ends = [find_stop(text, stops, tail), scope_end(text, line_prefix, line_suffix)]
+            return min((i for i in ends if i is not None), default=None)
+
         seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
         temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
-        tail = prompt[-max(map(len, stops)):]
-        with lock:
-            t1 = time.perf_counter()
-            cached = llm.input_ids[:llm.n_tokens].tolist()
-            reused = next((i for i, (a, b) in enumerate(zip(cached, tokens)) if a != b), min(len(cached), len(tokens)))
-            text, generated, reason = generate(llm, tokens, config["max_tokens"], temperature, seed, stops, tail)
-            t2 = time.perf_counter()
+        text, reason = "", "cancelled"
+        with model_turn(should_stop) as mine:
+            if mine:
+                t = time.perf_counter()
+                text, log["generated"], reason, log["reused"] = generate(
+                    llm, tokens, config["max_tokens"], temperature, seed, end_of, should_stop, config["time_budget"] / 1000)
+                log["ms"] = (time.perf_counter() - t) * 1000
+        log.update(prompt=len(tokens), reason=reason)
         if crlf:
             text = re.sub(r"(?<!\r)\n", "\r\n", text)
-        completion_id = f"cmpl-{uuid.uuid4()}"
-        choices = [{"index": 0, "text": text}]
-        log_event(req["user"], {"completion": {
-            "completion_id": completion_id, "language": req["language"], "prompt": prompt,
-            "segments": {k: v for k, v in seg.items() if v is not None}, "choices": choices,
-            "user_agent": request.headers.get("User-Agent")}})
-        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, stop %s; %.0f ms in the model, %.0f ms in all",
-                        completion_id, len(tokens), reused, generated, reason, (t2 - t1) * 1000, (time.perf_counter() - t0) * 1000)
-        response = {"id": completion_id, "choices": choices}
-        if req["debug"] is not None:
-            response["debug_data"] = {**({"snippets": snippets} if debug.get("return_snippets") else {}),
-                                      **({"prompt": prompt} if debug.get("return_prompt") else {})}
-        return jsonify(response)
+        if text and req["raw_prompt"] is None:
+            remember(client, req["language"], seg["suffix"], seg["prefix"], text, prompt)
+        return text, prompt, snippets, log
+
+    def remember(client, language, suffix, prefix, text, prompt):
+        with clients_lock:
+            last_answer[client] = (language, suffix, prefix, text, prompt)
+            last_answer.move_to_end(client)
+            if len(last_answer) > 64:
+                last_answer.popitem(last=False)
 
     return app
 

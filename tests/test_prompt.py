@@ -34,15 +34,37 @@ def test_an_unknown_language_stops_at_a_newline(language):
     assert "\n" in server.stop_words(language)
 
 
-@pytest.mark.parametrize("text, start, expected", [
-    ("<fim_middle>return x\n\ndef", 12, 20),   # the blank line, inside the generated text
-    ("<fim_middle>return x", 12, None),         # nothing to stop at yet
-    ("def f():\n\n", 9, 8),                     # "\n\n" starts in the prompt's last character
-    ("def f():\n\nx", 10, None),                # a stop word wholly inside the prompt does not count
-    ("x = 1\n# note\nclass A", 0, 5),           # the earliest of several wins
+@pytest.mark.parametrize("tail, text, expected", [
+    ("<fim_middle>", "return x\n\ndef", 8),     # the blank line, inside the generated text
+    ("<fim_middle>", "return x", None),         # nothing to stop at yet
+    ("def f():\n", "\n", 0),                    # "\n\n" starts in the prompt's last character
+    ("def f():\n\n", "x", None),                # a stop word wholly inside the prompt does not count
+    ("", "x = 1\n# note\nclass A", 5),           # the earliest of several wins
 ])
-def test_find_stop(text, start, expected):
-    assert server.find_stop(text, server.stop_words("python"), start) == expected
+def test_find_stop(tail, text, expected):
+    assert server.find_stop(text, server.stop_words("python"), tail) == expected
+
+
+@pytest.mark.parametrize("line_prefix, line_suffix, text, expected", [
+    # empty cursor line in a block: lines indented at least as much go on; a dedent ends it
+    ("    ", "", "return a + b\n\n\ndef sub(a, b):", len("return a + b\n\n")),
+    ("    ", "", "x = a + b\n    return x\nprint(x)", len("x = a + b\n    return x")),
+    ("    ", "", "if a:\n        b()\n    c()", None),         # still in scope
+    ("    ", "", "x = 1\n   ", None),                          # the new line's indent is not known yet
+    ("  ", "", "return a + b;\n}\n\nfunction sub", len("return a + b;\n}")),  # a closing line stays
+    ("  ", "", "return a + b;\n}", None),                     # ... once it is whole
+    # code before the cursor: one line, unless the line opens a block
+    ("    result = ", "", "a + b\n    return result", len("a + b")),
+    ("    result = ", "", "[\n        a,\n    ]\n    print(result)", len("[\n        a,\n    ]")),
+    ("def f(x)", "", ":\n    return x\n\nf(1)", len(":\n    return x\n")),  # opens a block, ended by the next line as far out
+    # text after the cursor on its line: one line only; closing brackets and quotes do not count
+    ("print(", ", 2)", "a\n    x = 1", 1),
+    ("print(", ")", "\n    a,\n    b", None),
+    ("x = ", "", "1", None),
+    ("", "", "a\nb\nc", None),                                 # column 0: nothing is less indented
+])
+def test_scope_end_follows_what_the_client_keeps(line_prefix, line_suffix, text, expected):
+    assert server.scope_end(text, line_prefix, line_suffix) == expected
 
 
 def test_pick_snippets_in_priority_order_within_budget():

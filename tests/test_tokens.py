@@ -56,8 +56,20 @@ def test_user_text_never_becomes_a_special_token(model_path, family, special_typ
 def test_a_prompt_template_override_is_used(model_path):
     llm = load(model_path("starcoder"))
     fmt = server.prompt_format(llm, "<fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>")
-    tokens, text = server.encode(llm, fmt, "a", "b")
-    assert text == "<fim_suffix>b<fim_prefix>a<fim_middle>" and tokens[0] == 3 and tokens[-1] == 2
+    tokens, text = server.encode(llm, fmt, "a\n", "b")
+    assert text == "<fim_suffix>b<fim_prefix>a\n<fim_middle>" and tokens[0] == 3 and tokens[-1] == 2
+
+
+@pytest.mark.parametrize("family", ["starcoder", "codellama", "codestral", "plain"])
+def test_code_on_the_cursor_line_comes_last(model_path, family):
+    llm = load(model_path(family))
+    fmt = server.prompt_format(llm, "")
+    tokens, text = server.encode(llm, fmt, "def f(a, b):\n    return a", "\n")
+    assert text.endswith("    return a")  # so the next keystroke only adds tokens at the end
+    longer, _ = server.encode(llm, fmt, "def f(a, b):\n    return a +", "\n")
+    assert longer[:len(tokens) - 1] == tokens[:-1]
+    if family == "starcoder":
+        assert text == "<fim_prefix>def f(a, b):\n<fim_suffix>\n<fim_middle>    return a"
 
 
 def test_a_fim_template_on_a_model_without_fim_tokens_stops_start_up(model_path):
@@ -69,10 +81,13 @@ def test_generate_follows_the_script_and_stops(model_path):
     llm = load(model_path("starcoder"))
     fmt = server.prompt_format(llm, "")
     tokens, text = server.encode(llm, fmt, "def f(a, b):\n    ", "\n")
-    # no stop words: the script runs to its end-of-text token
-    assert server.generate(llm, tokens, 64, 0.1, 1, [], text[-8:]) == (tinymodel.FIM_SCRIPT, 16, "eos")  # 15 + end-of-text
-    # a stop word is cut off
-    out, n, reason = server.generate(llm, tokens, 64, 0.1, 1, server.stop_words("python"), text[-8:])
-    assert (out, reason) == ("total = a + b\n    return total", "stop")
+    # no stop words: the script runs to its end-of-text token (15 tokens and end-of-text)
+    assert server.generate(llm, tokens, 64, 0.1, 1)[:3] == (tinymodel.FIM_SCRIPT, 16, "eos")
+    # where end_of says, the text ends
+    stops = server.stop_words("python")
+    out, n, reason, _ = server.generate(llm, tokens, 64, 0.1, 1, lambda t: server.find_stop(t, stops, text[-8:]))
+    assert (out, n, reason) == ("total = a + b\n    return total", 9, "stop")
     # max_tokens counts tokens: "total", " =", " a"
-    assert server.generate(llm, tokens, 3, 0.1, 1, [], text[-8:]) == ("total = a", 3, "length")
+    assert server.generate(llm, tokens, 3, 0.1, 1)[:3] == ("total = a", 3, "length")
+    # should_stop ends it with nothing, after the first token at the latest
+    assert server.generate(llm, tokens, 64, 0.1, 1, should_stop=lambda: True)[:3] == ("", 0, "cancelled")
