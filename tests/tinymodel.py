@@ -5,6 +5,9 @@ vocabulary in GPT-2's style, and "scripted" weights that make the model a bigram
 Every block adds exactly 0 to the residual stream, so the logits depend only on the last
 token: after the family's FIM middle token the model writes FIM_SCRIPT, after any other
 token PLAIN_SCRIPT, then end-of-text. The output is exact on every CPU and thread count.
+"random" weights write deterministic nonsense instead, and never end by themselves: the rows
+of special tokens, lone bytes and (optionally) newlines are zeroed, so their logits are 0 and
+some other logit is always higher. They serve limits, cancellation and benchmarks.
 
     python tests/tinymodel.py starcoder /tmp/tiny.gguf
 """
@@ -88,32 +91,18 @@ def split_script(text, tokens):
     return ids
 
 
-def write_model(path, family="starcoder", special_type=3, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096):
+def write_model(path, family="starcoder", special_type=3, weights="scripted", newlines=True, seed=0,
+                n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096):
     spec = FAMILIES[family]
     tokens, types, merges = build_vocab(spec["specials"], special_type)
-    n_vocab, eos = len(tokens), 0
-
-    # successor of each routed token: the scripts as chains ending in end-of-text
-    succ = {}
-    chains = [split_script(PLAIN_SCRIPT, tokens)]
-    if spec["middle"]:
-        chains.append([tokens.index(spec["middle"])] + split_script(FIM_SCRIPT, tokens))
-    for chain in chains:
-        for a, b in zip(chain, chain[1:] + [eos]):
-            assert succ.setdefault(a, b) == b, f"token {tokens[a]!r} needs two successors"
-    first_plain = chains[0][0]
-    routed = sorted(succ)
-    assert len(routed) + 1 <= n_embd, "scripts too long for n_embd"
-
-    embd = np.zeros((n_vocab, n_embd), dtype=np.float32)
-    out = np.zeros((n_vocab, n_embd), dtype=np.float32)
-    default_dim = len(routed)
-    embd[:, default_dim] = 1.0
-    for k, t in enumerate(routed):
-        embd[t, default_dim] = 0.0
-        embd[t, k] = 1.0
-        out[succ[t], k] = 8.0  # after rmsnorm the one-hot is sqrt(64) = 8: logit 64, all others 0
-    out[first_plain, default_dim] = 8.0
+    shapes = {"attn_q": (n_embd, n_embd), "attn_k": (n_embd * n_head_kv // n_head, n_embd),
+              "attn_v": (n_embd * n_head_kv // n_head, n_embd), "attn_output": (n_embd, n_embd),
+              "ffn_gate": (n_ff, n_embd), "ffn_up": (n_ff, n_embd), "ffn_down": (n_embd, n_ff)}
+    if weights == "scripted":
+        embd, out = scripted_head(spec, tokens, n_embd)
+        layers = [{name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()} for _ in range(n_layer)]
+    else:
+        embd, out, layers = random_weights(tokens, types, shapes, n_layer, newlines, seed)
 
     w = gguf.GGUFWriter(path, "llama")
     w.add_context_length(n_ctx)
@@ -124,42 +113,80 @@ def write_model(path, family="starcoder", special_type=3, n_embd=64, n_layer=2, 
     w.add_head_count_kv(n_head_kv)
     w.add_rope_dimension_count(n_embd // n_head)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(n_vocab)
-    w.add_file_type(0)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(0 if weights == "scripted" else 1)  # f32 or f16 matrices
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
-    w.add_bos_token_id(eos)
-    w.add_eos_token_id(eos)
-    w.add_unk_token_id(eos)
+    w.add_bos_token_id(0)
+    w.add_eos_token_id(0)
+    w.add_unk_token_id(0)
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     if spec["fim"]:
         for key, text in zip(("fim_pre", "fim_suf", "fim_mid"), spec["fim"]):
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(text))
-
-    hd = n_embd // n_head
-    zeros = lambda *shape: np.zeros(shape, dtype=np.float32)  # noqa: E731
     w.add_tensor("token_embd.weight", embd)
-    w.add_tensor("output.weight", out)
+    if out is not None:  # else the head is tied to the embedding
+        w.add_tensor("output.weight", out)
     w.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    for i in range(n_layer):
+    for i, layer in enumerate(layers):
         w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
         w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        w.add_tensor(f"blk.{i}.attn_q.weight", zeros(n_head * hd, n_embd))
-        w.add_tensor(f"blk.{i}.attn_k.weight", zeros(n_head_kv * hd, n_embd))
-        w.add_tensor(f"blk.{i}.attn_v.weight", zeros(n_head_kv * hd, n_embd))
-        w.add_tensor(f"blk.{i}.attn_output.weight", zeros(n_embd, n_head * hd))
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", zeros(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_up.weight", zeros(n_ff, n_embd))
-        w.add_tensor(f"blk.{i}.ffn_down.weight", zeros(n_embd, n_ff))
+        for name, tensor in layer.items():
+            w.add_tensor(f"blk.{i}.{name}.weight", tensor)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def scripted_head(spec, tokens, n_embd):
+    """Embedding and output head of the bigram automaton (the blocks are all zeros)."""
+    eos, succ = 0, {}
+    chains = [split_script(PLAIN_SCRIPT, tokens)]
+    if spec["middle"]:
+        chains.append([tokens.index(spec["middle"])] + split_script(FIM_SCRIPT, tokens))
+    for chain in chains:  # successor of each routed token: the scripts as chains ending in end-of-text
+        for a, b in zip(chain, chain[1:] + [eos]):
+            assert succ.setdefault(a, b) == b, f"token {tokens[a]!r} needs two successors"
+    routed = sorted(succ)
+    assert len(routed) + 1 <= n_embd, "scripts too long for n_embd"
+    embd = np.zeros((len(tokens), n_embd), dtype=np.float32)
+    out = np.zeros((len(tokens), n_embd), dtype=np.float32)
+    default_dim = len(routed)
+    embd[:, default_dim] = 1.0
+    for k, t in enumerate(routed):
+        embd[t, default_dim] = 0.0
+        embd[t, k] = 1.0
+        out[succ[t], k] = 8.0  # after rmsnorm the one-hot is sqrt(64) = 8: logit 64, all others 0
+    out[chains[0][0], default_dim] = 8.0
+    return embd, out
+
+
+def random_weights(tokens, types, shapes, n_layer, newlines, seed):
+    """Random f16 blocks, a head tied to the embedding, and zero rows for the tokens that must
+    never come out: special tokens, lone bytes, control characters (and newlines if asked)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    n_embd = shapes["attn_q"][1]
+    embd = rng.standard_normal((len(tokens), n_embd), dtype=np.float32)
+    to_byte = {c: b for b, c in byte_encoder().items()}
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        raw = bytes(to_byte.get(c, 0) for c in token)
+        try:
+            raw.decode()
+            bad = kind != 1 or any(b < 32 and b not in b"\n\t" for b in raw) or (not newlines and b"\n" in raw)
+        except UnicodeDecodeError:
+            bad = True
+        if bad:
+            embd[i] = 0.0
+    std = {"attn_output": 0.5, "ffn_down": 0.5}
+    layers = [{name: (rng.standard_normal(shape, dtype=np.float32) * std.get(name, n_embd ** -0.5)).astype(np.float16)
+               for name, shape in shapes.items()} for _ in range(n_layer)]
+    return embd, None, layers
 
 
 if __name__ == "__main__":

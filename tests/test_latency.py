@@ -1,0 +1,145 @@
+"""Latency mechanisms: no work for requests nobody waits for, typed-through answers, time budget."""
+import json
+import os
+import re
+import socket
+import threading
+import time
+
+import llama_cpp
+import pytest
+
+import app as server
+import tinymodel
+from conftest import complete, start_server, stop, output
+
+# random weights, no newline tokens: never stops by itself, about a millisecond a token here
+SLOW = dict(weights="random", newlines=False, n_embd=512, n_layer=8, n_ff=1024, n_head=8, n_head_kv=4)
+PREFIX, SUFFIX = "def add(a, b):\n    ", "\n"
+
+
+def test_client_gone_sees_a_closed_socket():
+    ours, theirs = socket.socketpair()
+    environ = {"werkzeug.socket": ours}
+    assert not server.client_gone(environ)
+    theirs.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is not a hang-up
+    assert not server.client_gone(environ)
+    assert ours.recv(100)
+    theirs.close()
+    assert server.client_gone(environ)
+    ours.close()
+    assert server.client_gone(environ)  # nor can a closed socket say otherwise
+    assert not server.client_gone({})  # another server: cannot tell
+
+
+def test_the_loop_stops_at_the_first_token_after_should_stop(model_path):
+    llm = llama_cpp.Llama(model_path=model_path("starcoder", **SLOW), n_ctx=1024, verbose=False)
+    tokens = llm.tokenize(b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True)
+    calls = []
+    stop_after = lambda: calls.append(1) or len(calls) > 10  # noqa: E731
+    text, generated, reason, _ = server.generate(llm, tokens, 500, 0.1, 1, should_stop=stop_after)
+    assert (text, reason) == ("", "cancelled")
+    assert len(calls) == 11 and 1 <= generated <= 10  # checked between tokens; ends at the first yes
+
+
+def test_a_disconnected_request_stops_generating(model_path, tmp_path):
+    proc, url = start_server(["--model", model_path("starcoder", **SLOW), "--root", str(tmp_path),
+                              "--max-tokens", "3500", "--time-budget", "0"])
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"language": "css", "segments": {"prefix": "body {\n", "suffix": "\n"}}).encode()
+        conn = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.5)
+        closed = time.monotonic()
+        conn.close()  # as tabby-agent does when the user types on
+        deadline = closed + 30  # the whole generation takes about 10 s here
+        while "generated" not in output(proc) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        noticed = time.monotonic() - closed
+    finally:
+        log = stop(proc)
+    generated, reason = re.search(r"(\d+) generated, (\w+);", log).groups()
+    assert reason == "cancelled" and int(generated) < 3500
+    assert noticed < 1, noticed  # checked between tokens: a few milliseconds
+
+
+def post_in_thread(client, results, key, **segments):
+    def run():
+        r = client.post("/v1/completions", json={"language": "css", "segments": {"suffix": "\n", **segments}})
+        results[key] = r.json["choices"][0]["text"]
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@pytest.fixture
+def slow_app(model_path, tmp_path):
+    config = server.load_config(["--model", model_path("starcoder", **SLOW), "--root", str(tmp_path),
+                                 "--max-tokens", "1500", "--time-budget", "0"], environ={})  # ~1.5 s of work
+    return server.create_app(config)
+
+
+def test_a_newer_request_from_the_same_client_pre_empts_the_running_one(slow_app, caplog):
+    caplog.set_level("INFO")
+    results, client = {}, slow_app.test_client()
+    first = post_in_thread(client, results, "first", prefix="body {\n", filepath="a.css")
+    time.sleep(0.3)
+    second = post_in_thread(client, results, "second", prefix="body {\n  color: red;\n", filepath="a.css")
+    first.join(30)
+    second.join(30)
+    assert results["first"] == ""  # pre-empted: an empty completion, at once
+    assert results["second"]
+    reasons = [re.search(r"generated, ([\w ]+);", r.getMessage()).group(1) for r in caplog.records if "generated" in r.getMessage()]
+    assert reasons == ["cancelled", "length"]
+
+
+def test_pre_emption_running_and_waiting(slow_app, caplog):
+    caplog.set_level("INFO")
+    results, client = {}, slow_app.test_client()
+    busy = post_in_thread(client, results, "other editor", prefix="a {\n", filepath="other.css")
+    time.sleep(0.3)  # the other editor's request holds the model
+    waiting = post_in_thread(client, results, "waiting", prefix="b {\n", filepath="b.css")
+    time.sleep(0.3)
+    started = time.monotonic()
+    newer = post_in_thread(client, results, "newer", prefix="b {\n  x", filepath="b.css")
+    waiting.join(30)
+    gave_up = time.monotonic() - started
+    busy.join(60)
+    newer.join(60)
+    assert results["waiting"] == "" and gave_up < 1  # left the queue without touching the model
+    assert results["other editor"] and results["newer"]  # pre-emption is per client
+    lines = [r.getMessage() for r in caplog.records if "generated" in r.getMessage()]
+    assert sum("0 generated, cancelled" in line for line in lines) == 1
+
+
+def test_typed_through_answers_the_rest_without_the_model(make_app, caplog):
+    caplog.set_level("INFO")
+    app, events = make_app()
+    client = app.test_client()
+    full = complete(client, PREFIX, SUFFIX)
+    assert full == "total = a + b\n    return total"
+    started = time.perf_counter()
+    rest = complete(client, PREFIX + "total = a", SUFFIX)
+    assert rest == " + b\n    return total"
+    assert time.perf_counter() - started < 0.1
+    assert "typed through" in caplog.records[-1].getMessage()
+    assert complete(client, PREFIX + "total = a + b\n    return", SUFFIX) == " total"
+    # anything else goes to the model: a typo, another suffix, asking for variety
+    for prefix, suffix, body in [(PREFIX + "totl", SUFFIX, {}), (PREFIX + "total", "\n\nx\n", {}),
+                                 (PREFIX + "total", SUFFIX, {"temperature": 0.8})]:
+        complete(client, prefix, suffix, **body)
+        assert "typed through" not in caplog.records[-1].getMessage()
+
+
+def test_the_time_budget_ends_at_a_line_end(model_path):
+    llm = llama_cpp.Llama(model_path=model_path("starcoder"), n_ctx=1024, verbose=False)
+    tokens = llm.tokenize(b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True)
+    assert server.generate(llm, tokens, 400, 0.1, 1, budget=60)[0] == tinymodel.FIM_SCRIPT  # not spent
+    text, _, reason, _ = server.generate(llm, tokens, 400, 0.1, 1, budget=1e-9)
+    assert (text, reason) == ("total = a + b", "time")  # spent at once: the line being written ends it
+
+
+def test_threads_default_to_physical_cores():
+    assert 1 <= server.physical_cores() <= os.cpu_count()
