@@ -11,7 +11,7 @@ them run the tabby-agent client) get fill-in-the-middle completions from a local
 """
 import argparse
 import collections
-import contextlib
+import concurrent.futures
 import ctypes
 import itertools
 import hmac
@@ -582,11 +582,14 @@ def create_app(config=None):
     llm = load_model(config)
     fmt = prompt_format(llm, config["prompt_template"])
     health = system_info(config)
-    generate(llm, encode(llm, fmt, "def main():\n    ", "\n")[0], 2, 0, 0)  # warm-up: pages in the weights
+    # The model runs on a thread of its own: a Llama context is not thread-safe, flask run serves
+    # each request on a new thread, and llama.cpp's OpenMP workers belong to the calling thread
+    # (a new caller pays ~4 ms to start them). Requests queue for it first come first served, so
+    # that one editor's stream of requests cannot starve another's.
+    model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    warm_up = encode(llm, fmt, "def main():\n    ", "\n")[0]
+    model_thread.submit(generate, llm, warm_up, 2, 0, 0).result()  # pages in the weights, starts the workers
     log_lock = threading.Lock()
-    # A Llama context is not thread-safe, and flask run serves on threads: requests take turns,
-    # first come first served, so that one editor's stream of requests cannot starve another's.
-    turns, turn_changed = collections.deque(), threading.Condition()
     # Per client (address, user, file): the number of its newest request, so that a newer one
     # pre-empts it, and its last answer, for typed-through answers. Small, under its own lock.
     numbers, newest, last_answer, clients_lock = itertools.count(), {}, collections.OrderedDict(), threading.Lock()
@@ -608,25 +611,16 @@ def create_app(config=None):
             finally:
                 os.close(fd)
 
-    @contextlib.contextmanager
-    def model_turn(should_stop):
-        """Wait for this request's turn at the model (yields True), or until should_stop() (False)."""
-        me = object()
-        with turn_changed:
-            turns.append(me)
-            while turns[0] is not me and not should_stop():
-                turn_changed.wait(0.05)  # also wakes up to look at should_stop
-            mine = turns[0] is me
-            if not mine:
-                turns.remove(me)
-                turn_changed.notify_all()
-        try:
-            yield mine
-        finally:
-            if mine:
-                with turn_changed:
-                    turns.popleft()
-                    turn_changed.notify_all()
+    def on_model_thread(should_stop, work, *args):
+        """work(*args) run on the model thread when its turn comes, or None when should_stop()
+        while it waits (once started, work checks should_stop itself)."""
+        future = model_thread.submit(work, *args)
+        while True:
+            try:
+                return future.result(timeout=0.05)
+            except concurrent.futures.TimeoutError:
+                if should_stop() and future.cancel():
+                    return None
 
     def typed_through(client, language, prefix, suffix):
         """The rest of this client's last completion when it typed the start of it since, or None."""
@@ -755,9 +749,10 @@ def create_app(config=None):
             prefix = build_prefix(req["language"], prefix, snippets)
             if not fmt["fim"]:
                 suffix = ""
-            count = lambda p, s: len(encode(llm, fmt, p, s)[0])  # noqa: E731
-            prefix, suffix = fit_prompt(prefix, suffix, count, budget)
             tokens, prompt = encode(llm, fmt, prefix, suffix)
+            if len(tokens) > budget:
+                count = lambda p, s: len(encode(llm, fmt, p, s)[0])  # noqa: E731
+                tokens, prompt = encode(llm, fmt, *fit_prompt(prefix, suffix, count, budget))
         tail = prompt[-max(map(len, stops)):]
 
         def end_of(text):
@@ -766,13 +761,11 @@ def create_app(config=None):
 
         seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
         temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
-        text, reason = "", "cancelled"
-        with model_turn(should_stop) as mine:
-            if mine:
-                t = time.perf_counter()
-                text, log["generated"], reason, log["reused"] = generate(
-                    llm, tokens, config["max_tokens"], temperature, seed, end_of, should_stop, config["time_budget"] / 1000)
-                log["ms"] = (time.perf_counter() - t) * 1000
+        def run():
+            t = time.perf_counter()
+            result = generate(llm, tokens, config["max_tokens"], temperature, seed, end_of, should_stop, config["time_budget"] / 1000)
+            return result + ((time.perf_counter() - t) * 1000,)
+        text, log["generated"], reason, log["reused"], log["ms"] = on_model_thread(should_stop, run) or ("", 0, "cancelled", 0, 0)
         log.update(prompt=len(tokens), reason=reason)
         if crlf:
             text = re.sub(r"(?<!\r)\n", "\r\n", text)

