@@ -143,6 +143,7 @@ DEFAULT_STOP_WORDS = (["\n\n"] + ["\n\n" + " " * n for n in range(2, 15, 2)] + [
 SNIPPET_BUDGET = 768  # characters of declarations and snippets put before the prefix (Tabby's)
 PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and the KV cache) stays put
 EVAL_CHUNK = 64  # prompt tokens evaluated between two checks for a cancelled request
+KV_SAVED = 8  # clients whose KV caches are kept while others use the model (each ~ its prompt's KV size)
 
 # -----------------------------------------------------------------------------
 # Prompt building: pure functions, no Flask, no model.
@@ -474,6 +475,29 @@ def piece(vocab, token):
     return buf.raw[:n]
 
 
+def common_prefix(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def save_kv(llm):
+    """(tokens, bytes) of what the KV cache holds: llama.cpp's own copy of its sequence."""
+    import llama_cpp
+    size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
+    data = (ctypes.c_uint8 * size)()
+    llama_cpp.llama_state_seq_get_data(llm.ctx, data, size, 0)
+    return llm.input_ids[:llm.n_tokens].tolist(), data
+
+
+def load_kv(llm, saved):
+    """Put a save_kv() copy back into the KV cache (a memory copy, instead of evaluating it again)."""
+    import llama_cpp
+    tokens, data = saved
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, -1, -1)
+    loaded = llama_cpp.llama_state_seq_set_data(llm.ctx, data, len(data), 0) > 0
+    llm.input_ids[:len(tokens)] = tokens
+    llm.n_tokens = len(tokens) if loaded else 0
+
+
 def generate(llm, tokens, max_tokens, temperature, seed, end_of=lambda text: None, should_stop=lambda: False, budget=0):
     """The one generation loop. Keeps the KV cache's common prefix with tokens and evaluates the
     rest a chunk at a time, then samples until: an end-of-generation or other special token;
@@ -482,8 +506,7 @@ def generate(llm, tokens, max_tokens, temperature, seed, end_of=lambda text: Non
     then empty). -> (text, tokens generated, reason, prompt tokens reused)"""
     import llama_cpp
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    cached = llm.input_ids[:llm.n_tokens].tolist()
-    reused = next((i for i, (a, b) in enumerate(zip(cached, tokens[:-1])) if a != b), min(len(cached), len(tokens) - 1))
+    reused = common_prefix(llm.input_ids[:llm.n_tokens].tolist(), tokens[:-1])
     llm.n_tokens = reused  # eval() drops the KV cache from here on
     for i in range(reused, len(tokens) - 1, EVAL_CHUNK):
         if should_stop():
@@ -593,6 +616,23 @@ def create_app(config=None):
     # Per client (address, user, file): the number of its newest request, so that a newer one
     # pre-empts it, and its last answer, for typed-through answers. Small, under its own lock.
     numbers, newest, last_answer, clients_lock = itertools.count(), {}, collections.OrderedDict(), threading.Lock()
+    # Whose requests the KV cache holds, and the caches of the last few other clients, so that
+    # editors taking turns get theirs back (a copy) instead of evaluating their prompts again.
+    # Used on the model thread only.
+    kv_owner, kv_saved = None, collections.OrderedDict()
+
+    def use_kv_of(client, tokens):
+        nonlocal kv_owner
+        if client == kv_owner:
+            return
+        if kv_owner is not None and llm.n_tokens:
+            kv_saved[kv_owner] = save_kv(llm)
+            if len(kv_saved) > KV_SAVED:
+                kv_saved.popitem(last=False)
+        mine = kv_saved.pop(client, None)
+        if mine and common_prefix(mine[0], tokens) > common_prefix(llm.input_ids[:llm.n_tokens].tolist(), tokens):
+            load_kv(llm, mine)
+        kv_owner = client
     print(f"model {health['model']}: {'FIM template ' + repr(fmt['template']) if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
           f"ctx {config['ctx']}, {llm.context_params.n_threads} threads, device {health['device']}", file=sys.stderr)
     if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
@@ -763,6 +803,7 @@ def create_app(config=None):
         temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
         def run():
             t = time.perf_counter()
+            use_kv_of(client, tokens)
             result = generate(llm, tokens, config["max_tokens"], temperature, seed, end_of, should_stop, config["time_budget"] / 1000)
             return result + ((time.perf_counter() - t) * 1000,)
         text, log["generated"], reason, log["reused"], log["ms"] = on_model_thread(should_stop, run) or ("", 0, "cancelled", 0, 0)

@@ -143,3 +143,21 @@ def test_the_time_budget_ends_at_a_line_end(model_path):
 
 def test_threads_default_to_physical_cores():
     assert 1 <= server.physical_cores() <= os.cpu_count()
+
+
+def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog):
+    caplog.set_level("INFO")
+    client = make_app()[0].test_client()
+
+    def ask(filepath, prefix):
+        r = client.post("/v1/completions", json={"language": "python", "segments": {
+            "prefix": prefix, "suffix": "\n", "filepath": filepath}})
+        assert r.status_code == 200
+        return tuple(map(int, re.search(r"(\d+) prompt tokens \((\d+) reused\)", caplog.records[-1].getMessage()).groups()))
+    a, b = "".join(f"alpha_{i} = {i}\n" for i in range(40)), "".join(f"beta_{i} = {i}\n" for i in range(40))
+    ask("a.py", a)
+    ask("b.py", b)  # another editor takes the model: nothing of a's prompt is of use to it
+    prompt, reused = ask("a.py", a + "x = ")
+    assert reused >= prompt - 8  # a's prompt came back from its saved cache, not evaluated again
+    prompt, reused = ask("b.py", b + "y = ")
+    assert reused >= prompt - 8
