@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 
+import llama_cpp
 from flask import Flask, abort, jsonify, request
 from werkzeug.exceptions import HTTPException
 
@@ -385,7 +386,6 @@ def load_model(config):
         path = download(path)
     if not os.path.isfile(path):
         raise SystemExit(f"error: --model {path}: no such file")
-    import llama_cpp  # here, not at the top: --help and config errors should not wait for it
     gpu = config["device"] == "gpu"
     if gpu and not llama_cpp.llama_supports_gpu_offload():
         raise SystemExit("error: --device gpu: this llama-cpp-python was built without a GPU backend "
@@ -407,7 +407,6 @@ def special_token(llm, text):
 def find_template(llm, override):
     """(template, {marker: token id}) for the model: --prompt-template, else the first known family
     whose markers it has, else one built from llama.cpp's FIM ids, else prefix only."""
-    import llama_cpp
     for template in [override] if override else FIM_TEMPLATES:
         specials = {m: special_token(llm, m) for m in re.findall(MARKER, template)}
         if None not in specials.values():
@@ -427,7 +426,6 @@ def find_template(llm, override):
 def prompt_format(llm, override):
     """What start-up learns of the model's prompts, kept for every request: the template as parts,
     its special tokens, whether a BOS token leads, and the tokens user text must never become."""
-    import llama_cpp
     template, specials = find_template(llm, override)
     add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
     return {"template": template, "fim": "{suffix}" in template, "line_last": not template.endswith("{prefix}"),
@@ -466,7 +464,6 @@ def tokenize_text(llm, text, protected):
 
 def piece(vocab, token):
     """The bytes of one token (llama-cpp-python's detokenize garbles pieces over 32 bytes)."""
-    import llama_cpp
     buf = ctypes.create_string_buffer(64)
     n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, False)
     if n < 0:
@@ -481,7 +478,6 @@ def common_prefix(a, b):
 
 def save_kv(llm):
     """(tokens, bytes) of what the KV cache holds: llama.cpp's own copy of its sequence."""
-    import llama_cpp
     size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
     data = (ctypes.c_uint8 * size)()
     llama_cpp.llama_state_seq_get_data(llm.ctx, data, size, 0)
@@ -490,7 +486,6 @@ def save_kv(llm):
 
 def load_kv(llm, saved):
     """Put a save_kv() copy back into the KV cache (a memory copy, instead of evaluating it again)."""
-    import llama_cpp
     tokens, data = saved
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, -1, -1)
     loaded = llama_cpp.llama_state_seq_set_data(llm.ctx, data, len(data), 0) > 0
@@ -504,7 +499,6 @@ def generate(llm, tokens, max_tokens, temperature, seed, end_of=lambda text: Non
     end_of(text) gives where the text ends (stop words, scope); max_tokens; budget seconds
     spent, then at the next line end; should_stop() (client gone, newer request: the text is
     then empty). -> (text, tokens generated, reason, prompt tokens reused)"""
-    import llama_cpp
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     reused = common_prefix(llm.input_ids[:llm.n_tokens].tolist(), tokens[:-1])
     llm.n_tokens = reused  # eval() drops the KV cache from here on
@@ -567,7 +561,6 @@ def client_gone(environ):
 
 def system_info(config):
     """The static part of /v1/health: what runs this server."""
-    import llama_cpp
     cpu_info = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
@@ -657,7 +650,7 @@ def create_app(config=None):
         future = model_thread.submit(work, *args)
         while True:
             try:
-                return future.result(timeout=0.05)
+                return future.result(timeout=0.01)
             except concurrent.futures.TimeoutError:
                 if should_stop() and future.cancel():
                     return None
@@ -750,7 +743,7 @@ def create_app(config=None):
                 "completion_id": completion_id, "language": req["language"], "prompt": prompt,
                 "segments": {k: v for k, v in seg.items() if v is not None}, "choices": choices,
                 "user_agent": request.headers.get("User-Agent")}})
-        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, %s; %.0f ms in the model, %.0f ms in all",
+        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, %s; %.1f ms in the model, %.1f ms in all",
                         completion_id, log["prompt"], log["reused"], log["generated"], log["reason"], log["ms"],
                         (time.perf_counter() - t0) * 1000)
         response = {"id": completion_id, "choices": choices}

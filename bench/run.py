@@ -10,10 +10,10 @@ from npm) word by word, and sends what tabby-agent sends: the last 20 lines befo
 the first 20 after it. Scenarios:
   cold        the first word of a line: a prompt the server has not seen
   type        every further word, each sent after the previous answer ("type last": each line's last)
-  burst       every word 80 ms apart, each closing the previous connection as the client does;
-              measured from the last keystroke to its answer
+  burst       once the first word is answered, every further word 80 ms apart, each closing the
+              previous connection as the client does; from the last keystroke to its answer
   typed       after an answer, the user types its first word: the rest should come back at once
-  concurrent  2 and 4 editors typing at once (type, each in its own file)
+  concurrent  2 and 4 editors typing at once (type; each types every line, from its own first line)
 Standard library only, plus the test models' generator for --model fim.
 """
 import argparse
@@ -118,10 +118,13 @@ def type_lines(port, lines, filepath=None):
 
 
 def burst(port, lines):
+    """The cursor comes to the line and gets its completion; then the rest of the words come 80 ms
+    apart: the time from the last keystroke to its answer, against the same keystroke sent alone."""
     last = []
     for words in lines:
+        post(port, words[0])
         conns, threads, done = [], [], {}
-        for k, body in enumerate(words):
+        for k, body in enumerate(words[1:], 1):
             if conns:
                 abort(conns[-1])
 
@@ -135,7 +138,7 @@ def burst(port, lines):
             time.sleep(0.08)
         for t in threads:
             t.join(600)
-        last.append(done[len(words) - 1])
+        last.append(done[len(words) - 1])  # sessions() keeps lines of 3 words and more
     return last
 
 
@@ -153,14 +156,15 @@ def typed_through(port, lines):
     return out
 
 
-def concurrent(port, editors, lines_each):
+def concurrent(port, editors, lines):
+    """Editors typing at once. Each types all the lines, each from its own starting line, so
+    that they do the same work but never the same line at the same time."""
     per_editor, errors = [[] for _ in range(editors)], []
 
     def editor(e):
         try:
-            language, path = SOURCES[e % len(SOURCES)]
-            lines = sessions(language, path, lines_each, skip=1 + e // len(SOURCES))
-            typed = type_lines(port, lines, filepath=f"editor{e}/{os.path.basename(path)}")
+            start = e * len(lines) // editors
+            typed = type_lines(port, lines[start:] + lines[:start], filepath=f"editor{e}.src")
             per_editor[e] = [r["seconds"] for r in typed if r["word"]]
         except Exception as error:  # counted, not raised: the figure is how many
             errors.append(repr(error))
@@ -229,7 +233,7 @@ def main():
             print(f"{name}: burst done", flush=True)
             r["typed"] = typed_through(port, lines)
             for editors in (2, 4):
-                per_editor, errors = concurrent(port, editors, max(1, args.lines // 2))
+                per_editor, errors = concurrent(port, editors, lines)
                 r[f"concurrent{editors}"] = [x for xs in per_editor for x in xs]
                 r[f"concurrent{editors}_p50s"] = [stats(xs)["p50"] for xs in per_editor]
                 r[f"concurrent{editors}_errors"] = errors
@@ -241,8 +245,8 @@ def main():
 
     # our server's own account of each request: time in the model, prompt tokens reused
     logs["ours"].seek(0)
-    timing = {m[0]: (int(m[1]), int(m[2]), float(m[3])) for m in
-              re.findall(r"(cmpl-[\w-]+): (\d+) prompt tokens \((\d+) reused\).*?([\d.]+) ms in the model", logs["ours"].read())}
+    timing = {m[0]: (int(m[1]), int(m[2]), float(m[3]), float(m[4])) for m in re.findall(
+        r"(cmpl-[\w-]+): (\d+) prompt tokens \((\d+) reused\).*?([\d.]+) ms in the model, ([\d.]+) ms in all", logs["ours"].read())}
     ours, base = results["ours"], results["baseline"]
     print(f"\n{'scenario':<14}{'server':<10}{'n':>4}{'p50 ms':>10}{'p90 ms':>10}{'max ms':>10}")
     for scenario in ("cold", "type", "type last", "burst", "typed", "concurrent2", "concurrent4"):
@@ -250,16 +254,24 @@ def main():
             s = stats(results[name][scenario])
             print(f"{scenario:<14}{name:<10}{s['n']:>4}{s['p50'] * 1000:>10.0f}{s['p90'] * 1000:>10.0f}{s['max'] * 1000:>10.0f}")
     warm = [timing[x["id"]] for x in ours["requests"] if x["word"]]
-    print(f"\nours, type requests: {statistics.mean(p for p, _, _ in warm):.0f} prompt tokens on average, "
-          f"{100 * sum(r for _, r, _ in warm) / max(1, sum(p for p, _, _ in warm)):.0f}% of them reused from the KV cache")
+    print(f"\nours, type requests: {statistics.mean(t[0] for t in warm):.0f} prompt tokens on average, "
+          f"{100 * sum(t[1] for t in warm) / max(1, sum(t[0] for t in warm)):.0f}% of them reused from the KV cache")
+    http = stats([x["seconds"] * 1000 - timing[x["id"]][3] for x in ours["requests"]])["p50"]
+    own = stats([timing[x["id"]][3] - timing[x["id"]][2] for x in ours["requests"]])["p50"]
+    print(f"ours, outside the model: p50 {http:.1f} ms in HTTP (client and Werkzeug), {own:.1f} ms in app.py's own code")
+    print("burst, last keystroke of each line, ms (after a burst / sent alone):",
+          " ".join(f"{b * 1000:.0f}/{a * 1000:.0f}" for b, a in zip(ours["burst"], ours["type last"])))
+    print("4 editors, p50 of each, ms:", " ".join(f"{p * 1000:.0f}" for p in ours["concurrent4_p50s"]))
 
     def check(label, value, target, ok):
         print(f"{'PASS' if ok else 'FAIL'}  {label}: {value} (target {target})")
     type50, base50 = stats(ours["type"])["p50"], stats(base["type"])["p50"]
     check("type p50, ours / baseline", f"{type50 / base50:.2f}", "<= 0.35", type50 / base50 <= 0.35)
-    # the same keystrokes, the last of each line, as single warm requests (type) and after a burst
-    burst50, single50 = stats(ours["burst"])["p50"], stats(ours["type last"])["p50"]
-    check("burst p50 / the same keystrokes sent alone, p50", f"{burst50 / single50:.2f}", "<= 1.25", burst50 / single50 <= 1.25)
+    # the same keystrokes, the last of each line, after a burst and sent alone to a warm server;
+    # paired by line, since a line's last word may take 20 ms or 600 ms (a block's next lines)
+    paired = statistics.median(b / a for b, a in zip(ours["burst"], ours["type last"]))
+    check("burst / the same keystroke sent alone, median by line", f"{paired:.2f}", "<= 1.25", paired <= 1.25)
+    burst50 = stats(ours["burst"])["p50"]
     check("burst p50, ours / baseline", f"{burst50 / stats(base['burst'])['p50']:.2f}", "<= 0.2",
           burst50 / stats(base["burst"])["p50"] <= 0.2)
     typed50 = stats(ours["typed"])["p50"] * 1000
