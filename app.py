@@ -13,8 +13,9 @@ import argparse
 import collections
 import concurrent.futures
 import ctypes
-import itertools
+import functools
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -428,10 +429,13 @@ def prompt_format(llm, override):
     its special tokens, whether a BOS token leads, and the tokens user text must never become."""
     template, specials = find_template(llm, override)
     add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
+    protected = {llm.token_bos(), llm.token_eos(), *specials.values()}
+    # While the user types on a line, only that line changes: the other pieces of the prompt
+    # (the text above, the suffix) come from here instead of the tokenizer.
+    tokenize = functools.lru_cache(maxsize=16)(lambda text: tuple(tokenize_text(llm, text, protected)))
     return {"template": template, "fim": "{suffix}" in template, "line_last": not template.endswith("{prefix}"),
             "parts": split_template(template, specials),
-            "specials": specials, "bos": [llm.token_bos()] if add_bos else [],
-            "protected": {llm.token_bos(), llm.token_eos(), *specials.values()}}
+            "specials": specials, "bos": [llm.token_bos()] if add_bos else [], "tokenize": tokenize}
 
 
 def encode(llm, fmt, prefix, suffix):
@@ -442,7 +446,7 @@ def encode(llm, fmt, prefix, suffix):
     line = prefix[prefix.rfind("\n") + 1:] if fmt["line_last"] else ""
     line = line if line.strip() else ""
     pieces, text = fill_template(fmt["parts"], fmt["specials"], prefix[:len(prefix) - len(line)], suffix)
-    tokens = [t for p in pieces + [line] for t in ([p] if isinstance(p, int) else tokenize_text(llm, p, fmt["protected"]))]
+    tokens = [t for p in pieces + [line] for t in ([p] if isinstance(p, int) else fmt["tokenize"](p))]
     return fmt["bos"] + tokens, text + line
 
 

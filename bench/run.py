@@ -61,16 +61,18 @@ def sessions(language, path, count, skip=0):
 # -----------------------------------------------------------------------------
 # HTTP: one request per connection, as tabby-agent's aborts leave it.
 
-def post(port, body, conns=None):
-    """(seconds, completion id, text) of one POST /v1/completions; conns gets the connection, to abort it."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+def post(port, body, conns=None, conn=None):
+    """(seconds, completion id, text) of one POST /v1/completions, on conn (kept alive, as
+    tabby-agent keeps its connection between requests it did not abort) or a new connection;
+    conns gets the connection, to abort it."""
+    if conn is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     if conns is not None:
         conns.append(conn)
     started = time.perf_counter()
     conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
     response = conn.getresponse()
     data = json.loads(response.read())
-    conn.close()
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {data}")
     return time.perf_counter() - started, data["id"], data["choices"][0]["text"]
@@ -107,12 +109,12 @@ def free_port():
 def type_lines(port, lines, filepath=None):
     """One record per request, each sent after the previous answer: {word: its number in the
     line, last: whether it ends the line, seconds, id: the completion's}."""
-    out = []
+    out, conn = [], http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     for words in lines:
         for k, body in enumerate(words):
             if filepath:
                 body = dict(body, segments=dict(body["segments"], filepath=filepath))
-            seconds, cid, _ = post(port, body)
+            seconds, cid, _ = post(port, body, conn=conn)
             out.append({"word": k, "last": k == len(words) - 1, "seconds": seconds, "id": cid})
     return out
 
