@@ -181,7 +181,7 @@ def scope_end(text, line_prefix, line_suffix):
     if newline < 0:
         return None
     code = line_prefix.strip() != ""
-    if line_suffix.strip(" \t)]}>\"'`") or code and not (line_prefix + text[:newline]).rstrip().endswith(("(", "[", "{", ":")):
+    if line_suffix.strip(" \t)]}>\"'`") or (code and not (line_prefix + text[:newline]).rstrip().endswith(("(", "[", "{", ":"))):
         return newline
     limit = len(line_prefix) - len(line_prefix.lstrip()) + code  # indentation in characters, as the client counts
     while newline >= 0:
@@ -503,6 +503,8 @@ def generate(llm, tokens, max_tokens, temperature, seed, end_of=lambda text: Non
     end_of(text) gives where the text ends (stop words, scope); max_tokens; budget seconds
     spent, then at the next line end; should_stop() (client gone, newer request: the text is
     then empty). -> (text, tokens generated, reason, prompt tokens reused)"""
+    if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
+        return "", 0, "empty prompt", 0
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     reused = common_prefix(llm.input_ids[:llm.n_tokens].tolist(), tokens[:-1])
     llm.n_tokens = reused  # eval() drops the KV cache from here on
@@ -630,6 +632,7 @@ def create_app(config=None):
         if mine and common_prefix(mine[0], tokens) > common_prefix(llm.input_ids[:llm.n_tokens].tolist(), tokens):
             load_kv(llm, mine)
         kv_owner = client
+
     print(f"model {health['model']}: {'FIM template ' + repr(fmt['template']) if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
           f"ctx {config['ctx']}, {llm.context_params.n_threads} threads, device {health['device']}", file=sys.stderr)
     if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
@@ -660,13 +663,14 @@ def create_app(config=None):
                     return None
 
     def typed_through(client, language, prefix, suffix):
-        """The rest of this client's last completion when it typed the start of it since, or None."""
+        """(the rest of this client's last completion, its prompt) when the client typed the
+        start of that completion since, or None."""
         with clients_lock:
             last = last_answer.get(client)
-        if last is None or (language, suffix) != last[:2] or not prefix.startswith(last[2]):
+        if last is None or (language, suffix) != (last["language"], last["suffix"]) or not prefix.startswith(last["prefix"]):
             return None
-        typed = prefix[len(last[2]):]
-        return last[3][len(typed):] if typed and last[3].startswith(typed) and len(last[3]) > len(typed) else None
+        typed, text = prefix[len(last["prefix"]):], last["text"]
+        return (text[len(typed):], last["prompt"]) if typed and text.startswith(typed) and len(text) > len(typed) else None
 
     def json_body():
         try:
@@ -761,12 +765,10 @@ def create_app(config=None):
         seg, debug = req["segments"], req["debug"] or {}
         log = {"prompt": 0, "reused": 0, "generated": 0, "reason": "typed through", "ms": 0}
         if req["raw_prompt"] is None and req["temperature"] is None and req["seed"] is None:  # not asking for variety
-            rest = typed_through(client, req["language"], seg["prefix"], seg["suffix"])
-            if rest is not None:
-                with clients_lock:
-                    prompt = last_answer[client][4]
-                remember(client, req["language"], seg["suffix"], seg["prefix"], rest, prompt)
-                return rest, prompt, [], log
+            typed = typed_through(client, req["language"], seg["prefix"], seg["suffix"])
+            if typed is not None:
+                remember(client, req["language"], seg["suffix"], seg["prefix"], *typed)
+                return typed[0], typed[1], [], log
         stops = stop_words(req["language"])
         budget = config["ctx"] - config["max_tokens"]
         snippets, crlf, line_prefix, line_suffix = [], False, "", ""
@@ -813,7 +815,7 @@ def create_app(config=None):
 
     def remember(client, language, suffix, prefix, text, prompt):
         with clients_lock:
-            last_answer[client] = (language, suffix, prefix, text, prompt)
+            last_answer[client] = {"language": language, "suffix": suffix, "prefix": prefix, "text": text, "prompt": prompt}
             last_answer.move_to_end(client)
             if len(last_answer) > 64:
                 last_answer.popitem(last=False)

@@ -122,6 +122,15 @@ def test_odd_but_valid_input_is_served(client, prefix, suffix):
     assert r.status_code == 200 and isinstance(r.json["choices"][0]["text"], str)
 
 
+@pytest.mark.parametrize("family, body", [
+    ("plain", {"segments": {"prefix": "", "suffix": "x"}}),    # no BOS token, no template: no tokens at all
+    ("starcoder", {"debug_options": {"raw_prompt": ""}}),
+])
+def test_an_empty_prompt_gets_an_empty_completion(make_app, family, body):
+    r = make_app(family)[0].test_client().post("/v1/completions", json=body)
+    assert r.status_code == 200 and r.json["choices"][0]["text"] == ""
+
+
 def test_unknown_fields_are_ignored(client):
     assert complete(client, PREFIX, SUFFIX, future_field={"x": 1}, mode="standard", user="alice") == "total = a + b\n    return total"
 
