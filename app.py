@@ -430,7 +430,8 @@ def find_template(llm, override):
 
 def prompt_format(llm, override):
     """What start-up learns of the model's prompts, kept for every request: the template as parts,
-    its special tokens, whether a BOS token leads, and the tokens user text must never become."""
+    its special tokens, whether a BOS token leads, and a tokenizer for user text that never
+    yields the template's tokens, BOS or EOS."""
     template, specials = find_template(llm, override)
     add_bos = llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model))
     protected = {llm.token_bos(), llm.token_eos(), *specials.values()}
@@ -442,7 +443,7 @@ def prompt_format(llm, override):
             "specials": specials, "bos": [llm.token_bos()] if add_bos else [], "tokenize": tokenize}
 
 
-def encode(llm, fmt, prefix, suffix):
+def encode(fmt, prefix, suffix):
     """(tokens, text) of the prompt for prefix and suffix: the template's special tokens as ids,
     the rest tokenized as plain text. Code typed on the cursor line goes after the template, as
     the start of the middle (llama.cpp's infill does so): each keystroke then only adds tokens at
@@ -613,7 +614,7 @@ def create_app(config=None):
     # (a new caller pays ~4 ms to start them). Requests queue for it first come first served, so
     # that one editor's stream of requests cannot starve another's.
     model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    warm_up = encode(llm, fmt, "def main():\n    ", "\n")[0]
+    warm_up = encode(fmt, "def main():\n    ", "\n")[0]
     model_thread.submit(generate, llm, warm_up, 2, 0, 0).result()  # pages in the weights, starts the workers
     log_lock = threading.Lock()
     # Per client (address, user, file): the number of its newest request, so that a newer one
@@ -792,10 +793,10 @@ def create_app(config=None):
             prefix = build_prefix(req["language"], prefix, snippets)
             if not fmt["fim"]:
                 suffix = ""
-            tokens, prompt = encode(llm, fmt, prefix, suffix)
+            tokens, prompt = encode(fmt, prefix, suffix)
             if len(tokens) > budget:
-                count = lambda p, s: len(encode(llm, fmt, p, s)[0])  # noqa: E731
-                tokens, prompt = encode(llm, fmt, *fit_prompt(prefix, suffix, count, budget))
+                count = lambda p, s: len(encode(fmt, p, s)[0])  # noqa: E731
+                tokens, prompt = encode(fmt, *fit_prompt(prefix, suffix, count, budget))
         tail = prompt[-max(map(len, stops)):]
 
         def end_of(text):

@@ -34,7 +34,7 @@ def test_prompt_tokens_equal_the_templates(model_path, family):
     llm = load(model_path(family))
     fmt = server.prompt_format(llm, "")
     prefix, suffix = "def add(a, b):\n    ", "\n\nprint(add(1, 2))\n"
-    tokens, text = server.encode(llm, fmt, prefix, suffix)
+    tokens, text = server.encode(fmt, prefix, suffix)
     # with no marker in the user text, tokenizing the whole string with special parsing on agrees
     assert tokens == llm.tokenize(text.encode(), add_bos=False, special=True)
     assert text == EXPECTED[family].replace("{prefix}", prefix).replace("{suffix}", suffix)
@@ -47,7 +47,7 @@ def test_user_text_never_becomes_a_special_token(model_path, family, special_typ
     # special_type 4: markers stored as USER_DEFINED tokens, which llama.cpp matches even with special parsing off
     llm = load(model_path(family, special_type=special_type))
     fmt = server.prompt_format(llm, "")
-    tokens, text = server.encode(llm, fmt, HOSTILE, HOSTILE)
+    tokens, text = server.encode(fmt, HOSTILE, HOSTILE)
     n_special = len(tinymodel.FAMILIES[family]["specials"])
     assert [t for t in tokens if t < n_special] == list(fmt["specials"].values())  # only where the template puts them
     assert llm.detokenize(tokens, special=True).decode() == text  # and nothing of the user's text is lost
@@ -56,7 +56,7 @@ def test_user_text_never_becomes_a_special_token(model_path, family, special_typ
 def test_a_prompt_template_override_is_used(model_path):
     llm = load(model_path("starcoder"))
     fmt = server.prompt_format(llm, "<fim_suffix>{suffix}<fim_prefix>{prefix}<fim_middle>")
-    tokens, text = server.encode(llm, fmt, "a\n", "b")
+    tokens, text = server.encode(fmt, "a\n", "b")
     assert text == "<fim_suffix>b<fim_prefix>a\n<fim_middle>" and tokens[0] == 3 and tokens[-1] == 2
 
 
@@ -64,9 +64,9 @@ def test_a_prompt_template_override_is_used(model_path):
 def test_code_on_the_cursor_line_comes_last(model_path, family):
     llm = load(model_path(family))
     fmt = server.prompt_format(llm, "")
-    tokens, text = server.encode(llm, fmt, "def f(a, b):\n    return a", "\n")
+    tokens, text = server.encode(fmt, "def f(a, b):\n    return a", "\n")
     assert text.endswith("    return a")  # so the next keystroke only adds tokens at the end
-    longer, _ = server.encode(llm, fmt, "def f(a, b):\n    return a +", "\n")
+    longer, _ = server.encode(fmt, "def f(a, b):\n    return a +", "\n")
     assert longer[:len(tokens) - 1] == tokens[:-1]
     if family == "starcoder":
         assert text == "<fim_prefix>def f(a, b):\n<fim_suffix>\n<fim_middle>    return a"
@@ -80,7 +80,7 @@ def test_a_fim_template_on_a_model_without_fim_tokens_stops_start_up(model_path)
 def test_generate_follows_the_script_and_stops(model_path):
     llm = load(model_path("starcoder"))
     fmt = server.prompt_format(llm, "")
-    tokens, text = server.encode(llm, fmt, "def f(a, b):\n    ", "\n")
+    tokens, text = server.encode(fmt, "def f(a, b):\n    ", "\n")
     # no stop words: the script runs to its end-of-text token (15 tokens and end-of-text)
     assert server.generate(llm, tokens, 64, 0.1, 1)[:3] == (tinymodel.FIM_SCRIPT, 16, "eos")
     # where end_of says, the text ends
