@@ -2,10 +2,12 @@
 
 It speaks TabbyML Tabby's HTTP API (/v1/health, /v1/completions, /v1/events,
 /v1beta/server_setting), so the Tabby extensions for VS Code, Vim and IntelliJ (all of
-them run the tabby-agent client) get fill-in-the-middle completions from a local GGUF model.
+them run the tabby-agent client) get fill-in-the-middle completions from a local GGUF model,
+or from an inference engine elsewhere (llama-server, vLLM, Ollama) that generates for it.
 
     python app.py --model ./model.gguf --port 8080
     TABBYPY_MODEL=./model.gguf flask run --port 8080
+    python app.py --backend http://gpu-box:8000/v1 --backend-model Qwen/Qwen2.5-Coder-7B
 
 `python app.py --help` lists every option with its environment variable.
 """
@@ -15,6 +17,7 @@ import concurrent.futures
 import ctypes
 import functools
 import hmac
+import http.client
 import itertools
 import json
 import logging
@@ -27,13 +30,17 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 
 # llama.cpp's OpenMP workers spin on a core for a while after each generation (libgomp's default);
 # on a small CPU that core is then missing for the request around it: 10,000 spins measured ~0.5
 # ms less per request, the model no slower. Read when libgomp loads, hence here; yours wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
-import llama_cpp  # noqa: E402
+try:
+    import llama_cpp
+except ImportError:  # a local model needs it (load_model says so); --backend does not
+    llama_cpp = None
 from flask import Flask, abort, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 
@@ -43,7 +50,13 @@ from werkzeug.exceptions import HTTPException  # noqa: E402
 ENV_PREFIX = "TABBYPY_"
 CONFIG = {
     "model": ("", "GGUF file, or a Hugging Face repo id (owner/repo or owner/repo:file.gguf), downloaded once"),
-    "prompt_template": ("", "FIM template in Tabby's syntax, e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'; empty: from the model's tokens"),
+    "backend": ("", "URL of an inference engine to generate with instead of --model: llama-server (.../completion), "
+                    "an OpenAI-style server such as vLLM (.../v1) or Ollama (.../api/generate)"),
+    "backend_kind": ("", "llama.cpp, openai or ollama; empty: told by the --backend URL's path"),
+    "backend_model": ("", "model name sent to the engine, and which picks the FIM template; empty: the engine's first (llama.cpp, openai)"),
+    "backend_token": ("", "bearer token sent to the engine"),
+    "backend_timeout": (10.0, "seconds to wait for the engine to connect or send its next piece; then 504"),
+    "prompt_template": ("", "FIM template in Tabby's syntax, e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'; empty: from the model's tokens (--backend: its name)"),
     "device": ("cpu", "cpu, or gpu to offload every layer (llama-cpp-python must be built with a GPU backend)"),
     "ctx": (4096, "context size in tokens: prompt and completion together"),
     "threads": (0, "CPU threads; 0: one per physical core"),
@@ -99,14 +112,15 @@ def load_config(argv=(), environ=None):
 TABBY_VERSION = "v0.32.0"
 
 # FIM prompt templates (TabbyML/registry-tabby:models.json), tried in order: the first whose
-# markers are all special tokens of the model wins.
-FIM_TEMPLATES = [
-    "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",  # StarCoder, StarCoder2, CodeQwen
-    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",  # CodeGemma, Qwen2.5-Coder
-    "<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>",  # DeepSeek-Coder
-    "<PRE> {prefix} <SUF>{suffix} <MID>",  # CodeLlama
-    "[SUFFIX]{suffix}[PREFIX]{prefix}",  # Codestral: suffix first, no middle token
-]
+# markers are all special tokens of the model wins. A remote engine's model has no tokens to
+# look at: there the first template with a fragment of its (lowercased) model name wins.
+FIM_TEMPLATES = {
+    "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>": ["starcoder", "codeqwen", "granite", "stable-code"],
+    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>": ["codegemma", "qwen2.5-coder", "qwen3-coder"],
+    "<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>": ["deepseek-coder"],
+    "<PRE> {prefix} <SUF>{suffix} <MID>": ["codellama", "code-llama"],
+    "[SUFFIX]{suffix}[PREFIX]{prefix}": ["codestral"],  # suffix first, no middle token
+}
 # a special-token marker inside a template: <...> or [UPPER]
 MARKER = r"<[^\s<>{}]+>|\[[A-Z]+\]"
 
@@ -386,7 +400,9 @@ def load_model(config):
     """A llama_cpp.Llama for --model, or SystemExit with one line that says what to fix."""
     path = config["model"]
     if not path:
-        raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL")
+        raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL (or --backend URL of an engine)")
+    if llama_cpp is None:
+        raise SystemExit("error: --model needs llama-cpp-python: pip install llama-cpp-python (or use --backend URL of an engine)")
     if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+(?<!\.gguf)(:.+)?", path):  # not dir/x.gguf
         path = download(path)
     if not os.path.isfile(path):
@@ -443,16 +459,21 @@ def prompt_format(llm, override):
             "specials": specials, "bos": [llm.token_bos()] if add_bos else [], "tokenize": tokenize}
 
 
-def encode(fmt, prefix, suffix):
-    """(tokens, text) of the prompt for prefix and suffix: the template's special tokens as ids,
-    the rest tokenized as plain text. Code typed on the cursor line goes after the template, as
-    the start of the middle (llama.cpp's infill does so): each keystroke then only adds tokens at
-    the end, and the KV cache keeps the rest. An indentation-only line stays: Tabby's prompt."""
+def arrange(fmt, prefix, suffix):
+    """(pieces, text) of the prompt for prefix and suffix: fill_template()'s, except that code
+    typed on the cursor line goes after the template, as the start of the middle (llama.cpp's
+    infill does so): each keystroke then only adds to the end, and the KV cache keeps the rest.
+    An indentation-only line stays: Tabby's prompt."""
     line = prefix[prefix.rfind("\n") + 1:] if fmt["line_last"] else ""
     line = line if line.strip() else ""
     pieces, text = fill_template(fmt["parts"], fmt["specials"], prefix[:len(prefix) - len(line)], suffix)
-    tokens = [t for p in pieces + [line] for t in ([p] if isinstance(p, int) else fmt["tokenize"](p))]
-    return fmt["bos"] + tokens, text + line
+    return pieces + [line], text + line
+
+
+def encode(fmt, prefix, suffix):
+    """(tokens, text) of the prompt: the template's special tokens as ids, the rest tokenized as plain text."""
+    pieces, text = arrange(fmt, prefix, suffix)
+    return fmt["bos"] + [t for p in pieces for t in ([p] if isinstance(p, int) else fmt["tokenize"](p))], text
 
 
 def tokenize_text(llm, text, protected):
@@ -502,47 +523,61 @@ def load_kv(llm, saved):
     llm.n_tokens = len(tokens) if loaded else 0
 
 
-def generate(llm, tokens, max_tokens, temperature, seed, end_of=lambda text: None, should_stop=lambda: False, budget=0):
-    """The one generation loop. Keeps the KV cache's common prefix with tokens and evaluates the
-    rest a chunk at a time, then samples until: an end-of-generation or other special token;
-    end_of(text) gives where the text ends (stop words, scope); max_tokens; budget seconds
-    spent, then at the next line end; should_stop() (client gone, newer request: the text is
-    then empty). -> (text, tokens generated, reason, prompt tokens reused)"""
-    if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
-        return "", 0, "empty prompt", 0
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+def keep_kv(llm, tokens):
+    """Keep what the KV cache holds of the start of tokens (all but the last, which generating
+    evaluates) and drop the rest; -> how many tokens it keeps."""
     reused = common_prefix(llm.input_ids[:llm.n_tokens].tolist(), tokens[:-1])
     llm.n_tokens = reused  # eval() drops the KV cache from here on
-    for i in range(reused, len(tokens) - 1, EVAL_CHUNK):
+    return reused
+
+
+def model_pieces(llm, tokens, temperature, seed, should_stop):
+    """The bytes of each token the model generates after tokens, until an end-of-generation or
+    other special token. Evaluates what keep_kv() did not keep a chunk at a time, so that a
+    cancelled request (should_stop()) ends between chunks."""
+    if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
+        return
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    for i in range(llm.n_tokens, len(tokens) - 1, EVAL_CHUNK):
         if should_stop():
-            break
+            return
         llm.eval(tokens[i:min(i + EVAL_CHUNK, len(tokens) - 1)])
     if should_stop():
-        return "", 0, "cancelled", reused
+        return
     llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp seeds are 32-bit
-    raw, text, n, reason, start, late = b"", "", 0, "length", time.monotonic(), None
     for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):  # evaluates the last prompt token
-        n += 1
         if llama_cpp.llama_vocab_is_eog(vocab, token) or llama_cpp.llama_vocab_is_control(vocab, token):
-            reason = "eos"
-            break
-        raw += piece(vocab, token)
-        before, text = len(text), raw.decode("utf-8", "ignore")  # a character split across tokens shows up once whole
-        end = end_of(text)
-        if end is not None:
-            text, reason = text[:end], "stop"
-            break
-        if budget and late is None and time.monotonic() - start > budget:
-            late = before  # llama-server's t_max_predict_ms: the line being written may end
-        if late is not None and "\n" in text[late:]:
-            text, reason = text[:text.index("\n", late)], "time"
-            break
-        if n >= max_tokens:
-            break
-        if should_stop():
-            text, reason = "", "cancelled"
-            break
-    return text, n, reason, reused
+            return
+        yield piece(vocab, token)
+
+
+def generate(pieces, max_tokens, end_of=lambda text: None, should_stop=lambda: False, budget=0):
+    """The one generation loop, over the pieces a model or an engine generates (bytes or str,
+    about a token each). It takes them until: they end ("eos"); end_of(text) gives where the
+    text ends ("stop": stop words, scope); max_tokens ("length"); budget seconds spent, then at
+    the next line end ("time"); should_stop() (client gone, newer request: "cancelled", and no
+    text). Then it closes pieces, which for an engine drops the connection.
+    -> (text, pieces taken, reason)"""
+    raw, text, n, reason, start, late = b"", "", 0, "eos", time.monotonic(), None
+    try:
+        for chunk in pieces:
+            n += 1
+            raw += chunk if isinstance(chunk, bytes) else chunk.encode()
+            before, text = len(text), raw.decode("utf-8", "ignore")  # a character split across tokens shows up once whole
+            end = end_of(text)
+            if end is not None:
+                return text[:end], n, "stop"
+            if budget and late is None and time.monotonic() - start > budget:
+                late = before  # llama-server's t_max_predict_ms: the line being written may end
+            if late is not None and "\n" in text[late:]:
+                return text[:text.index("\n", late)], n, "time"
+            if n >= max_tokens:
+                return text, n, "length"
+            if should_stop():
+                return "", n, "cancelled"
+        return ("", n, "cancelled") if should_stop() else (text, n, reason)  # the pieces may have ended for it
+    finally:
+        pieces.close()
 
 
 def physical_cores():
@@ -570,7 +605,7 @@ def client_gone(environ):
         return True
 
 
-def system_info(config):
+def system_info(config, engine=None):
     """The static part of /v1/health: what runs this server."""
     cpu_info = platform.processor() or platform.machine()
     if os.path.exists("/proc/cpuinfo"):
@@ -581,9 +616,227 @@ def system_info(config):
         backends = llama_cpp.llama_print_system_info().decode()
         device = next((name.lower() for name in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if name in backends), "gpu")
     model = config["model"] if not os.path.exists(config["model"]) else os.path.basename(config["model"])
+    if engine:
+        model, device = engine["model"] or "Remote", "remote"  # Tabby's name for an HTTP model without one
     return {"model": model, "device": device, "arch": platform.machine(), "cpu_info": cpu_info,
             "cpu_count": os.cpu_count(), "cuda_devices": [],
             "version": {"build_date": "", "build_timestamp": "", "git_sha": "", "git_describe": TABBY_VERSION}}
+
+# -----------------------------------------------------------------------------
+# Remote engines (--backend): the prompt is built here, the engine generates, streaming back
+# pieces of text that feed the same generate() loop as a local model's tokens.
+
+# kind: (its completion endpoint, a cheap GET that shows it answers), under the engine's base URL
+ENGINES = {
+    "llama.cpp": ("/completion", "/health"),  # llama-server
+    "openai": ("/v1/completions", "/v1/models"),  # vLLM, llama-cpp-python's server, LM Studio, ...
+    "ollama": ("/api/generate", "/api/version"),
+}
+BYTES_PER_TOKEN = 3  # no tokenizer here: prompts are fitted to --ctx counting a token per 3 bytes (code has more)
+RETRIES = 3  # tries to reach an engine that refuses connections or answers 503 (loading, busy), 0.1 s then 0.2 s apart
+# Text shaped like a special token. An engine tokenizes a text prompt with special tokens parsed,
+# so user code must not carry such text there as it is: a zero-width space goes after its first
+# character. (A local model gets the text as text; see tokenize_text.)
+SPECIAL_LOOKING = r"<\|[^|<>\s]+\|>|<｜[^｜<>\s]+｜>|</?s>|<(?:fim[_-]\w+|file_sep|repo_name|PRE|SUF|MID|EOT)>|\[(?:PREFIX|SUFFIX|MIDDLE)\]"
+
+
+def engine_of(config):
+    """The engine --backend names: its kind (--backend-kind, else told by the URL's path), the
+    URL's parts and base path, and what to send it. SystemExit when the URL says too little."""
+    url = urllib.parse.urlsplit(config["backend"])
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise SystemExit(f"error: --backend {config['backend']!r}: not an http:// or https:// URL")
+    path = url.path.rstrip("/")
+    kind = config["backend_kind"] or ("openai" if path.endswith("/v1") else
+                                      next((k for k, (endpoint, _) in ENGINES.items() if path.endswith(endpoint)), ""))
+    if kind not in ENGINES:
+        raise SystemExit(f"error: --backend-kind must be one of {', '.join(ENGINES)}, not {kind!r}" if kind else
+                         f"error: --backend {config['backend']}: which engine is it? End the URL with /completion (llama-server), "
+                         "/v1 (OpenAI-style: vLLM, ...) or /api/generate (Ollama), or pass --backend-kind")
+    for tail in (ENGINES[kind][0], "/v1"):
+        if path.endswith(tail):
+            path = path[:-len(tail)]
+            break
+    return {"kind": kind, "url": url, "base": f"{url.scheme}://{url.netloc}{path}", "path": path, "model": config["backend_model"],
+            "headers": {"Content-Type": "application/json", **({"Authorization": f"Bearer {config['backend_token']}"} if config["backend_token"] else {})},
+            "timeout": config["backend_timeout"]}
+
+
+def engine_connection(engine, timeout):
+    connection = http.client.HTTPSConnection if engine["url"].scheme == "https" else http.client.HTTPConnection
+    return connection(engine["url"].hostname, engine["url"].port, timeout=timeout)
+
+
+def engine_get(engine, path, timeout):
+    """The JSON an engine answers a GET of path with; OSError, HTTPException or ValueError if it does not."""
+    conn = engine_connection(engine, timeout)
+    try:
+        conn.request("GET", engine["path"] + path, headers=engine["headers"])
+        response = conn.getresponse()
+        body = response.read(1 << 20)
+        if response.status != 200:
+            raise ValueError(f"it answered {response.status}")
+        return json.loads(body)
+    finally:
+        conn.close()
+
+
+def engine_format(engine, override):
+    """prompt_format() for an engine's model: --prompt-template, else the template known for its
+    name (--backend-model, else the first model the engine lists). The markers stay text: the
+    engine makes them tokens."""
+    if not engine["model"] and not override:
+        if engine["kind"] == "ollama":
+            raise SystemExit("error: --backend-model is needed for Ollama (the model's name, e.g. qwen2.5-coder:1.5b-base)")
+        try:
+            engine["model"] = engine_get(engine, "/v1/models", engine["timeout"])["data"][0]["id"]
+        except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError) as e:
+            raise SystemExit(f"error: --backend {engine['base']}: cannot ask it which model it serves ({e or type(e).__name__}); "
+                             "pass --backend-model NAME or --prompt-template") from None
+    name = engine["model"].lower()
+    template = override or next((t for t, names in FIM_TEMPLATES.items() if any(n in name for n in names)), None)
+    if template is None:
+        raise SystemExit(f"error: no FIM template is known for the model {engine['model']!r}: pass --prompt-template "
+                         "(e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>', or '{prefix}' for prefix-only)")
+    markers = re.findall(MARKER, template)
+    special = re.compile("|".join([SPECIAL_LOOKING] + [re.escape(m) for m in markers]))
+    return {"template": template, "fim": "{suffix}" in template, "line_last": not template.endswith("{prefix}"),
+            "parts": split_template(template, markers), "specials": {m: m for m in markers},
+            "defang": lambda text: special.sub(lambda m: m[0][0] + "\u200b" + m[0][1:], text)}
+
+
+def engine_body(engine, prompt, max_tokens, temperature, seed, stops):
+    """The engine's streaming completion request for a prompt, already templated."""
+    seed &= 0xFFFFFFFF  # llama.cpp seeds are 32-bit
+    if engine["kind"] == "llama.cpp":
+        return {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "seed": seed, "stop": stops,
+                "stream": True, "cache_prompt": True, "repeat_penalty": 1.0}
+    if engine["kind"] == "openai":
+        return {**({"model": engine["model"]} if engine["model"] else {}), "prompt": prompt, "max_tokens": max_tokens,
+                "temperature": temperature, "seed": seed, "stop": stops, "stream": True}
+    return {"model": engine["model"], "prompt": prompt, "raw": True, "stream": True,
+            "options": {"num_predict": max_tokens, "temperature": temperature, "seed": seed, "stop": stops, "repeat_penalty": 1.0}}
+
+
+def engine_error(response):
+    """What an engine's non-200 answer says: its JSON error message, else the start of its body."""
+    text = response.read(4096).decode("utf-8", "replace")
+    try:
+        error = json.loads(text)
+        error = error.get("error") or error.get("detail") or error
+        error = error.get("message", error) if isinstance(error, dict) else error
+    except (ValueError, AttributeError):
+        error = text
+    return f"{response.status}: {str(error).strip()[:200]}"
+
+
+def hang_up(sock):
+    try:
+        sock.shutdown(socket.SHUT_RDWR)  # the engine sees the end now, whoever else holds the socket
+    except OSError:
+        pass
+
+
+def watch(sock, should_stop):
+    """Check should_stop() every 10 ms, also while we wait for the engine (a long prompt, a queue),
+    and hang up sock the moment it says so; -> the Event that ends the watch."""
+    done = threading.Event()
+
+    def run():
+        while not done.wait(0.01):
+            if should_stop():
+                return hang_up(sock)
+    threading.Thread(target=run, daemon=True).start()
+    return done
+
+
+def engine_open(engine, body, should_stop):
+    """(socket, response, watch) of the engine's 200 answer to a completion request, or Nones
+    when should_stop() first. Refused connections and 503s (down, loading, busy) are tried
+    RETRIES times, with backoff; any other failure gets a 502 at once, no answer a 504."""
+    for attempt in range(RETRIES):
+        if attempt:
+            time.sleep(0.1 * 2 ** (attempt - 1))
+        conn, watching = engine_connection(engine, engine["timeout"]), threading.Event()
+        try:
+            conn.request("POST", engine["path"] + ENGINES[engine["kind"]][0], json.dumps(body), engine["headers"])
+            sock = conn.sock
+            watching = watch(sock, should_stop)
+            response = conn.getresponse()
+            if response.status == 200:
+                return sock, response, watching
+            status, error = response.status, f"answered {engine_error(response)}"
+        except TimeoutError:
+            status, error = 504, f"did not answer within {engine['timeout']:g} s"
+        except ConnectionError as e:
+            status, error = 503, f"cannot reach it: {e.strerror or type(e).__name__}"
+        except (OSError, http.client.HTTPException) as e:
+            status, error = 502, f"{e or type(e).__name__}"
+        conn.close()
+        watching.set()
+        if should_stop():
+            return None, None, None
+        if status != 503:
+            break
+    abort(504 if status == 504 else 502, f"engine at {engine['base']}: {error}")
+
+
+def engine_event(kind, line):
+    """(text, finished) of one line of an engine's stream: SSE "data: {json}" lines (llama.cpp,
+    openai) or JSON lines (Ollama); (None, False) for the lines between events; 502 for others."""
+    line = line.decode("utf-8", "replace").strip()
+    if not line or (kind != "ollama" and line.startswith((":", "event:", "id:", "retry:"))):
+        return None, False
+    if kind != "ollama" and line == "data: [DONE]":
+        return None, True
+    try:
+        event = json.loads(line[5:] if kind != "ollama" and line.startswith("data:") else line)
+        if "error" in event:
+            abort(502, f"engine error: {str(event['error'])[:200]}")
+        if kind == "llama.cpp":
+            text, finished = event["content"], event.get("stop")
+        elif kind == "openai":
+            if not event["choices"]:  # a usage-only chunk
+                return None, False
+            text, finished = event["choices"][0]["text"], event["choices"][0].get("finish_reason")
+        else:
+            text, finished = event["response"], event.get("done")
+        if not isinstance(text, str):
+            raise TypeError
+        return text, bool(finished)
+    except (ValueError, LookupError, TypeError, AttributeError):
+        abort(502, f"engine sent something that is not a {kind} stream: {line[:100]!r}")
+
+
+def engine_pieces(engine, body, should_stop):
+    """The pieces of text an engine streams for a completion request, as a generator. Closing it,
+    or should_stop() (see watch), drops the connection at once: the engine stops generating and
+    frees its slot for the next request."""
+    sock, response, watching = engine_open(engine, body, should_stop)
+    if response is None:
+        return
+    try:
+        while True:
+            line = response.readline(1 << 20)
+            if not line:
+                if should_stop():
+                    return
+                abort(502, f"engine at {engine['base']} ended its stream before it finished")
+            text, finished = engine_event(engine["kind"], line)
+            if text:
+                yield text
+            if finished:
+                return
+    except TimeoutError:
+        abort(504, f"engine at {engine['base']} sent nothing for {engine['timeout']:g} s")
+    except (OSError, http.client.HTTPException) as e:
+        if should_stop():
+            return
+        abort(502, f"engine at {engine['base']}: the stream broke off ({e or type(e).__name__})")
+    finally:
+        watching.set()
+        hang_up(sock)
+        response.close()
 
 # -----------------------------------------------------------------------------
 # The app.
@@ -606,16 +859,20 @@ def create_app(config=None):
     except OSError as e:
         raise SystemExit(f"error: --root: cannot create {events_dir}: {e.strerror}") from None
 
-    llm = load_model(config)
-    fmt = prompt_format(llm, config["prompt_template"])
-    health = system_info(config)
+    if config["backend"] and config["model"]:
+        raise SystemExit("error: --model and --backend both given: pass one (--backend generates with the engine's model)")
+    engine = engine_of(config) if config["backend"] else None
+    llm = None if engine else load_model(config)
+    fmt = engine_format(engine, config["prompt_template"]) if engine else prompt_format(llm, config["prompt_template"])
+    health = system_info(config, engine)
     # The model runs on a thread of its own: a Llama context is not thread-safe, flask run serves
     # each request on a new thread, and llama.cpp's OpenMP workers belong to the calling thread
     # (a new caller pays ~4 ms to start them). Requests queue for it first come first served, so
-    # that one editor's stream of requests cannot starve another's.
+    # that one editor's stream of requests cannot starve another's. (An engine queues its own.)
     model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
-    warm_up = encode(fmt, "def main():\n    ", "\n")[0]
-    model_thread.submit(generate, llm, warm_up, 2, 0, 0).result()  # pages in the weights, starts the workers
+    if llm:
+        warm_up = encode(fmt, "def main():\n    ", "\n")[0]
+        model_thread.submit(lambda: generate(model_pieces(llm, warm_up, 0, 0, lambda: False), 2)).result()  # pages in the weights, starts the workers
     log_lock = threading.Lock()
     # Per client (address, user, file): the number of its newest request, so that a newer one
     # pre-empts it, and its last answer, for typed-through answers. Small, under its own lock.
@@ -638,8 +895,14 @@ def create_app(config=None):
             load_kv(llm, mine)
         kv_owner = client
 
-    print(f"model {health['model']}: {'FIM template ' + repr(fmt['template']) if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
-          f"ctx {config['ctx']}, {llm.context_params.n_threads} threads, device {health['device']}", file=sys.stderr)
+    template = f"FIM template {fmt['template']!r}" if fmt["fim"] else "prefix-only prompts"
+    if engine:
+        print(f"engine {engine['kind']} at {engine['base']}, model {health['model']}: {template} "
+              f"({'--prompt-template' if config['prompt_template'] else 'known for this model name'}); "
+              f"prompts up to ctx {config['ctx']} tokens, counted as {BYTES_PER_TOKEN} bytes each", file=sys.stderr)
+    else:
+        print(f"model {health['model']}: {template if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
+              f"ctx {config['ctx']}, {llm.context_params.n_threads} threads, device {health['device']}", file=sys.stderr)
     if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {config['host']} without a token: anyone who can reach it can use it "
               f"(set --token or {ENV_PREFIX}TOKEN)", file=sys.stderr)
@@ -711,7 +974,15 @@ def create_app(config=None):
 
     @app.route("/v1/health", methods=["GET", "POST"])
     def health_route():
-        return jsonify(health)
+        if engine is None:
+            return jsonify(health)
+        try:  # whether the engine answers now, in 2 s at most
+            engine_get(engine, ENGINES[engine["kind"]][1], min(2, engine["timeout"]))
+            error = None
+        except (OSError, http.client.HTTPException, ValueError) as e:
+            error = f"{e or type(e).__name__}"
+        backend = {"kind": engine["kind"], "url": engine["base"], "answers": error is None, **({"error": error} if error else {})}
+        return jsonify({**health, "backend": backend})
 
     @app.get("/v1beta/server_setting")
     def server_setting():
@@ -778,9 +1049,10 @@ def create_app(config=None):
         budget = config["ctx"] - config["max_tokens"]
         snippets, crlf, line_prefix, line_suffix = [], False, "", ""
         if req["raw_prompt"] is not None:  # a debugging aid: used verbatim, special tokens and all
-            count = lambda text: len(fmt["bos"]) + len(llm.tokenize(text.encode(), add_bos=False, special=True))  # noqa: E731
+            tokenize = lambda text: fmt["bos"] + llm.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
+            count = (lambda text: len(text.encode()) // BYTES_PER_TOKEN) if engine else (lambda text: len(tokenize(text)))
             prompt = keep_lines(req["raw_prompt"], lambda text: count(text) <= budget, keep_end=True)
-            tokens = fmt["bos"] + llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            tokens, size = (None, count(prompt)) if engine else (tokenize(prompt), None)
         else:
             prefix, suffix = seg["prefix"], seg["suffix"] or "\n"  # Tabby's default for no suffix
             crlf = "\r\n" in prefix or "\r\n" in suffix
@@ -793,10 +1065,9 @@ def create_app(config=None):
             prefix = build_prefix(req["language"], prefix, snippets)
             if not fmt["fim"]:
                 suffix = ""
-            tokens, prompt = encode(fmt, prefix, suffix)
-            if len(tokens) > budget:
-                count = lambda p, s: len(encode(fmt, p, s)[0])  # noqa: E731
-                tokens, prompt = encode(fmt, *fit_prompt(prefix, suffix, count, budget))
+            tokens, prompt, size = make_prompt(prefix, suffix)
+            if size > budget:
+                tokens, prompt, size = make_prompt(*fit_prompt(prefix, suffix, lambda p, s: make_prompt(p, s)[2], budget))
         tail = prompt[-max(map(len, stops)):]
 
         def end_of(text):
@@ -805,18 +1076,35 @@ def create_app(config=None):
 
         seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
         temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
+        limits = config["max_tokens"], end_of, should_stop, config["time_budget"] / 1000
+
         def run():
             t = time.perf_counter()
             use_kv_of(client, tokens)
-            result = generate(llm, tokens, config["max_tokens"], temperature, seed, end_of, should_stop, config["time_budget"] / 1000)
-            return result + ((time.perf_counter() - t) * 1000,)
-        text, log["generated"], reason, log["reused"], log["ms"] = on_model_thread(should_stop, run) or ("", 0, "cancelled", 0, 0)
-        log.update(prompt=len(tokens), reason=reason)
+            reused = keep_kv(llm, tokens)
+            return generate(model_pieces(llm, tokens, temperature, seed, should_stop), *limits) + (reused, (time.perf_counter() - t) * 1000)
+        if engine:  # on this thread: the engine serves several at once
+            t = time.perf_counter()
+            body = engine_body(engine, prompt, config["max_tokens"], temperature, seed, list(dict.fromkeys(stops)))
+            text, log["generated"], reason = generate(engine_pieces(engine, body, should_stop), *limits)
+            log["ms"] = (time.perf_counter() - t) * 1000
+        else:
+            text, log["generated"], reason, log["reused"], log["ms"] = on_model_thread(should_stop, run) or ("", 0, "cancelled", 0, 0)
+        log.update(prompt=size if engine else len(tokens), reason=reason)
         if crlf:
             text = re.sub(r"(?<!\r)\n", "\r\n", text)
         if text and req["raw_prompt"] is None:
             remember(client, req["language"], seg["suffix"], seg["prefix"], text, prompt)
         return text, prompt, snippets, log
+
+    def make_prompt(prefix, suffix):
+        """(tokens, text, size in tokens) of the prompt. An engine gets the text, its size guessed,
+        its user code kept from looking like special tokens; a local model gets tokens."""
+        if engine:
+            text = arrange(fmt, fmt["defang"](prefix), fmt["defang"](suffix))[1]
+            return None, text, len(text.encode()) // BYTES_PER_TOKEN
+        tokens, text = encode(fmt, prefix, suffix)
+        return tokens, text, len(tokens)
 
     def remember(client, language, suffix, prefix, text, prompt):
         with clients_lock:

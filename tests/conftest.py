@@ -130,3 +130,9 @@ def stop(proc):
         proc.kill()
         proc.wait()
     return output(proc)
+
+
+def generate(llm, tokens, max_tokens, temperature=0.1, seed=1, **limits):
+    """app.generate() over a local model's tokens, as a request runs it: -> (text, n, reason)."""
+    server.keep_kv(llm, tokens)
+    return server.generate(server.model_pieces(llm, tokens, temperature, seed, limits.get("should_stop", lambda: False)), max_tokens, **limits)

@@ -11,7 +11,7 @@ import pytest
 
 import app as server
 import tinymodel
-from conftest import complete, start_server, stop, output
+from conftest import complete, generate, start_server, stop, output
 
 # random weights, no newline tokens: never stops by itself, about a millisecond a token here
 SLOW = dict(weights="random", newlines=False, n_embd=512, n_layer=8, n_ff=1024, n_head=8, n_head_kv=4)
@@ -37,7 +37,7 @@ def test_the_loop_stops_at_the_first_token_after_should_stop(model_path):
     tokens = llm.tokenize(b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True)
     calls = []
     stop_after = lambda: calls.append(1) or len(calls) > 10  # noqa: E731
-    text, generated, reason, _ = server.generate(llm, tokens, 500, 0.1, 1, should_stop=stop_after)
+    text, generated, reason = generate(llm, tokens, 500, should_stop=stop_after)
     assert (text, reason) == ("", "cancelled")
     assert len(calls) == 11 and 1 <= generated <= 10  # checked between tokens; ends at the first yes
 
@@ -136,8 +136,8 @@ def test_typed_through_answers_the_rest_without_the_model(make_app, caplog):
 def test_the_time_budget_ends_at_a_line_end(model_path):
     llm = llama_cpp.Llama(model_path=model_path("starcoder"), n_ctx=1024, verbose=False)
     tokens = llm.tokenize(b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True)
-    assert server.generate(llm, tokens, 400, 0.1, 1, budget=60)[0] == tinymodel.FIM_SCRIPT  # not spent
-    text, _, reason, _ = server.generate(llm, tokens, 400, 0.1, 1, budget=1e-9)
+    assert generate(llm, tokens, 400, budget=60)[0] == tinymodel.FIM_SCRIPT  # not spent
+    text, _, reason = generate(llm, tokens, 400, budget=1e-9)
     assert (text, reason) == ("total = a + b", "time")  # spent at once: the line being written ends it
 
 

@@ -106,7 +106,7 @@ def fill(template, prefix, suffix):
     return re.sub(r"\{prefix\}|\{suffix\}", lambda m: prefix if m.group() == "{prefix}" else suffix, template)
 
 
-@pytest.mark.parametrize("template", server.FIM_TEMPLATES + ["{prefix}"])
+@pytest.mark.parametrize("template", list(server.FIM_TEMPLATES) + ["{prefix}"])
 def test_fill_template_gives_tabbys_prompt_string(template):
     specials = {m: 100 + i for i, m in enumerate(re.findall(server.MARKER, template))}
     parts = server.split_template(template, specials)

@@ -4,6 +4,7 @@ import pytest
 
 import app as server
 import tinymodel
+from conftest import generate
 
 EXPECTED = {  # family -> the template the server must pick
     "starcoder": "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
@@ -82,12 +83,12 @@ def test_generate_follows_the_script_and_stops(model_path):
     fmt = server.prompt_format(llm, "")
     tokens, text = server.encode(fmt, "def f(a, b):\n    ", "\n")
     # no stop words: the script runs to its end-of-text token (15 tokens and end-of-text)
-    assert server.generate(llm, tokens, 64, 0.1, 1)[:3] == (tinymodel.FIM_SCRIPT, 16, "eos")
+    assert generate(llm, tokens, 64) == (tinymodel.FIM_SCRIPT, 15, "eos")
     # where end_of says, the text ends
     stops = server.stop_words("python")
-    out, n, reason, _ = server.generate(llm, tokens, 64, 0.1, 1, lambda t: server.find_stop(t, stops, text[-8:]))
+    out, n, reason = generate(llm, tokens, 64, end_of=lambda t: server.find_stop(t, stops, text[-8:]))
     assert (out, n, reason) == ("total = a + b\n    return total", 9, "stop")
     # max_tokens counts tokens: "total", " =", " a"
-    assert server.generate(llm, tokens, 3, 0.1, 1)[:3] == ("total = a", 3, "length")
+    assert generate(llm, tokens, 3) == ("total = a", 3, "length")
     # should_stop ends it with nothing, after the first token at the latest
-    assert server.generate(llm, tokens, 64, 0.1, 1, should_stop=lambda: True)[:3] == ("", 0, "cancelled")
+    assert generate(llm, tokens, 64, should_stop=lambda: True) == ("", 0, "cancelled")
