@@ -705,17 +705,19 @@ def engine_format(engine, override):
             "defang": lambda text: special.sub(lambda m: m[0][0] + "\u200b" + m[0][1:], text)}
 
 
-def engine_body(engine, prompt, max_tokens, temperature, seed, stops):
-    """The engine's streaming completion request for a prompt, already templated."""
+def engine_body(engine, prompt, max_tokens, temperature, seed):
+    """The engine's streaming completion request for a prompt, already templated. No stop words:
+    an engine holds back text that may begin one ("\n" begins them all) until the next token,
+    which would make every answer that ends at a line end a token late. We stop it ourselves."""
     seed &= 0xFFFFFFFF  # llama.cpp seeds are 32-bit
     if engine["kind"] == "llama.cpp":
-        return {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "seed": seed, "stop": stops,
+        return {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "seed": seed,
                 "stream": True, "cache_prompt": True, "repeat_penalty": 1.0}
     if engine["kind"] == "openai":
         return {**({"model": engine["model"]} if engine["model"] else {}), "prompt": prompt, "max_tokens": max_tokens,
-                "temperature": temperature, "seed": seed, "stop": stops, "stream": True}
+                "temperature": temperature, "seed": seed, "stream": True}
     return {"model": engine["model"], "prompt": prompt, "raw": True, "stream": True,
-            "options": {"num_predict": max_tokens, "temperature": temperature, "seed": seed, "stop": stops, "repeat_penalty": 1.0}}
+            "options": {"num_predict": max_tokens, "temperature": temperature, "seed": seed, "repeat_penalty": 1.0}}
 
 
 def engine_error(response):
@@ -1085,7 +1087,7 @@ def create_app(config=None):
             return generate(model_pieces(llm, tokens, temperature, seed, should_stop), *limits) + (reused, (time.perf_counter() - t) * 1000)
         if engine:  # on this thread: the engine serves several at once
             t = time.perf_counter()
-            body = engine_body(engine, prompt, config["max_tokens"], temperature, seed, list(dict.fromkeys(stops)))
+            body = engine_body(engine, prompt, config["max_tokens"], temperature, seed)
             text, log["generated"], reason = generate(engine_pieces(engine, body, should_stop), *limits)
             log["ms"] = (time.perf_counter() - t) * 1000
         else:
