@@ -57,6 +57,9 @@ CONFIG = {
     "backend_token": ("", "bearer token sent to the engine"),
     "backend_timeout": (10.0, "seconds to wait for the engine to connect or send its next piece; then 504"),
     "prompt_template": ("", "FIM template in Tabby's syntax, e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'; empty: from the model's tokens (--backend: its name)"),
+    "chat_model": ("", "instruct model for /v1/chat/completions: GGUF file, Hugging Face repo id, or 'same' (--model, if it has "
+                       "a chat template); with --backend, the engine's model name ('same': --backend-model). Empty: no chat"),
+    "chat_template": ("", "Jinja2 chat template, for a chat model without one in its GGUF metadata"),
     "device": ("cpu", "cpu, or gpu to offload every layer (llama-cpp-python must be built with a GPU backend)"),
     "ctx": (4096, "context size in tokens: prompt and completion together"),
     "threads": (0, "CPU threads; 0: one per physical core"),
@@ -369,16 +372,49 @@ def parse_completion(body):
             req["segments"][key] = items
     return req
 
+def parse_chat(body):
+    """A /v1/chat/completions body (OpenAI's shape) as plain values; model is ignored (there is one)."""
+    messages = get(body, "messages", list, required=True)
+    if not messages:
+        abort(400, "messages must not be empty")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            abort(400, f"messages[{i}] must be an object")
+        content = message.get("content")
+        if isinstance(content, list):  # parts: only text can be read here
+            if not all(isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str) for part in content):
+                abort(400, f"messages[{i}].content parts must all be {{\"type\": \"text\", \"text\": ...}}")
+            message = dict(message, content="".join(part["text"] for part in content))
+        messages[i] = {"role": get(message, "role", str, f"messages[{i}].", True), "content": get(message, "content", str, f"messages[{i}].") or ""}
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
+        abort(400, "stop must be a string or a list of non-empty strings")
+    req = {"messages": messages, "stop": [clean(s) for s in stop or []], "user": get(body, "user", str),
+           "temperature": get(body, "temperature", float), "seed": get(body, "seed", int), "stream": bool(get(body, "stream", bool)),
+                  "max_tokens": get(body, "max_tokens", int)}
+    if req["max_tokens"] is None:
+        req["max_tokens"] = get(body, "max_completion_tokens", int)  # OpenAI's newer name
+    get(body, "model", str)
+    if req["temperature"] is not None and not 0 <= req["temperature"] <= 2:
+        abort(400, "temperature must be between 0 and 2")
+    if req["max_tokens"] is not None and req["max_tokens"] < 1:
+        abort(400, "max_tokens must be at least 1")
+    if req["seed"] is not None and req["seed"] < 0:
+        abort(400, "seed must be 0 or more")
+    return req
+
+
 # -----------------------------------------------------------------------------
 # The model: loading, finding its FIM template, tokenizing, generating.
 
 
-def download(repo_id):
+def download(repo_id, flag="--model"):
     """owner/repo[:file.gguf] from the Hugging Face hub into its cache, once, with a progress bar."""
     try:
         import huggingface_hub
     except ImportError:
-        raise SystemExit(f"error: --model {repo_id} is a Hugging Face repo id, and downloading it needs "
+        raise SystemExit(f"error: {flag} {repo_id} is a Hugging Face repo id, and downloading it needs "
                          "huggingface_hub: pip install huggingface_hub (or pass a local .gguf file)") from None
     repo, _, filename = repo_id.partition(":")
     try:
@@ -386,27 +422,25 @@ def download(repo_id):
             ggufs = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".gguf")]
             tabby_layout = "ggml/model-00001-of-00001.gguf"  # where Tabby's own model repos keep it
             if len(ggufs) != 1 and tabby_layout not in ggufs:
-                raise SystemExit(f"error: --model {repo_id}: {len(ggufs)} GGUF files there ({', '.join(ggufs[:8])}); "
+                raise SystemExit(f"error: {flag} {repo_id}: {len(ggufs)} GGUF files there ({', '.join(ggufs[:8])}); "
                                  f"pick one as {repo}:FILE")
             filename = ggufs[0] if len(ggufs) == 1 else tabby_layout
         return huggingface_hub.hf_hub_download(repo, filename)
     except SystemExit:
         raise
     except Exception as e:  # no network, no such repo, disk full: all end start-up the same way
-        raise SystemExit(f"error: --model {repo_id}: download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise SystemExit(f"error: {flag} {repo_id}: download failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def load_model(config):
-    """A llama_cpp.Llama for --model, or SystemExit with one line that says what to fix."""
-    path = config["model"]
-    if not path:
-        raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL (or --backend URL of an engine)")
+def load_model(config, path, flag="--model"):
+    """A llama_cpp.Llama for a --model (or --chat-model) path or repo id, or SystemExit with one
+    line that says what to fix."""
     if llama_cpp is None:
-        raise SystemExit("error: --model needs llama-cpp-python: pip install llama-cpp-python (or use --backend URL of an engine)")
+        raise SystemExit(f"error: {flag} needs llama-cpp-python: pip install llama-cpp-python (or use --backend URL of an engine)")
     if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+(?<!\.gguf)(:.+)?", path):  # not dir/x.gguf
-        path = download(path)
+        path = download(path, flag)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --model {path}: no such file")
+        raise SystemExit(f"error: {flag} {path}: no such file")
     gpu = config["device"] == "gpu"
     if gpu and not llama_cpp.llama_supports_gpu_offload():
         raise SystemExit("error: --device gpu: this llama-cpp-python was built without a GPU backend "
@@ -416,7 +450,7 @@ def load_model(config):
         return llama_cpp.Llama(model_path=path, n_ctx=config["ctx"], n_threads=threads, n_threads_batch=threads,
                                n_batch=512, n_gpu_layers=-1 if gpu else 0, verbose=False)
     except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: --model {path}: cannot load it as a GGUF model ({e})") from None
+        raise SystemExit(f"error: {flag} {path}: cannot load it as a GGUF model ({e})") from None
 
 
 def special_token(llm, text):
@@ -531,19 +565,16 @@ def keep_kv(llm, tokens):
     return reused
 
 
-def model_pieces(llm, tokens, temperature, seed, should_stop):
+def model_pieces(llm, tokens, temperature, seed):
     """The bytes of each token the model generates after tokens, until an end-of-generation or
-    other special token. Evaluates what keep_kv() did not keep a chunk at a time, so that a
-    cancelled request (should_stop()) ends between chunks."""
+    other special token. What keep_kv() did not keep is evaluated a chunk at a time, with an
+    empty piece after each chunk: there the consumer may stop, or let other work run first."""
     if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
         return
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     for i in range(llm.n_tokens, len(tokens) - 1, EVAL_CHUNK):
-        if should_stop():
-            return
         llm.eval(tokens[i:min(i + EVAL_CHUNK, len(tokens) - 1)])
-    if should_stop():
-        return
+        yield b""
     llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp seeds are 32-bit
     for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):  # evaluates the last prompt token
         if llama_cpp.llama_vocab_is_eog(vocab, token) or llama_cpp.llama_vocab_is_control(vocab, token):
@@ -553,14 +584,19 @@ def model_pieces(llm, tokens, temperature, seed, should_stop):
 
 def generate(pieces, max_tokens, end_of=lambda text: None, should_stop=lambda: False, budget=0):
     """The one generation loop, over the pieces a model or an engine generates (bytes or str,
-    about a token each). It takes them until: they end ("eos"); end_of(text) gives where the
-    text ends ("stop": stop words, scope); max_tokens ("length"); budget seconds spent, then at
-    the next line end ("time"); should_stop() (client gone, newer request: "cancelled", and no
-    text). Then it closes pieces, which for an engine drops the connection.
-    -> (text, pieces taken, reason)"""
-    raw, text, n, reason, start, late = b"", "", 0, "eos", time.monotonic(), None
+    about a token each; empty while it is busy). It takes them until: they end ("eos");
+    end_of(text) gives where the text ends ("stop": stop words, scope); max_tokens ("length");
+    budget seconds spent, then at the next line end ("time"); should_stop() (client gone, newer
+    request: "cancelled", and no text). Then it closes pieces, which for an engine drops the
+    connection. Yields the text so far after each piece (for streaming); returns
+    (text, pieces taken, reason): run it with finish() when only that matters."""
+    raw, text, n, start, late = b"", "", 0, time.monotonic(), None
     try:
         for chunk in pieces:
+            if should_stop():
+                return "", n, "cancelled"
+            if not chunk:
+                continue
             n += 1
             raw += chunk if isinstance(chunk, bytes) else chunk.encode()
             before, text = len(text), raw.decode("utf-8", "ignore")  # a character split across tokens shows up once whole
@@ -573,11 +609,19 @@ def generate(pieces, max_tokens, end_of=lambda text: None, should_stop=lambda: F
                 return text[:text.index("\n", late)], n, "time"
             if n >= max_tokens:
                 return text, n, "length"
-            if should_stop():
-                return "", n, "cancelled"
-        return ("", n, "cancelled") if should_stop() else (text, n, reason)  # the pieces may have ended for it
+            yield text
+        return ("", n, "cancelled") if should_stop() else (text, n, "eos")  # the pieces may have ended for it
     finally:
         pieces.close()
+
+
+def finish(steps):
+    """Run a generate() to its end; -> what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
 
 
 def physical_cores():
@@ -632,6 +676,7 @@ ENGINES = {
     "openai": ("/v1/completions", "/v1/models"),  # vLLM, llama-cpp-python's server, LM Studio, ...
     "ollama": ("/api/generate", "/api/version"),
 }
+CHAT_PATH = "/v1/chat/completions"  # every kind of engine serves OpenAI's chat API (Ollama and llama-server too)
 BYTES_PER_TOKEN = 3  # no tokenizer here: prompts are fitted to --ctx counting a token per 3 bytes (code has more)
 RETRIES = 3  # tries to reach an engine that refuses connections or answers 503 (loading, busy), 0.1 s then 0.2 s apart
 # Text shaped like a special token. An engine tokenizes a text prompt with special tokens parsed,
@@ -752,7 +797,7 @@ def watch(sock, should_stop):
     return done
 
 
-def engine_open(engine, body, should_stop):
+def engine_open(engine, path, body, should_stop):
     """(socket, response, watch) of the engine's 200 answer to a completion request, or Nones
     when should_stop() first. Refused connections and 503s (down, loading, busy) are tried
     RETRIES times, with backoff; any other failure gets a 502 at once, no answer a 504."""
@@ -761,7 +806,7 @@ def engine_open(engine, body, should_stop):
             time.sleep(0.1 * 2 ** (attempt - 1))
         conn, watching = engine_connection(engine, engine["timeout"]), threading.Event()
         try:
-            conn.request("POST", engine["path"] + ENGINES[engine["kind"]][0], json.dumps(body), engine["headers"])
+            conn.request("POST", engine["path"] + path, json.dumps(body), engine["headers"])
             sock = conn.sock
             watching = watch(sock, should_stop)
             response = conn.getresponse()
@@ -785,7 +830,7 @@ def engine_open(engine, body, should_stop):
 
 def engine_event(kind, line):
     """(text, finished) of one line of an engine's stream: SSE "data: {json}" lines (llama.cpp,
-    openai) or JSON lines (Ollama); (None, False) for the lines between events; 502 for others."""
+    openai, chat) or JSON lines (Ollama); (None, False) for the lines between events; 502 for others."""
     line = line.decode("utf-8", "replace").strip()
     if not line or (kind != "ollama" and line.startswith((":", "event:", "id:", "retry:"))):
         return None, False
@@ -797,10 +842,12 @@ def engine_event(kind, line):
             abort(502, f"engine error: {str(event['error'])[:200]}")
         if kind == "llama.cpp":
             text, finished = event["content"], event.get("stop")
-        elif kind == "openai":
+        elif kind in ("openai", "chat"):
             if not event["choices"]:  # a usage-only chunk
                 return None, False
-            text, finished = event["choices"][0]["text"], event["choices"][0].get("finish_reason")
+            choice = event["choices"][0]
+            text = choice["text"] if kind == "openai" else choice["delta"].get("content") or ""
+            finished = choice.get("finish_reason")
         else:
             text, finished = event["response"], event.get("done")
         if not isinstance(text, str):
@@ -810,11 +857,12 @@ def engine_event(kind, line):
         abort(502, f"engine sent something that is not a {kind} stream: {line[:100]!r}")
 
 
-def engine_pieces(engine, body, should_stop):
-    """The pieces of text an engine streams for a completion request, as a generator. Closing it,
-    or should_stop() (see watch), drops the connection at once: the engine stops generating and
-    frees its slot for the next request."""
-    sock, response, watching = engine_open(engine, body, should_stop)
+def engine_pieces(engine, body, should_stop, chat=False):
+    """The pieces of text an engine streams for a completion (or chat) request, as a generator.
+    Closing it, or should_stop() (see watch), drops the connection at once: the engine stops
+    generating and frees its slot for the next request."""
+    kind = "chat" if chat else engine["kind"]
+    sock, response, watching = engine_open(engine, CHAT_PATH if chat else ENGINES[kind][0], body, should_stop)
     if response is None:
         return
     try:
@@ -824,7 +872,7 @@ def engine_pieces(engine, body, should_stop):
                 if should_stop():
                     return
                 abort(502, f"engine at {engine['base']} ended its stream before it finished")
-            text, finished = engine_event(engine["kind"], line)
+            text, finished = engine_event(kind, line)
             if text:
                 yield text
             if finished:
@@ -839,6 +887,49 @@ def engine_pieces(engine, body, should_stop):
         watching.set()
         hang_up(sock)
         response.close()
+
+# -----------------------------------------------------------------------------
+# Chat (--chat-model): OpenAI's chat API, as Tabby serves it to its clients' edit and chat commands.
+
+
+def chat_formatter(llm, override, flag):
+    """llama-cpp-python's Jinja2 formatter for the chat model's template: --chat-template, else the
+    one in its GGUF metadata; SystemExit without either."""
+    template = override or llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise SystemExit(f"error: {flag}: the model has no chat template in its metadata: pass --chat-template "
+                         "(a Jinja2 template), or another model")
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    text = lambda token: llama_cpp.llama_vocab_get_text(vocab, token).decode(errors="replace") if token >= 0 else ""  # noqa: E731
+    try:
+        return llama_cpp.llama_chat_format.Jinja2ChatFormatter(template=template, eos_token=text(llm.token_eos()),
+                                                               bos_token=text(llm.token_bos()), stop_token_ids=[llm.token_eos()])
+    except Exception as e:  # jinja2's TemplateSyntaxError and kin
+        raise SystemExit(f"error: --chat-template: not a Jinja2 template: {e}") from None
+
+
+def chat_tokens(llm, prompt, contents, protected):
+    """The rendered chat prompt as tokens: the template's text with special tokens parsed, the
+    messages' contents (found in it in order, as written or stripped) as plain text, so that no
+    message can end its turn or start another."""
+    tokens, at = [], 0
+    for content in contents:
+        for text in (content, content.strip()):
+            i = prompt.find(text, at) if text else -1
+            if i >= 0:
+                tokens += llm.tokenize(prompt[at:i].encode(), add_bos=False, special=True) + tokenize_text(llm, text, protected)
+                at = i + len(text)
+                break
+    return tokens + llm.tokenize(prompt[at:].encode(), add_bos=False, special=True)
+
+
+def held_back(text, stops):
+    """How much of text can be streamed: all but an end that may begin a stop word."""
+    for n in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
+        if any(stop.startswith(text[-n:]) for stop in stops):
+            return len(text) - n
+    return len(text)
+
 
 # -----------------------------------------------------------------------------
 # The app.
@@ -863,10 +954,23 @@ def create_app(config=None):
 
     if config["backend"] and config["model"]:
         raise SystemExit("error: --model and --backend both given: pass one (--backend generates with the engine's model)")
+    if not config["model"] and not config["backend"]:
+        raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL (or --backend URL of an engine)")
     engine = engine_of(config) if config["backend"] else None
-    llm = None if engine else load_model(config)
+    llm = None if engine else load_model(config, config["model"])
     fmt = engine_format(engine, config["prompt_template"]) if engine else prompt_format(llm, config["prompt_template"])
     health = system_info(config, engine)
+    chat_llm = chat_format = None
+    if config["chat_model"]:
+        name = config["chat_model"]
+        if engine:  # the engine's model name; sent as it is ("" sends none)
+            name = engine["model"] if name == "same" else name
+        else:
+            chat_llm = load_model(config, llm.model_path if name == "same" else name, "--chat-model")  # "same": a second
+            chat_format = chat_formatter(chat_llm, config["chat_template"], "--chat-model " + name)  # context, weights shared
+            name = os.path.basename(chat_llm.model_path) if os.path.exists(name) or name == "same" else name
+        health.update(chat_model=name or "Remote", chat_device=health["device"])
+    chat_lock = threading.Lock()  # one chat at a time on the chat model; completions go between its steps
     # The model runs on a thread of its own: a Llama context is not thread-safe, flask run serves
     # each request on a new thread, and llama.cpp's OpenMP workers belong to the calling thread
     # (a new caller pays ~4 ms to start them). Requests queue for it first come first served, so
@@ -874,7 +978,7 @@ def create_app(config=None):
     model_thread = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     if llm:
         warm_up = encode(fmt, "def main():\n    ", "\n")[0]
-        model_thread.submit(lambda: generate(model_pieces(llm, warm_up, 0, 0, lambda: False), 2)).result()  # pages in the weights, starts the workers
+        model_thread.submit(lambda: finish(generate(model_pieces(llm, warm_up, 0, 0), 2))).result()  # pages in the weights, starts the workers
     log_lock = threading.Lock()
     # Per client (address, user, file): the number of its newest request, so that a newer one
     # pre-empts it, and its last answer, for typed-through answers. Small, under its own lock.
@@ -1038,6 +1142,110 @@ def create_app(config=None):
                                       **({"prompt": prompt} if debug.get("return_prompt") else {})}
         return jsonify(response)
 
+    @app.post("/v1/chat/completions")
+    @app.post("/v1beta/chat/completions")  # the path of Tabby 0.7-0.10, which clients fall back to
+    def chat_completions():
+        if not config["chat_model"]:
+            abort(501, "no chat model: start the server with --chat-model (a GGUF file, a Hugging Face repo id, or 'same')")
+        req = parse_chat(json_body())
+        environ, chat_id, created = request.environ, f"chatcmpl-{uuid.uuid4()}", int(time.time())
+        should_stop = lambda: client_gone(environ)  # noqa: E731
+        steps, prompt_size = chat_steps(req, should_stop)
+
+        def chunk(delta, finish_reason=None):
+            return "data: " + json.dumps({"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": health["chat_model"],
+                                          "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]},
+                                         ensure_ascii=False) + "\n\n"
+
+        def done(text, n, reason):
+            if reason != "cancelled":
+                log_event(req["user"], {"chat_completion": {"completion_id": chat_id, "input": req["messages"],
+                                                             "output": {"role": "assistant", "content": text}}})
+            app.logger.info("%s: %d prompt tokens, %d generated, %s", chat_id, prompt_size, n, reason)
+            return "length" if reason == "length" else "stop"
+
+        if not req["stream"]:
+            text, n, reason = finish(steps)
+            return jsonify(id=chat_id, object="chat.completion", created=created, model=health["chat_model"],
+                           choices=[{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                     "finish_reason": done(text, n, reason)}],
+                           usage={"prompt_tokens": prompt_size, "completion_tokens": n, "total_tokens": prompt_size + n})
+
+        def deltas():
+            """(new text, None) after each step, holding back an end that may begin a stop word;
+            then (the rest, finish reason)."""
+            sent = 0
+            while True:
+                try:
+                    text = next(steps)
+                except StopIteration as end:
+                    text, n, reason = end.value
+                    yield text[sent:], done(text, n, reason)
+                    return
+                end = held_back(text, req["stop"])
+                if end > sent:
+                    yield text[sent:end], None
+                    sent = end
+
+        events = deltas()
+        first = next(events)  # here, so that an engine that fails at once gets its 502 as for completions
+
+        def stream():  # Server-Sent Events, as Tabby sends them: every event is JSON, no "data: [DONE]"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                for delta, finish_reason in itertools.chain([first], events):
+                    if delta:
+                        yield chunk({"content": delta})
+                    if finish_reason:
+                        yield chunk({}, finish_reason)
+            except HTTPException as e:  # the engine failed half way: say so in the stream
+                yield "data: " + json.dumps({"error": {"message": e.description, "code": e.code}}) + "\n\n"
+            finally:
+                steps.close()  # the client left: stop generating
+        return app.response_class(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def chat_steps(req, should_stop):
+        """(generate() steps of the answer, prompt size in tokens) for a parsed chat request."""
+        temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
+        seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
+        end_of = lambda text: find_stop(text, req["stop"])  # noqa: E731
+        if engine:
+            body = {**({"model": health["chat_model"]} if health["chat_model"] != "Remote" else {}), "messages": req["messages"],
+                    "temperature": temperature, "seed": seed & 0xFFFFFFFF, "stream": True,
+                    **({"max_tokens": req["max_tokens"]} if req["max_tokens"] else {})}
+            return generate(engine_pieces(engine, body, should_stop, chat=True), req["max_tokens"] or math.inf, end_of, should_stop), 0
+        try:
+            rendered = chat_format(messages=req["messages"])
+        except Exception as e:  # the template's raise_exception (roles must alternate, ...) and jinja2's errors
+            abort(422, f"the chat template cannot render these messages: {e}")
+        protected = {chat_llm.token_bos(), chat_llm.token_eos()}
+        tokens = chat_tokens(chat_llm, rendered.prompt, [m["content"] for m in req["messages"]], protected)
+        room = config["ctx"] - len(tokens)
+        if room < 1:
+            abort(400, f"the messages take {len(tokens)} tokens; the chat model's context holds {config['ctx']} (--ctx)")
+
+        def pieces():  # run on the model thread a step at a time
+            keep_kv(chat_llm, tokens)
+            yield from model_pieces(chat_llm, tokens, temperature, seed)
+        return generate(stepwise(pieces(), should_stop), min(req["max_tokens"] or room, room), end_of, should_stop), len(tokens)
+
+    def stepwise(pieces, should_stop):
+        """The chat model's pieces, one chat at a time, each computed on the model thread as a task
+        of its own: completions that come meanwhile go first, waiting one token (or one chunk of
+        the chat's prompt) at most."""
+        while not chat_lock.acquire(timeout=0.05):
+            if should_stop():
+                return
+        try:
+            while True:
+                piece = on_model_thread(should_stop, next, pieces, None)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            model_thread.submit(pieces.close)  # on the model thread too, before the next chat's steps
+            chat_lock.release()
+
     def answer(req, client, should_stop):
         """(text, prompt, snippets, log) for a parsed request: from the model, or typed through."""
         seg, debug = req["segments"], req["debug"] or {}
@@ -1084,11 +1292,11 @@ def create_app(config=None):
             t = time.perf_counter()
             use_kv_of(client, tokens)
             reused = keep_kv(llm, tokens)
-            return generate(model_pieces(llm, tokens, temperature, seed, should_stop), *limits) + (reused, (time.perf_counter() - t) * 1000)
+            return finish(generate(model_pieces(llm, tokens, temperature, seed), *limits)) + (reused, (time.perf_counter() - t) * 1000)
         if engine:  # on this thread: the engine serves several at once
             t = time.perf_counter()
             body = engine_body(engine, prompt, config["max_tokens"], temperature, seed)
-            text, log["generated"], reason = generate(engine_pieces(engine, body, should_stop), *limits)
+            text, log["generated"], reason = finish(generate(engine_pieces(engine, body, should_stop), *limits))
             log["ms"] = (time.perf_counter() - t) * 1000
         else:
             text, log["generated"], reason, log["reused"], log["ms"] = on_model_thread(should_stop, run) or ("", 0, "cancelled", 0, 0)

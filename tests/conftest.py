@@ -135,4 +135,23 @@ def stop(proc):
 def generate(llm, tokens, max_tokens, temperature=0.1, seed=1, **limits):
     """app.generate() over a local model's tokens, as a request runs it: -> (text, n, reason)."""
     server.keep_kv(llm, tokens)
-    return server.generate(server.model_pieces(llm, tokens, temperature, seed, limits.get("should_stop", lambda: False)), max_tokens, **limits)
+    return server.finish(server.generate(server.model_pieces(llm, tokens, temperature, seed), max_tokens, **limits))
+
+
+def start_engine(model, alias, folder):
+    """llama-cpp-python's OpenAI-style server on 127.0.0.1 with model, named alias: (process, URL)."""
+    port = free_port()
+    with open(os.path.join(folder, f"engine-{port}.log"), "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", alias,
+                                 "--n_ctx", "1024", "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(url + "/v1/models", timeout=2).close()
+            return proc, url
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"engine did not start: {open(out.name).read()}")
+            time.sleep(0.1)

@@ -14,27 +14,13 @@ import urllib.request
 import pytest
 
 import app as server
-from conftest import ROOT, complete, free_port, start_server, stop, wait_for_health
+from conftest import ROOT, complete, free_port, start_engine, start_server, stop, wait_for_health
 
 
 @pytest.fixture(scope="module")
 def engine(model_path, tmp_path_factory):
     """URL of llama-cpp-python's server on the tiny StarCoder model, named so that its template is known."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("engine") / "engine.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model_path("starcoder"),
-                                 "--model_alias", "tiny-starcoder", "--n_ctx", "1024", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(url + "/v1/models", timeout=2).close()
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    proc, url = start_engine(model_path("starcoder"), "tiny-starcoder", tmp_path_factory.mktemp("engine"))
     yield url
     proc.terminate()
     proc.wait(timeout=10)

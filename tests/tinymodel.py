@@ -4,7 +4,8 @@ The recipe is the one in shared/reference/test-models.md, section A: a byte-leve
 vocabulary in GPT-2's style, and "scripted" weights that make the model a bigram automaton.
 Every block adds exactly 0 to the residual stream, so the logits depend only on the last
 token: after the family's FIM middle token the model writes FIM_SCRIPT, after any other
-token PLAIN_SCRIPT, then end-of-text. The output is exact on every CPU and thread count.
+token PLAIN_SCRIPT, then end-of-text; the chat family writes CHAT_SCRIPT after its
+assistant turn's marker, and has a chat template (CHAT_TEMPLATE) in its metadata. The output is exact on every CPU and thread count.
 "random" weights write deterministic nonsense instead, and never end by themselves: the rows
 of special tokens, lone bytes and (optionally) newlines are zeroed, so their logits are 0 and
 some other logit is always higher. They serve limits, cancellation and benchmarks.
@@ -33,17 +34,23 @@ FAMILIES = {
     "custom": {"specials": ["<|endoftext|>", "<fim-prefix>", "<fim-suffix>", "<fim-middle>"],
                "fim": ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"), "middle": "<fim-middle>"},
     "plain": {"specials": ["<|endoftext|>"], "fim": None, "middle": None},
+    # an instruct model in Phi-4's turn format: the assistant writes after "<|im_start|>assistant<|im_sep|>"
+    "chat": {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"], "fim": None, "middle": None,
+             "chat": "<|im_sep|>"},
 }
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_sep|>{{ m['content'] | trim }}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant<|im_sep|>{% endif %}")
 
 FIM_SCRIPT = "total = a + b\n    return total\n\nclass Calc:\n  pass\n"
 PLAIN_SCRIPT = "pass\n"
+CHAT_SCRIPT = "Use the add function."
 
 # merged tokens: code pieces and every word of the scripts (a script token must exist whole)
 PIECES = ["    ", "        ", "  ", "\n\n", "\n   ", "\n    ", "\n", "def", " def", "return", " return",
           "class", " class", "import", " import", "if", " if", "else", "for", " for", " in", "self",
           "pass", "print", "None", "function", " function", "const", " const", "let", " let", " =",
           " ==", " +", " -", " *", " /", "()", "):", "->", "total", " total", " a", " b", " Calc",
-          "Calc", ":", "add", " add", "fib", " fib", "(n", "):\n", " x", " y"]
+          "Calc", ":", "add", " add", "fib", " fib", "(n", "):\n", " x", " y", "Use", " the"]
 
 
 def byte_encoder():
@@ -92,7 +99,7 @@ def split_script(text, tokens):
 
 
 def write_model(path, family="starcoder", special_type=3, weights="scripted", newlines=True, seed=0,
-                n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096):
+                n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096, chat_template=None):
     spec = FAMILIES[family]
     tokens, types, merges = build_vocab(spec["specials"], special_type)
     shapes = {"attn_q": (n_embd, n_embd), "attn_k": (n_embd * n_head_kv // n_head, n_embd),
@@ -128,6 +135,8 @@ def write_model(path, family="starcoder", special_type=3, weights="scripted", ne
     if spec["fim"]:
         for key, text in zip(("fim_pre", "fim_suf", "fim_mid"), spec["fim"]):
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(text))
+    if chat_template or spec.get("chat"):
+        w.add_chat_template(chat_template or CHAT_TEMPLATE)
     w.add_tensor("token_embd.weight", embd)
     if out is not None:  # else the head is tied to the embedding
         w.add_tensor("output.weight", out)
@@ -150,6 +159,8 @@ def scripted_head(spec, tokens, n_embd):
     chains = [split_script(PLAIN_SCRIPT, tokens)]
     if spec["middle"]:
         chains.append([tokens.index(spec["middle"])] + split_script(FIM_SCRIPT, tokens))
+    if spec.get("chat"):
+        chains.append([tokens.index(spec["chat"])] + split_script(CHAT_SCRIPT, tokens))
     for chain in chains:  # successor of each routed token: the scripts as chains ending in end-of-text
         for a, b in zip(chain, chain[1:] + [eos]):
             assert succ.setdefault(a, b) == b, f"token {tokens[a]!r} needs two successors"
