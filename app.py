@@ -372,8 +372,9 @@ def parse_completion(body):
             req["segments"][key] = items
     return req
 
-def parse_chat(body):
-    """A /v1/chat/completions body (OpenAI's shape) as plain values; model is ignored (there is one)."""
+def parse_chat(body, stream=False):
+    """A /v1/chat/completions body (OpenAI's shape) as plain values; stream is the default for
+    "stream" (OpenAI's is false; Tabby's older clients stream without asking)."""
     messages = get(body, "messages", list, required=True)
     if not messages:
         abort(400, "messages must not be empty")
@@ -391,11 +392,11 @@ def parse_chat(body):
     if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         abort(400, "stop must be a string or a list of non-empty strings")
     req = {"messages": messages, "stop": [clean(s) for s in stop or []], "user": get(body, "user", str),
-           "temperature": get(body, "temperature", float), "seed": get(body, "seed", int), "stream": bool(get(body, "stream", bool)),
-                  "max_tokens": get(body, "max_tokens", int)}
+           "temperature": get(body, "temperature", float), "seed": get(body, "seed", int), "max_tokens": get(body, "max_tokens", int)}
+    req["stream"] = stream if get(body, "stream", bool) is None else body["stream"]
     if req["max_tokens"] is None:
         req["max_tokens"] = get(body, "max_completion_tokens", int)  # OpenAI's newer name
-    get(body, "model", str)
+    get(body, "model", str)  # checked, not used: there is one chat model
     if req["temperature"] is not None and not 0 <= req["temperature"] <= 2:
         abort(400, "temperature must be between 0 and 2")
     if req["max_tokens"] is not None and req["max_tokens"] < 1:
@@ -403,6 +404,13 @@ def parse_chat(body):
     if req["seed"] is not None and req["seed"] < 0:
         abort(400, "seed must be 0 or more")
     return req
+
+
+def sampling(req, temperature):
+    """(temperature, seed) for a request: its own, else the server's and one from the clock, as
+    32 bits (llama.cpp's seeds are)."""
+    seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
+    return (req["temperature"] if req["temperature"] is not None else temperature), seed & 0xFFFFFFFF
 
 
 # -----------------------------------------------------------------------------
@@ -488,9 +496,13 @@ def prompt_format(llm, override):
     # While the user types on a line, only that line changes: the other pieces of the prompt
     # (the text above, the suffix) come from here instead of the tokenizer.
     tokenize = functools.lru_cache(maxsize=16)(lambda text: tuple(tokenize_text(llm, text, protected)))
+    return template_format(template, specials, bos=[llm.token_bos()] if add_bos else [], tokenize=tokenize)
+
+
+def template_format(template, specials, **more):
+    """The record of a FIM template that arrange() and encode() read, plus more."""
     return {"template": template, "fim": "{suffix}" in template, "line_last": not template.endswith("{prefix}"),
-            "parts": split_template(template, specials),
-            "specials": specials, "bos": [llm.token_bos()] if add_bos else [], "tokenize": tokenize}
+            "parts": split_template(template, specials), "specials": specials, **more}
 
 
 def arrange(fmt, prefix, suffix):
@@ -575,7 +587,7 @@ def model_pieces(llm, tokens, temperature, seed):
     for i in range(llm.n_tokens, len(tokens) - 1, EVAL_CHUNK):
         llm.eval(tokens[i:min(i + EVAL_CHUNK, len(tokens) - 1)])
         yield b""
-    llm.set_seed(seed & 0xFFFFFFFF)  # llama.cpp seeds are 32-bit
+    llm.set_seed(seed)
     for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):  # evaluates the last prompt token
         if llama_cpp.llama_vocab_is_eog(vocab, token) or llama_cpp.llama_vocab_is_control(vocab, token):
             return
@@ -655,13 +667,12 @@ def system_info(config, engine=None):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu_info = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_info)
-    device = "cpu"
-    if config["device"] == "gpu":
-        backends = llama_cpp.llama_print_system_info().decode()
-        device = next((name.lower() for name in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if name in backends), "gpu")
-    model = config["model"] if not os.path.exists(config["model"]) else os.path.basename(config["model"])
+    model, device = config["model"] if not os.path.exists(config["model"]) else os.path.basename(config["model"]), "cpu"
     if engine:
         model, device = engine["model"] or "Remote", "remote"  # Tabby's name for an HTTP model without one
+    elif config["device"] == "gpu":
+        backends = llama_cpp.llama_print_system_info().decode()
+        device = next((name.lower() for name in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if name in backends), "gpu")
     return {"model": model, "device": device, "arch": platform.machine(), "cpu_info": cpu_info,
             "cpu_count": os.cpu_count(), "cuda_devices": [],
             "version": {"build_date": "", "build_timestamp": "", "git_sha": "", "git_describe": TABBY_VERSION}}
@@ -730,9 +741,9 @@ def engine_format(engine, override):
     """prompt_format() for an engine's model: --prompt-template, else the template known for its
     name (--backend-model, else the first model the engine lists). The markers stay text: the
     engine makes them tokens."""
+    if engine["kind"] == "ollama" and not engine["model"]:
+        raise SystemExit("error: --backend-model is needed for Ollama (the model's name, e.g. qwen2.5-coder:1.5b-base)")
     if not engine["model"] and not override:
-        if engine["kind"] == "ollama":
-            raise SystemExit("error: --backend-model is needed for Ollama (the model's name, e.g. qwen2.5-coder:1.5b-base)")
         try:
             engine["model"] = engine_get(engine, "/v1/models", engine["timeout"])["data"][0]["id"]
         except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError) as e:
@@ -745,16 +756,13 @@ def engine_format(engine, override):
                          "(e.g. '<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>', or '{prefix}' for prefix-only)")
     markers = re.findall(MARKER, template)
     special = re.compile("|".join([SPECIAL_LOOKING] + [re.escape(m) for m in markers]))
-    return {"template": template, "fim": "{suffix}" in template, "line_last": not template.endswith("{prefix}"),
-            "parts": split_template(template, markers), "specials": {m: m for m in markers},
-            "defang": lambda text: special.sub(lambda m: m[0][0] + "\u200b" + m[0][1:], text)}
+    return template_format(template, {m: m for m in markers}, defang=lambda text: special.sub(lambda m: m[0][0] + "\u200b" + m[0][1:], text))
 
 
 def engine_body(engine, prompt, max_tokens, temperature, seed):
     """The engine's streaming completion request for a prompt, already templated. No stop words:
     an engine holds back text that may begin one ("\n" begins them all) until the next token,
     which would make every answer that ends at a line end a token late. We stop it ourselves."""
-    seed &= 0xFFFFFFFF  # llama.cpp seeds are 32-bit
     if engine["kind"] == "llama.cpp":
         return {"prompt": prompt, "n_predict": max_tokens, "temperature": temperature, "seed": seed,
                 "stream": True, "cache_prompt": True, "repeat_penalty": 1.0}
@@ -778,8 +786,8 @@ def engine_error(response):
 
 
 def hang_up(sock):
-    try:
-        sock.shutdown(socket.SHUT_RDWR)  # the engine sees the end now, whoever else holds the socket
+    try:  # the engine sees the end now, whoever else holds the socket (the plain socket's shutdown:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # an SSL socket's own would unwrap it under its reader)
     except OSError:
         pass
 
@@ -798,7 +806,7 @@ def watch(sock, should_stop):
 
 
 def engine_open(engine, path, body, should_stop):
-    """(socket, response, watch) of the engine's 200 answer to a completion request, or Nones
+    """(socket, response, watch) of the engine's 200 answer to a POST of body to path, or Nones
     when should_stop() first. Refused connections and 503s (down, loading, busy) are tried
     RETRIES times, with backoff; any other failure gets a 502 at once, no answer a 504."""
     for attempt in range(RETRIES):
@@ -857,36 +865,40 @@ def engine_event(kind, line):
         abort(502, f"engine sent something that is not a {kind} stream: {line[:100]!r}")
 
 
-def engine_pieces(engine, body, should_stop, chat=False):
-    """The pieces of text an engine streams for a completion (or chat) request, as a generator.
-    Closing it, or should_stop() (see watch), drops the connection at once: the engine stops
-    generating and frees its slot for the next request."""
-    kind = "chat" if chat else engine["kind"]
-    sock, response, watching = engine_open(engine, CHAT_PATH if chat else ENGINES[kind][0], body, should_stop)
+def engine_pieces(engine, path, kind, body, should_stop):
+    """The pieces of text an engine streams for a request (kind: how to read them), as an iterator.
+    The request is made here, so that an engine that fails at once gets its 502 or 504 before
+    anything is answered. Closing the iterator, or should_stop() (see watch), drops the
+    connection at once: the engine stops generating and frees its slot for the next request."""
+    sock, response, watching = engine_open(engine, path, body, should_stop)
     if response is None:
-        return
-    try:
-        while True:
-            line = response.readline(1 << 20)
-            if not line:
-                if should_stop():
+        return (piece for piece in ())
+
+    def pieces():
+        try:
+            while True:
+                line = response.readline(1 << 20)
+                if not line:
+                    if should_stop():
+                        return
+                    abort(502, f"engine at {engine['base']} ended its stream before it finished")
+                text, finished = engine_event(kind, line)
+                if text:
+                    yield text
+                if finished:
                     return
-                abort(502, f"engine at {engine['base']} ended its stream before it finished")
-            text, finished = engine_event(kind, line)
-            if text:
-                yield text
-            if finished:
+        except TimeoutError:
+            abort(504, f"engine at {engine['base']} sent nothing for {engine['timeout']:g} s")
+        except (OSError, ValueError, http.client.HTTPException) as e:
+            if should_stop():
                 return
-    except TimeoutError:
-        abort(504, f"engine at {engine['base']} sent nothing for {engine['timeout']:g} s")
-    except (OSError, http.client.HTTPException) as e:
-        if should_stop():
-            return
-        abort(502, f"engine at {engine['base']}: the stream broke off ({e or type(e).__name__})")
-    finally:
-        watching.set()
-        hang_up(sock)
-        response.close()
+            abort(502, f"engine at {engine['base']}: the stream broke off ({e or type(e).__name__})")
+        finally:
+            watching.set()
+            hang_up(sock)
+            response.close()
+            sock.close()
+    return pieces()
 
 # -----------------------------------------------------------------------------
 # Chat (--chat-model): OpenAI's chat API, as Tabby serves it to its clients' edit and chat commands.
@@ -908,19 +920,23 @@ def chat_formatter(llm, override, flag):
         raise SystemExit(f"error: --chat-template: not a Jinja2 template: {e}") from None
 
 
-def chat_tokens(llm, prompt, contents, protected):
-    """The rendered chat prompt as tokens: the template's text with special tokens parsed, the
-    messages' contents (found in it in order, as written or stripped) as plain text, so that no
-    message can end its turn or start another."""
-    tokens, at = [], 0
-    for content in contents:
-        for text in (content, content.strip()):
-            i = prompt.find(text, at) if text else -1
-            if i >= 0:
-                tokens += llm.tokenize(prompt[at:i].encode(), add_bos=False, special=True) + tokenize_text(llm, text, protected)
-                at = i + len(text)
-                break
-    return tokens + llm.tokenize(prompt[at:].encode(), add_bos=False, special=True)
+def chat_prompt(llm, formatter, messages):
+    """(prompt, tokens) of messages through the chat template. The template's own text is
+    tokenized with special tokens parsed and the messages' text as plain text, so that no message
+    can end its turn or start another. Where the messages' text is in the prompt shows in a second
+    rendering with a placeholder for each (put back as written, or stripped as templates often do)."""
+    prompt = formatter(messages=messages).prompt
+    placeholders = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]  # private-use characters
+    parts = re.split("\ue000(\\d+)\ue001", formatter(messages=placeholders).prompt)  # template text, message number, ...
+    special = lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
+    template = "".join(parts[::2])
+    protected = set(special(template)) - set(llm.tokenize(template.encode(), add_bos=False, special=False))
+    for texts in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
+        if "".join(texts[int(p)] if i % 2 else p for i, p in enumerate(parts)) == prompt:
+            return prompt, [t for i, p in enumerate(parts) for t in (tokenize_text(llm, texts[int(p)], protected) if i % 2 else special(p))]
+    if any(special(m["content"]) != llm.tokenize(m["content"].encode(), add_bos=False, special=False) for m in messages):
+        abort(422, "the chat template changes the messages' text, so special tokens spelled in it could not be kept as text")
+    return prompt, special(prompt)
 
 
 def held_back(text, stops):
@@ -944,6 +960,8 @@ def create_app(config=None):
             raise SystemExit(f"error: {e}") from None
     if config["device"] not in ("cpu", "gpu"):
         raise SystemExit(f"error: --device must be cpu or gpu, not {config['device']!r}")
+    if not config["backend_timeout"] > 0:
+        raise SystemExit("error: --backend-timeout must be more than 0 seconds")
     if not 0 < config["max_tokens"] < config["ctx"]:
         raise SystemExit(f"error: --max-tokens must be at least 1 and less than --ctx ({config['ctx']})")
     events_dir = os.path.join(os.path.expanduser(config["root"]), "events")
@@ -954,6 +972,10 @@ def create_app(config=None):
 
     if config["backend"] and config["model"]:
         raise SystemExit("error: --model and --backend both given: pass one (--backend generates with the engine's model)")
+    local_only = [flag for flag, given in (("--device", config["device"] != "cpu"), ("--threads", config["threads"]),
+                                           ("--chat-template", config["chat_template"])) if given]
+    if config["backend"] and local_only:
+        raise SystemExit(f"error: {', '.join(local_only)}: for a local model; with --backend the engine decides")
     if not config["model"] and not config["backend"]:
         raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL (or --backend URL of an engine)")
     engine = engine_of(config) if config["backend"] else None
@@ -961,15 +983,15 @@ def create_app(config=None):
     fmt = engine_format(engine, config["prompt_template"]) if engine else prompt_format(llm, config["prompt_template"])
     health = system_info(config, engine)
     chat_llm = chat_format = None
+    chat_name = config["chat_model"]  # for an engine, the name sent ("" sends none)
+    if chat_name and engine:
+        chat_name = engine["model"] if chat_name == "same" else chat_name
+    elif chat_name:  # "same": the model once more, a context of its own (the weights are memory-mapped: shared on a CPU)
+        chat_llm = load_model(config, llm.model_path if chat_name == "same" else chat_name, "--chat-model")
+        chat_format = chat_formatter(chat_llm, config["chat_template"], "--chat-model " + chat_name)
+        chat_name = os.path.basename(chat_llm.model_path) if os.path.exists(chat_name) or chat_name == "same" else chat_name
     if config["chat_model"]:
-        name = config["chat_model"]
-        if engine:  # the engine's model name; sent as it is ("" sends none)
-            name = engine["model"] if name == "same" else name
-        else:
-            chat_llm = load_model(config, llm.model_path if name == "same" else name, "--chat-model")  # "same": a second
-            chat_format = chat_formatter(chat_llm, config["chat_template"], "--chat-model " + name)  # context, weights shared
-            name = os.path.basename(chat_llm.model_path) if os.path.exists(name) or name == "same" else name
-        health.update(chat_model=name or "Remote", chat_device=health["device"])
+        health.update(chat_model=chat_name or "Remote", chat_device=health["device"])
     chat_lock = threading.Lock()  # one chat at a time on the chat model; completions go between its steps
     # The model runs on a thread of its own: a Llama context is not thread-safe, flask run serves
     # each request on a new thread, and llama.cpp's OpenMP workers belong to the calling thread
@@ -1147,7 +1169,7 @@ def create_app(config=None):
     def chat_completions():
         if not config["chat_model"]:
             abort(501, "no chat model: start the server with --chat-model (a GGUF file, a Hugging Face repo id, or 'same')")
-        req = parse_chat(json_body())
+        req = parse_chat(json_body(), stream=request.path.startswith("/v1beta/"))
         environ, chat_id, created = request.environ, f"chatcmpl-{uuid.uuid4()}", int(time.time())
         should_stop = lambda: client_gone(environ)  # noqa: E731
         steps, prompt_size = chat_steps(req, should_stop)
@@ -1187,39 +1209,38 @@ def create_app(config=None):
                     yield text[sent:end], None
                     sent = end
 
-        events = deltas()
-        first = next(events)  # here, so that an engine that fails at once gets its 502 as for completions
-
         def stream():  # Server-Sent Events, as Tabby sends them: every event is JSON, no "data: [DONE]"
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                for delta, finish_reason in itertools.chain([first], events):
+                for delta, finish_reason in deltas():
                     if delta:
                         yield chunk({"content": delta})
                     if finish_reason:
                         yield chunk({}, finish_reason)
-            except HTTPException as e:  # the engine failed half way: say so in the stream
-                yield "data: " + json.dumps({"error": {"message": e.description, "code": e.code}}) + "\n\n"
+            except Exception as e:  # the headers are gone: the error goes in the stream
+                if not isinstance(e, HTTPException):
+                    app.logger.exception("unexpected error in chat %s", chat_id)
+                message = e.description if isinstance(e, HTTPException) else f"internal error: {type(e).__name__}"
+                yield "data: " + json.dumps({"error": {"message": message, "code": getattr(e, "code", 500)}}) + "\n\n"
             finally:
                 steps.close()  # the client left: stop generating
         return app.response_class(stream(), mimetype="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def chat_steps(req, should_stop):
         """(generate() steps of the answer, prompt size in tokens) for a parsed chat request."""
-        temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
-        seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
+        temperature, seed = sampling(req, config["temperature"])
         end_of = lambda text: find_stop(text, req["stop"])  # noqa: E731
         if engine:
-            body = {**({"model": health["chat_model"]} if health["chat_model"] != "Remote" else {}), "messages": req["messages"],
-                    "temperature": temperature, "seed": seed & 0xFFFFFFFF, "stream": True,
-                    **({"max_tokens": req["max_tokens"]} if req["max_tokens"] else {})}
-            return generate(engine_pieces(engine, body, should_stop, chat=True), req["max_tokens"] or math.inf, end_of, should_stop), 0
+            body = {**({"model": chat_name} if chat_name else {}), "messages": req["messages"], "temperature": temperature,
+                    "seed": seed, "stream": True, **({"max_tokens": req["max_tokens"]} if req["max_tokens"] else {})}
+            pieces = engine_pieces(engine, CHAT_PATH, "chat", body, should_stop)
+            return generate(pieces, req["max_tokens"] or math.inf, end_of, should_stop), 0
         try:
-            rendered = chat_format(messages=req["messages"])
+            _, tokens = chat_prompt(chat_llm, chat_format, req["messages"])
+        except HTTPException:
+            raise
         except Exception as e:  # the template's raise_exception (roles must alternate, ...) and jinja2's errors
             abort(422, f"the chat template cannot render these messages: {e}")
-        protected = {chat_llm.token_bos(), chat_llm.token_eos()}
-        tokens = chat_tokens(chat_llm, rendered.prompt, [m["content"] for m in req["messages"]], protected)
         room = config["ctx"] - len(tokens)
         if room < 1:
             abort(400, f"the messages take {len(tokens)} tokens; the chat model's context holds {config['ctx']} (--ctx)")
@@ -1284,8 +1305,7 @@ def create_app(config=None):
             ends = [find_stop(text, stops, tail), scope_end(text, line_prefix, line_suffix)]
             return min((i for i in ends if i is not None), default=None)
 
-        seed = req["seed"] if req["seed"] is not None else int(time.time() * 1000)
-        temperature = req["temperature"] if req["temperature"] is not None else config["temperature"]
+        temperature, seed = sampling(req, config["temperature"])
         limits = config["max_tokens"], end_of, should_stop, config["time_budget"] / 1000
 
         def run():
@@ -1296,7 +1316,8 @@ def create_app(config=None):
         if engine:  # on this thread: the engine serves several at once
             t = time.perf_counter()
             body = engine_body(engine, prompt, config["max_tokens"], temperature, seed)
-            text, log["generated"], reason = finish(generate(engine_pieces(engine, body, should_stop), *limits))
+            pieces = engine_pieces(engine, ENGINES[engine["kind"]][0], engine["kind"], body, should_stop)
+            text, log["generated"], reason = finish(generate(pieces, *limits))
             log["ms"] = (time.perf_counter() - t) * 1000
         else:
             text, log["generated"], reason, log["reused"], log["ms"] = on_model_thread(should_stop, run) or ("", 0, "cancelled", 0, 0)

@@ -131,12 +131,17 @@ class Stub(http.server.BaseHTTPRequestHandler):
             if peer_gone(self.connection):
                 stub.gone_after = i
                 return
-            event = {"response": piece, "done": False} if mode == "ollama" else {"content": piece, "stop": False}
+            if self.path == "/v1/chat/completions":
+                event = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+            else:
+                event = {"response": piece, "done": False} if mode == "ollama" else {"content": piece, "stop": False}
             self.wfile.write((json.dumps(event) if mode == "ollama" else "data: " + json.dumps(event) + "\n").encode() + b"\n")
             self.wfile.flush()
             stub.sent.append(time.monotonic())
             time.sleep(stub.delay)
-        if mode != "cut":  # the last event; a cut stream just ends
+        if mode != "cut" and self.path == "/v1/chat/completions":
+            self.wfile.write(b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n')
+        elif mode != "cut":  # the last event; a cut stream just ends
             self.wfile.write(b'{"response": "", "done": true}\n' if mode == "ollama" else b'data: {"content": "", "stop": true}\n\n')
 
     def wait_for_hang_up(self, start):
@@ -298,9 +303,12 @@ def run(args, env=None):
     (["--backend", "http://h:8080"], "--backend-kind"),
     (["--backend", "http://h:8080", "--backend-kind", "vllm"], "llama.cpp, openai, ollama"),
     (["--backend", "http://h:11434/api/generate"], "--backend-model is needed for Ollama"),
+    (["--backend", "http://h:11434/api/generate", "--prompt-template", "{prefix}"], "--backend-model is needed for Ollama"),
+    (["--backend", "http://h/completion", "--device", "gpu", "--threads", "4"], "--device, --threads: for a local model"),
     (["--backend", "http://127.0.0.1:9/completion"], "pass --backend-model NAME or --prompt-template"),
     (["--backend", "http://h/completion", "--backend-model", "mistral-7b-instruct"], "--prompt-template"),
     (["--backend", "http://h/completion", "--model", "m.gguf"], "--model and --backend"),
+    (["--backend", "http://h/completion", "--backend-timeout", "0"], "--backend-timeout must be more than 0"),
 ])
 def test_startup_problems_with_a_backend_end_in_one_line(args, words, tmp_path):
     result = run(args + ["--root", str(tmp_path)])
@@ -336,3 +344,22 @@ def test_flask_run_with_a_backend(stub, tmp_path):
         assert health["model"] == "stub-starcoder" and health["backend"]["answers"]
     finally:
         stop(proc)
+
+
+def test_chat_through_an_engine_that_fails(stub, backend_app):
+    client = backend_app(stub.url + "/completion", chat_model="some-chat-model", backend_timeout=0.5)
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    assert sse_text(client.post("/v1/chat/completions", json=chat)) == ["", "x", " = 1", None]
+    assert stub.requests[-1][0] == "/v1/chat/completions" and stub.requests[-1][2]["model"] == "some-chat-model"
+    stub.modes = ["hang"]  # before its answer: a plain JSON error, as for completions
+    r = client.post("/v1/chat/completions", json=chat)
+    assert r.status_code == 504 and "did not answer" in r.get_json()["error"]
+    stub.modes = ["cut"]  # half way: the stream says so in an event of its own
+    r = client.post("/v1/chat/completions", json=chat)
+    events = [json.loads(line[6:]) for line in r.get_data(as_text=True).split("\n") if line]
+    assert r.status_code == 200 and events[-1] == {"error": {"message": f"engine at {stub.url} ended its stream before it finished", "code": 502}}
+
+
+def sse_text(response):
+    """The content of each chunk of a chat stream (None for the last, which has none)."""
+    return [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in response.get_data(as_text=True).split("\n") if line]
