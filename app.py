@@ -700,8 +700,11 @@ def engine_of(config):
     """The engine --backend names: its kind (--backend-kind, else told by the URL's path), the
     URL's parts and base path, and what to send it. SystemExit when the URL says too little."""
     url = urllib.parse.urlsplit(config["backend"])
-    if url.scheme not in ("http", "https") or not url.hostname:
-        raise SystemExit(f"error: --backend {config['backend']!r}: not an http:// or https:// URL")
+    try:
+        if url.scheme not in ("http", "https") or not url.hostname or url.port == 0:
+            raise ValueError
+    except ValueError:  # url.port raises it too, for a port that is not a number
+        raise SystemExit(f"error: --backend {config['backend']!r}: not an http:// or https:// URL") from None
     path = url.path.rstrip("/")
     kind = config["backend_kind"] or ("openai" if path.endswith("/v1") else
                                       next((k for k, (endpoint, _) in ENGINES.items() if path.endswith(endpoint)), ""))

@@ -300,6 +300,7 @@ def run(args, env=None):
 
 @pytest.mark.parametrize("args, words", [
     (["--backend", "gpu-box:8080"], "not an http:// or https:// URL"),
+    (["--backend", "http://gpu-box:80a/v1"], "not an http:// or https:// URL"),
     (["--backend", "http://h:8080"], "--backend-kind"),
     (["--backend", "http://h:8080", "--backend-kind", "vllm"], "llama.cpp, openai, ollama"),
     (["--backend", "http://h:11434/api/generate"], "--backend-model is needed for Ollama"),
