@@ -1034,6 +1034,9 @@ def create_app(config=None):
     else:
         print(f"model {health['model']}: {template if fmt['fim'] else 'no FIM tokens, prefix-only prompts'}; "
               f"ctx {config['ctx']}, {llm.context_params.n_threads} threads, device {health['device']}", file=sys.stderr)
+    if config["chat_model"]:
+        print(f"chat model {health['chat_model']}" + (" (the engine's)" if engine else
+              f": {'--chat-template' if config['chat_template'] else 'the chat template in its metadata'}"), file=sys.stderr)
     if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {config['host']} without a token: anyone who can reach it can use it "
               f"(set --token or {ENV_PREFIX}TOKEN)", file=sys.stderr)

@@ -155,9 +155,6 @@ def main():
     engine_s = [statistics.median(t) for t, ok in zip(times["engine"], same) if ok]
     ours_s = [statistics.median(t) for t, ok in zip(times["ours"], same) if ok]
     added = [(o - e) * 1000 for o, e in zip(ours_s, engine_s)]
-    if os.environ.get("BENCH_DEBUG"):
-        for (_, text, _), e, o in zip([p for p, ok in zip(prepared, same) if ok], engine_s, ours_s):
-            print(f"{len(text):>4} chars {e * 1000:8.1f} {o * 1000:8.1f} {(o - e) * 1000:+6.1f}")
     print(f"\n{'':<24}{'n':>5}{'p50 ms':>10}{'p90 ms':>10}")
     for label, xs in (("engine alone", [x * 1000 for x in engine_s]), ("ours, in front of it", [x * 1000 for x in ours_s]),
                       ("added by ours", added)):
