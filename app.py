@@ -1289,7 +1289,7 @@ def create_app(config=None):
             tokenize = lambda text: fmt["bos"] + llm.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
             count = (lambda text: len(text.encode()) // BYTES_PER_TOKEN) if engine else (lambda text: len(tokenize(text)))
             prompt = keep_lines(req["raw_prompt"], lambda text: count(text) <= budget, keep_end=True)
-            tokens, size = (None, count(prompt)) if engine else (tokenize(prompt), None)
+            tokens, size = None if engine else tokenize(prompt), count(prompt)
         else:
             prefix, suffix = seg["prefix"], seg["suffix"] or "\n"  # Tabby's default for no suffix
             crlf = "\r\n" in prefix or "\r\n" in suffix
@@ -1327,7 +1327,7 @@ def create_app(config=None):
             log["ms"] = (time.perf_counter() - t) * 1000
         else:
             text, log["generated"], reason, log["reused"], log["ms"] = on_model_thread(should_stop, run) or ("", 0, "cancelled", 0, 0)
-        log.update(prompt=size if engine else len(tokens), reason=reason)
+        log.update(prompt=size, reason=reason)
         if crlf:
             text = re.sub(r"(?<!\r)\n", "\r\n", text)
         if text and req["raw_prompt"] is None:
