@@ -11,7 +11,7 @@ import threading
 
 import pytest
 
-from conftest import read_events, start_server, stop
+from conftest import read_events, start_engine, start_server, stop
 
 AGENT_VERSION = "1.5.0"
 AGENT_DIR = os.path.join(os.path.dirname(__file__), ".agent")
@@ -148,6 +148,20 @@ def test_the_editor_shows_our_completion(serve, agent):
     assert record["segments"] == {"prefix": "import math\n\n\ndef add(a, b):\n    ", "suffix": "\n\n\ndef main():\n    print(add(1, 2))\n"}
     assert record["choices"][0]["text"] == "total = a + b\n    return total"
     assert shown == [record["choices"][0]["text"]]
+
+
+def test_the_editor_shows_an_engines_completion(model_path, tmp_path, agent):
+    """tabby-agent -> our server -> llama-cpp-python's server: the engine generates, we do the rest."""
+    engine, engine_url = start_engine(model_path(), "tiny-starcoder", tmp_path)
+    try:
+        proc, url = start_server(["--backend", engine_url + "/v1", "--root", str(tmp_path / "tabby")])
+        try:
+            assert agent(url).complete(DOC, CURSOR) == ["total = a + b\n    return total"]
+        finally:
+            stop(proc)
+    finally:
+        engine.terminate()
+        engine.wait(10)
 
 
 def test_with_the_right_token(serve, agent):
