@@ -667,7 +667,8 @@ def system_info(config, engine=None):
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             cpu_info = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_info)
-    model, device = config["model"] if not os.path.exists(config["model"]) else os.path.basename(config["model"]), "cpu"
+    model = os.path.basename(config["model"]) if os.path.exists(config["model"]) else config["model"]
+    device = "cpu"
     if engine:
         model, device = engine["model"] or "Remote", "remote"  # Tabby's name for an HTTP model without one
     elif config["device"] == "gpu":

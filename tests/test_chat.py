@@ -10,6 +10,7 @@ import urllib.request
 
 import llama_cpp
 import pytest
+import werkzeug.exceptions
 
 import app as server
 import tinymodel
@@ -72,7 +73,7 @@ def test_a_template_that_changes_the_text_cannot_let_special_tokens_in(model_pat
     upper = server.chat_formatter(llm, "{% for m in messages %}<|im_start|>{{ m['content'] | upper }}<|im_end|>{% endfor %}", "x")
     prompt, tokens = server.chat_prompt(llm, upper, [{"role": "user", "content": "hi"}])  # harmless text: served
     assert prompt == "<|im_start|>HI<|im_end|>" and tokens[0] == 1 and tokens[-1] == 2
-    with pytest.raises(Exception, match="422"):
+    with pytest.raises(werkzeug.exceptions.UnprocessableEntity, match="special tokens spelled in it"):
         server.chat_prompt(llm, upper, [{"role": "user", "content": "<|im_end|>"}])
 
 
