@@ -1,5 +1,6 @@
 """--backend: a real engine (llama-cpp-python's OpenAI-style server) on 127.0.0.1, and a stub engine
 for what a real one cannot be made to do on cue: stream slowly, hang, break, talk nonsense."""
+
 import http.server
 import json
 import os
@@ -12,15 +13,17 @@ import time
 import urllib.request
 
 import pytest
+from conftest import ROOT, complete, free_port, start_engine, start_server, stop, wait_for_health
 
 import app as server
-from conftest import ROOT, complete, free_port, start_engine, start_server, stop, wait_for_health
 
 
 @pytest.fixture(scope="module")
 def engine(model_path, tmp_path_factory):
     """URL of llama-cpp-python's server on the tiny StarCoder model, named so that its template is known."""
-    proc, url = start_engine(model_path("starcoder"), "tiny-starcoder", tmp_path_factory.mktemp("engine"))
+    proc, url = start_engine(
+        model_path("starcoder"), "tiny-starcoder", tmp_path_factory.mktemp("engine")
+    )
     yield url
     proc.terminate()
     proc.wait(timeout=10)
@@ -29,12 +32,16 @@ def engine(model_path, tmp_path_factory):
 @pytest.fixture
 def backend_app(tmp_path):
     """backend_app(url, **config) -> a Flask test client of a server in front of that engine."""
+
     def make(url, **overrides):
-        config = server.load_config(["--backend", url, "--root", str(tmp_path / "tabby")], environ={})
+        config = server.load_config(
+            ["--backend", url, "--root", str(tmp_path / "tabby")], environ={}
+        )
         config.update(overrides)
         app = server.create_app(config)
         app.config["TESTING"] = True
         return app.test_client()
+
     return make
 
 
@@ -43,15 +50,31 @@ REQUESTS = [
     ("def f(a, b):\n    total", "\n", {}),  # code on the cursor line: it goes after <fim_middle>
     ("x = 1\r\ndef f(a, b):\r\n    ", "\r\n", {}),
     ("def f(a, b):\n    ", "\n", {"language": "rust"}),
-    ("def f(a, b):\n    ", "\n", {"segments": {"declarations": [{"filepath": "calc.py", "body": "class Calc:\n  pass"}]}}),
-    ("", "", {"debug_options": {"raw_prompt": "<fim_prefix>def f(a, b):\n    <fim_suffix>\n<fim_middle>"}}),
+    (
+        "def f(a, b):\n    ",
+        "\n",
+        {"segments": {"declarations": [{"filepath": "calc.py", "body": "class Calc:\n  pass"}]}},
+    ),
+    (
+        "",
+        "",
+        {
+            "debug_options": {
+                "raw_prompt": "<fim_prefix>def f(a, b):\n    <fim_suffix>\n<fim_middle>"
+            }
+        },
+    ),
 ]
 
 
 def ask(client, prefix, suffix, extra):
     segments = {"prefix": prefix, "suffix": suffix, **extra.get("segments", {})}
-    body = {"language": extra.get("language", "python"), "segments": segments, "temperature": 0,
-            "debug_options": {"return_prompt": True, **extra.get("debug_options", {})}}
+    body = {
+        "language": extra.get("language", "python"),
+        "segments": segments,
+        "temperature": 0,
+        "debug_options": {"return_prompt": True, **extra.get("debug_options", {})},
+    }
     r = client.post("/v1/completions", json=body)
     assert r.status_code == 200, r.get_data(as_text=True)
     return r.get_json()["choices"][0]["text"], r.get_json()["debug_data"]["prompt"]
@@ -61,7 +84,10 @@ def test_an_engine_gives_the_same_completions_as_the_local_model(engine, backend
     remote, local = backend_app(engine + "/v1"), make_app("starcoder")[0].test_client()
     answers = [ask(remote, *request) for request in REQUESTS]
     assert answers == [ask(local, *request) for request in REQUESTS]
-    assert answers[0][0] == "total = a + b\n    return total" and answers[2][0] == "total = a + b\r\n    return total"
+    assert (
+        answers[0][0] == "total = a + b\n    return total"
+        and answers[2][0] == "total = a + b\r\n    return total"
+    )
     assert answers[1][1].endswith("<fim_middle>    total")
 
 
@@ -76,22 +102,36 @@ def test_user_code_that_looks_like_special_tokens_stays_text(engine, backend_app
     client = backend_app(engine + "/v1")
     prefix = "s = '<fim_middle><|endoftext|>'\ndef f(a, b):\n    "
     text, prompt = ask(client, prefix, "\n", {})
-    assert prompt.count("<fim_middle>") == 1 and prompt.endswith("<fim_middle>")  # the template's only
-    assert "<\u200bfim_middle>" in prompt and "<\u200b|endoftext|>" in prompt and "<|endoftext|>" not in prompt
+    assert prompt.count("<fim_middle>") == 1 and prompt.endswith(
+        "<fim_middle>"
+    )  # the template's only
+    assert (
+        "<\u200bfim_middle>" in prompt
+        and "<\u200b|endoftext|>" in prompt
+        and "<|endoftext|>" not in prompt
+    )
     assert text == "total = a + b\n    return total"
 
 
-@pytest.mark.parametrize("url, kind, base", [
-    ("http://h:8080/completion", "llama.cpp", "http://h:8080"),
-    ("http://h:8000/v1", "openai", "http://h:8000"),
-    ("http://h:8000/v1/", "openai", "http://h:8000"),
-    ("https://h/proxy/v1/completions", "openai", "https://h/proxy"),
-    ("http://h:11434/api/generate", "ollama", "http://h:11434"),
-])
+@pytest.mark.parametrize(
+    "url, kind, base",
+    [
+        ("http://h:8080/completion", "llama.cpp", "http://h:8080"),
+        ("http://h:8000/v1", "openai", "http://h:8000"),
+        ("http://h:8000/v1/", "openai", "http://h:8000"),
+        ("https://h/proxy/v1/completions", "openai", "https://h/proxy"),
+        ("http://h:11434/api/generate", "ollama", "http://h:11434"),
+    ],
+)
 def test_the_kind_of_engine_is_told_by_the_url(url, kind, base):
     engine = server.engine_of(server.load_config(["--backend", url], environ={}))
-    assert (engine["kind"], engine["base"]) == (kind, base)
-    assert server.engine_of(server.load_config(["--backend", base, "--backend-kind", kind], environ={}))["base"] == base
+    assert (engine.kind, engine.base) == (kind, base)
+    assert (
+        server.engine_of(
+            server.load_config(["--backend", base, "--backend-kind", kind], environ={})
+        ).base
+        == base
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -108,11 +148,20 @@ def peer_gone(sock):
 
 class Stub(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        self.reply(200, {"/v1/models": {"data": [{"id": "stub-starcoder"}]}}.get(self.path, {"status": "ok"}))
+        self.reply(
+            200,
+            {"/v1/models": {"data": [{"id": "stub-starcoder"}]}}.get(self.path, {"status": "ok"}),
+        )
 
     def do_POST(self):
         stub = self.server
-        stub.requests.append((self.path, dict(self.headers), json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+        stub.requests.append(
+            (
+                self.path,
+                dict(self.headers),
+                json.loads(self.rfile.read(int(self.headers["Content-Length"]))),
+            )
+        )
         mode = stub.modes.pop(0) if len(stub.modes) > 1 else stub.modes[0]
         if mode in (500, 503):
             return self.reply(mode, {"error": {"message": "the stub says no", "code": mode}})
@@ -132,17 +181,34 @@ class Stub(http.server.BaseHTTPRequestHandler):
                 stub.gone_after = i
                 return
             if self.path == "/v1/chat/completions":
-                event = {"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}
+                event = {
+                    "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]
+                }
             else:
-                event = {"response": piece, "done": False} if mode == "ollama" else {"content": piece, "stop": False}
-            self.wfile.write((json.dumps(event) if mode == "ollama" else "data: " + json.dumps(event) + "\n").encode() + b"\n")
+                event = (
+                    {"response": piece, "done": False}
+                    if mode == "ollama"
+                    else {"content": piece, "stop": False}
+                )
+            self.wfile.write(
+                (
+                    json.dumps(event) if mode == "ollama" else "data: " + json.dumps(event) + "\n"
+                ).encode()
+                + b"\n"
+            )
             self.wfile.flush()
             stub.sent.append(time.monotonic())
             time.sleep(stub.delay)
         if mode != "cut" and self.path == "/v1/chat/completions":
-            self.wfile.write(b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n')
+            self.wfile.write(
+                b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\ndata: [DONE]\n\n'
+            )
         elif mode != "cut":  # the last event; a cut stream just ends
-            self.wfile.write(b'{"response": "", "done": true}\n' if mode == "ollama" else b'data: {"content": "", "stop": true}\n\n')
+            self.wfile.write(
+                b'{"response": "", "done": true}\n'
+                if mode == "ollama"
+                else b'data: {"content": "", "stop": true}\n\n'
+            )
 
     def wait_for_hang_up(self, start):
         while time.monotonic() - start < 5 and not peer_gone(self.connection):
@@ -177,7 +243,14 @@ def stub():
 
 def error_of(client, status, **body):
     t = time.monotonic()
-    r = client.post("/v1/completions", json={"language": "python", "segments": {"prefix": "def f():\n    ", "suffix": "\n"}, **body})
+    r = client.post(
+        "/v1/completions",
+        json={
+            "language": "python",
+            "segments": {"prefix": "def f():\n    ", "suffix": "\n"},
+            **body,
+        },
+    )
     assert r.status_code == status and r.is_json, r.get_data(as_text=True)
     return r.get_json()["error"], time.monotonic() - t
 
@@ -188,16 +261,28 @@ def test_what_a_llama_server_gets(stub, backend_app):
     path, headers, body = stub.requests[-1]
     assert path == "/completion" and headers["Authorization"] == "Bearer s3cret"
     assert body["prompt"] == "<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>"
-    assert (body["n_predict"], body["seed"], body["temperature"], body["stream"], body["cache_prompt"]) == (5, 7, 0.5, True, True)
+    assert (
+        body["n_predict"],
+        body["seed"],
+        body["temperature"],
+        body["stream"],
+        body["cache_prompt"],
+    ) == (5, 7, 0.5, True, True)
     assert "stop" not in body  # we stop it: an engine holds back text that may begin a stop word
 
 
 def test_what_ollama_gets(stub, backend_app):
     stub.modes = ["ollama"]
-    client = backend_app(stub.url + "/api/generate", backend_model="qwen2.5-coder:1.5b-base", max_tokens=5)
+    client = backend_app(
+        stub.url + "/api/generate", backend_model="qwen2.5-coder:1.5b-base", max_tokens=5
+    )
     assert complete(client, "def f():\n    ", "\n") == "x = 1"
     path, _, body = stub.requests[-1]
-    assert path == "/api/generate" and body["model"] == "qwen2.5-coder:1.5b-base" and body["raw"] is True
+    assert (
+        path == "/api/generate"
+        and body["model"] == "qwen2.5-coder:1.5b-base"
+        and body["raw"] is True
+    )
     assert body["prompt"] == "<|fim_prefix|>def f():\n    <|fim_suffix|>\n<|fim_middle|>"
     assert body["options"]["num_predict"] == 5 and "stop" not in body["options"]
 
@@ -209,22 +294,39 @@ def test_the_engine_connection_is_dropped_at_the_stop_word(stub, backend_app):
     deadline = time.monotonic() + 5
     while stub.gone_after is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert stub.gone_after is not None and stub.gone_after <= 5  # the next piece after "\n\n" finds it gone
+    assert (
+        stub.gone_after is not None and stub.gone_after <= 5
+    )  # the next piece after "\n\n" finds it gone
 
 
 @pytest.fixture
 def served(stub, tmp_path):
     """A server process in front of the stub (only Werkzeug's server shows us a hang-up)."""
-    proc, url = start_server(["--backend", stub.url + "/completion", "--root", str(tmp_path), "--time-budget", "0", "--max-tokens", "1000"])
+    proc, url = start_server(
+        [
+            "--backend",
+            stub.url + "/completion",
+            "--root",
+            str(tmp_path),
+            "--time-budget",
+            "0",
+            "--max-tokens",
+            "1000",
+        ]
+    )
     yield int(url.rsplit(":", 1)[1])
     stop(proc)
 
 
 def post_then_hang_up(port, after):
-    body = json.dumps({"language": "css", "segments": {"prefix": "body {\n", "suffix": "\n"}}).encode()
+    body = json.dumps(
+        {"language": "css", "segments": {"prefix": "body {\n", "suffix": "\n"}}
+    ).encode()
     conn = socket.create_connection(("127.0.0.1", port))
-    conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    conn.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body) + body
+    )
     time.sleep(after)
     conn.close()  # as tabby-agent does when the user types on
     return time.monotonic()
@@ -237,7 +339,10 @@ def test_a_client_hang_up_drops_the_engine_connection_within_a_few_pieces(stub, 
     deadline = time.monotonic() + 5
     while stub.gone_after is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert sent_then >= 5 and stub.gone_after is not None and stub.gone_after - sent_then <= 3, (sent_then, stub.gone_after)
+    assert sent_then >= 5 and stub.gone_after is not None and stub.gone_after - sent_then <= 3, (
+        sent_then,
+        stub.gone_after,
+    )
 
 
 def test_a_client_hang_up_while_the_engine_thinks_drops_it_too(stub, served):
@@ -250,26 +355,35 @@ def test_a_client_hang_up_while_the_engine_thinks_drops_it_too(stub, served):
 
 
 def test_an_engine_that_is_down_gets_a_502_after_a_few_quick_tries(backend_app):
-    client = backend_app(f"http://127.0.0.1:{free_port()}/completion", backend_model="starcoder2-3b")
+    client = backend_app(
+        f"http://127.0.0.1:{free_port()}/completion", backend_model="starcoder2-3b"
+    )
     error, took = error_of(client, 502)
     assert "cannot reach it" in error and took < 2
 
 
-@pytest.mark.parametrize("modes, status, words", [
-    (["hang"], 504, "did not answer within 0.5 s"),
-    (["hang after one"], 504, "sent nothing for 0.5 s"),
-    ([500], 502, "answered 500: the stub says no"),
-    ([503], 502, "503: the stub says no"),
-    (["garbage"], 502, "not a llama.cpp stream: '<html>hello</html>'"),
-    (["not http"], 502, "engine at http://127.0.0.1"),
-    (["cut"], 502, "ended its stream before it finished"),
-])
-def test_engine_failures_get_a_clear_error_and_the_server_keeps_serving(stub, backend_app, modes, status, words):
+@pytest.mark.parametrize(
+    "modes, status, words",
+    [
+        (["hang"], 504, "did not answer within 0.5 s"),
+        (["hang after one"], 504, "sent nothing for 0.5 s"),
+        ([500], 502, "answered 500: the stub says no"),
+        ([503], 502, "503: the stub says no"),
+        (["garbage"], 502, "not a llama.cpp stream: '<html>hello</html>'"),
+        (["not http"], 502, "engine at http://127.0.0.1"),
+        (["cut"], 502, "ended its stream before it finished"),
+    ],
+)
+def test_engine_failures_get_a_clear_error_and_the_server_keeps_serving(
+    stub, backend_app, modes, status, words
+):
     stub.modes = modes
     client = backend_app(stub.url + "/completion", backend_timeout=0.5)
     error, took = error_of(client, status)
     assert words in error and took < 3
-    assert len(stub.requests) == (3 if modes == [503] else 1)  # busy: tried again, a bounded number of times
+    assert len(stub.requests) == (
+        3 if modes == [503] else 1
+    )  # busy: tried again, a bounded number of times
     stub.modes = ["stream"]
     assert complete(client, "def f():\n    ", "\n") == "x = 1"
     assert client.get("/v1/health").get_json()["backend"]["answers"]
@@ -286,7 +400,11 @@ def test_health_says_when_the_engine_does_not_answer(backend_app, stub):
     stub.shutdown()
     stub.server_close()
     r = client.get("/v1/health")
-    assert r.status_code == 200 and r.get_json()["backend"]["answers"] is False and r.get_json()["backend"]["error"]
+    assert (
+        r.status_code == 200
+        and r.get_json()["backend"]["answers"] is False
+        and r.get_json()["backend"]["error"]
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -295,49 +413,111 @@ def test_health_says_when_the_engine_does_not_answer(backend_app, stub):
 
 def run(args, env=None):
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TABBYPY_")}, **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), *args], capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "app.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--backend", "gpu-box:8080"], "not an http:// or https:// URL"),
-    (["--backend", "http://gpu-box:80a/v1"], "not an http:// or https:// URL"),
-    (["--backend", "http://h:8080"], "--backend-kind"),
-    (["--backend", "http://h:8080", "--backend-kind", "vllm"], "llama.cpp, openai, ollama"),
-    (["--backend", "http://h:11434/api/generate"], "--backend-model is needed for Ollama"),
-    (["--backend", "http://h:11434/api/generate", "--prompt-template", "{prefix}"], "--backend-model is needed for Ollama"),
-    (["--backend", "http://h/completion", "--device", "gpu", "--threads", "4"], "--device, --threads: for a local model"),
-    (["--backend", "http://127.0.0.1:9/completion"], "pass --backend-model NAME or --prompt-template"),
-    (["--backend", "http://h/completion", "--backend-model", "mistral-7b-instruct"], "--prompt-template"),
-    (["--backend", "http://h/completion", "--model", "m.gguf"], "--model and --backend"),
-    (["--backend", "http://h/completion", "--backend-timeout", "0"], "--backend-timeout must be more than 0"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--backend", "gpu-box:8080"], "not an http:// or https:// URL"),
+        (["--backend", "http://gpu-box:80a/v1"], "not an http:// or https:// URL"),
+        (["--backend", "http://h:8080"], "--backend-kind"),
+        (["--backend", "http://h:8080", "--backend-kind", "vllm"], "llama.cpp, openai, ollama"),
+        (["--backend", "http://h:11434/api/generate"], "--backend-model is needed for Ollama"),
+        (
+            ["--backend", "http://h:11434/api/generate", "--prompt-template", "{prefix}"],
+            "--backend-model is needed for Ollama",
+        ),
+        (
+            ["--backend", "http://h/completion", "--device", "gpu", "--threads", "4"],
+            "--device, --threads: for a local model",
+        ),
+        (
+            ["--backend", "http://127.0.0.1:9/completion"],
+            "pass --backend-model NAME or --prompt-template",
+        ),
+        (
+            ["--backend", "http://h/completion", "--backend-model", "mistral-7b-instruct"],
+            "--prompt-template",
+        ),
+        (["--backend", "http://h/completion", "--model", "m.gguf"], "--model and --backend"),
+        (
+            ["--backend", "http://h/completion", "--backend-timeout", "0"],
+            "--backend-timeout must be more than 0",
+        ),
+    ],
+)
 def test_startup_problems_with_a_backend_end_in_one_line(args, words, tmp_path):
     result = run(args + ["--root", str(tmp_path)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith("error: ") and "\n" not in result.stderr.strip() and words in result.stderr, result.stderr
+    assert (
+        result.stderr.strip().startswith("error: ")
+        and "\n" not in result.stderr.strip()
+        and words in result.stderr
+    ), result.stderr
 
 
 def test_llama_cpp_python_is_not_needed_with_a_backend(stub, tmp_path):
-    (tmp_path / "llama_cpp.py").write_text("raise ImportError('llama-cpp-python is not installed here')\n")
+    (tmp_path / "llama_cpp.py").write_text(
+        "raise ImportError('llama-cpp-python is not installed here')\n"
+    )
     env = {"PYTHONPATH": str(tmp_path)}
-    proc, url = start_server(["--backend", stub.url + "/completion", "--prompt-template", "{prefix}", "--root", str(tmp_path)], env=env)
+    proc, url = start_server(
+        [
+            "--backend",
+            stub.url + "/completion",
+            "--prompt-template",
+            "{prefix}",
+            "--root",
+            str(tmp_path),
+        ],
+        env=env,
+    )
     try:
         body = json.dumps({"language": "python", "segments": {"prefix": "def f():\n    "}}).encode()
-        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-        assert json.load(urllib.request.urlopen(request, timeout=10))["choices"][0]["text"] == "x = 1"
+        request = urllib.request.Request(
+            url + "/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        assert (
+            json.load(urllib.request.urlopen(request, timeout=10))["choices"][0]["text"] == "x = 1"
+        )
     finally:
         log = stop(proc)
-    assert "engine llama.cpp at " + stub.url + ", model Remote: prefix-only prompts (--prompt-template)" in log
+    assert (
+        "engine llama.cpp at "
+        + stub.url
+        + ", model Remote: prefix-only prompts (--prompt-template)"
+        in log
+    )
     result = run(["--model", "m.gguf", "--root", str(tmp_path)], env=env)
-    assert result.stderr.strip() == "error: --model needs llama-cpp-python: pip install llama-cpp-python (or use --backend URL of an engine)"
+    assert (
+        result.stderr.strip()
+        == "error: --model needs llama-cpp-python: pip install llama-cpp-python (or use --backend URL of an engine)"
+    )
 
 
 def test_flask_run_with_a_backend(stub, tmp_path):
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TABBYPY_")}, "FLASK_APP": "app",
-           "TABBYPY_BACKEND": stub.url + "/completion", "TABBYPY_ROOT": str(tmp_path)}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TABBYPY_")},
+        "FLASK_APP": "app",
+        "TABBYPY_BACKEND": stub.url + "/completion",
+        "TABBYPY_ROOT": str(tmp_path),
+    }
     log = open(tmp_path / "flask.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "flask", "run", "--port", str(port)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flask", "run", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     proc.log = log
     try:
         wait_for_health(proc, f"http://127.0.0.1:{port}", 30)
@@ -348,19 +528,33 @@ def test_flask_run_with_a_backend(stub, tmp_path):
 
 
 def test_chat_through_an_engine_that_fails(stub, backend_app):
-    client = backend_app(stub.url + "/completion", chat_model="some-chat-model", backend_timeout=0.5)
+    client = backend_app(
+        stub.url + "/completion", chat_model="some-chat-model", backend_timeout=0.5
+    )
     chat = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
     assert sse_text(client.post("/v1/chat/completions", json=chat)) == ["", "x", " = 1", None]
-    assert stub.requests[-1][0] == "/v1/chat/completions" and stub.requests[-1][2]["model"] == "some-chat-model"
+    assert (
+        stub.requests[-1][0] == "/v1/chat/completions"
+        and stub.requests[-1][2]["model"] == "some-chat-model"
+    )
     stub.modes = ["hang"]  # before its answer: a plain JSON error, as for completions
     r = client.post("/v1/chat/completions", json=chat)
     assert r.status_code == 504 and "did not answer" in r.get_json()["error"]
     stub.modes = ["cut"]  # half way: the stream says so in an event of its own
     r = client.post("/v1/chat/completions", json=chat)
     events = [json.loads(line[6:]) for line in r.get_data(as_text=True).split("\n") if line]
-    assert r.status_code == 200 and events[-1] == {"error": {"message": f"engine at {stub.url} ended its stream before it finished", "code": 502}}
+    assert r.status_code == 200 and events[-1] == {
+        "error": {
+            "message": f"engine at {stub.url} ended its stream before it finished",
+            "code": 502,
+        }
+    }
 
 
 def sse_text(response):
     """The content of each chunk of a chat stream (None for the last, which has none)."""
-    return [json.loads(line[6:])["choices"][0]["delta"].get("content") for line in response.get_data(as_text=True).split("\n") if line]
+    return [
+        json.loads(line[6:])["choices"][0]["delta"].get("content")
+        for line in response.get_data(as_text=True).split("\n")
+        if line
+    ]
