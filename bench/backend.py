@@ -13,6 +13,7 @@ re-typed word by word. Scenarios:
   editors     1 and 4 editors typing at once, no pauses, through our server and straight to the
               engine (the same prompts and token counts): completions per second, errors
 """
+
 import argparse
 import http.client
 import json
@@ -58,8 +59,12 @@ def engine_alone(port, prompt, pieces):
     many pieces of text (ours took as many to know where its answer ends) or ended."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     started = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps({"prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/completions",
+        json.dumps({"prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     response, text, n = conn.getresponse(), "", 0
     for line in response:
         if line.startswith(b"data: {"):
@@ -86,6 +91,7 @@ def editors(send, lines, count):
                     done[e] += 1
                 except Exception as error:  # counted, not raised: the figure is how many
                     errors.append(repr(error))
+
     t = time.perf_counter()
     threads = [threading.Thread(target=editor, args=(e,)) for e in range(count)]
     for thread in threads:
@@ -97,10 +103,18 @@ def editors(send, lines, count):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gemma", help="gemma, fim, or a GGUF path (then give --prompt-template)")
-    parser.add_argument("--prompt-template", default="", help="the model's FIM template; default: known for gemma and fim")
+    parser.add_argument(
+        "--model", default="gemma", help="gemma, fim, or a GGUF path (then give --prompt-template)"
+    )
+    parser.add_argument(
+        "--prompt-template",
+        default="",
+        help="the model's FIM template; default: known for gemma and fim",
+    )
     parser.add_argument("--lines", type=int, default=4, help="lines re-typed per source file")
-    parser.add_argument("--passes", type=int, default=2, help="alternating passes of each (engine alone, ours)")
+    parser.add_argument(
+        "--passes", type=int, default=2, help="alternating passes of each (engine alone, ours)"
+    )
     args = parser.parse_args()
     model, template = model_path(args.model), args.prompt_template or TEMPLATES.get(args.model)
     if not template:
@@ -112,12 +126,46 @@ def main():
 
     engine_port, our_port = free_port(), free_port()
     logs = [tempfile.NamedTemporaryFile("w+", suffix=".log") for _ in range(2)]
-    engine = start([sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "4096", "--n_threads", "2",
-                    "--host", "127.0.0.1", "--port", str(engine_port), "--interrupt_requests", "false"],
-                   ("127.0.0.1", engine_port), logs[0])
-    ours = start([sys.executable, "app.py", "--backend", f"http://127.0.0.1:{engine_port}/v1", "--prompt-template", template,
-                  "--root", tempfile.mkdtemp(), "--port", str(our_port), "--time-budget", "0"],
-                 ("127.0.0.1", our_port), logs[1], "/v1/health")
+    engine = start(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            model,
+            "--n_ctx",
+            "4096",
+            "--n_threads",
+            "2",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(engine_port),
+            "--interrupt_requests",
+            "false",
+        ],
+        ("127.0.0.1", engine_port),
+        logs[0],
+    )
+    ours = start(
+        [
+            sys.executable,
+            "app.py",
+            "--backend",
+            f"http://127.0.0.1:{engine_port}/v1",
+            "--prompt-template",
+            template,
+            "--root",
+            tempfile.mkdtemp(),
+            "--port",
+            str(our_port),
+            "--time-budget",
+            "0",
+        ],
+        ("127.0.0.1", our_port),
+        logs[1],
+        "/v1/health",
+    )
     try:
         # what ours sends to the engine for each keystroke, what it answers, and after how many pieces
         prepared = []
@@ -125,28 +173,57 @@ def main():
             r = ask(our_port, dict(body, debug_options={"return_prompt": True}))
             prepared.append((r["debug_data"]["prompt"], r["choices"][0]["text"]))
         logs[1].seek(0)
-        pieces = [int(n) for n in re.findall(r"cmpl-[\w-]+: \d+ prompt tokens \(\d+ reused\), (\d+) generated", logs[1].read())]
-        prepared = [(prompt, text, n) for (prompt, text), n in zip(prepared, pieces[-len(bodies):])]
+        pieces = [
+            int(n)
+            for n in re.findall(
+                r"cmpl-[\w-]+: \d+ prompt tokens \(\d+ reused\), (\d+) generated", logs[1].read()
+            )
+        ]
+        prepared = [
+            (prompt, text, n) for (prompt, text), n in zip(prepared, pieces[-len(bodies) :])
+        ]
         times = {"engine": [[] for _ in bodies], "ours": [[] for _ in bodies]}
-        same = [True] * len(bodies)  # whether every run of a keystroke gave the same text: the same work
+        same = [True] * len(
+            bodies
+        )  # whether every run of a keystroke gave the same text: the same work
         # Each measured request starts from the same engine state: its KV cache holding the
         # previous keystroke's prompt, as while typing; who goes first alternates.
-        measure = {"engine": lambda i: engine_alone(engine_port, prepared[i][0], prepared[i][2]),
-                   "ours": lambda i: post(our_port, bodies[i])[::2]}
+        measure = {
+            "engine": lambda i: engine_alone(engine_port, prepared[i][0], prepared[i][2]),
+            "ours": lambda i: post(our_port, bodies[i])[::2],
+        }
         for p in range(args.passes):
             for i in range(len(bodies)):
-                for who in (("engine", "ours") if (i + p) % 2 == 0 else ("ours", "engine")):
+                for who in ("engine", "ours") if (i + p) % 2 == 0 else ("ours", "engine"):
                     engine_alone(engine_port, prepared[i - 1][0], 1)
-                    time.sleep(0.05)  # a pause, as the client's debounce leaves, for the engine to settle
+                    time.sleep(
+                        0.05
+                    )  # a pause, as the client's debounce leaves, for the engine to settle
                     seconds, text = measure[who](i)
                     times[who][i].append(seconds)
-                    same[i] = same[i] and text.startswith(prepared[i][1]) and (who == "engine" or text == prepared[i][1])
+                    same[i] = (
+                        same[i]
+                        and text.startswith(prepared[i][1])
+                        and (who == "engine" or text == prepared[i][1])
+                    )
         print("overhead done", flush=True)
-        keystrokes = [list(range(sum(map(len, lines[:k])), sum(map(len, lines[:k + 1])))) for k in range(len(lines))]
-        ours_send = lambda i, e: post(our_port, dict(bodies[i], segments=dict(bodies[i]["segments"], filepath=f"editor{e}.src")))  # noqa: E731
-        alone_send = lambda i, e: engine_alone(engine_port, prepared[i][0], prepared[i][2])  # noqa: E731
-        throughput = {(name, n): editors(send, keystrokes, n) for name, send in (("engine alone", alone_send), ("ours", ours_send))
-                      for n in (1, 4)}
+        keystrokes = [
+            list(range(sum(map(len, lines[:k])), sum(map(len, lines[: k + 1]))))
+            for k in range(len(lines))
+        ]
+
+        def ours_send(i, e):
+            segments = dict(bodies[i]["segments"], filepath=f"editor{e}.src")
+            return post(our_port, dict(bodies[i], segments=segments))
+
+        def alone_send(i, e):
+            return engine_alone(engine_port, prepared[i][0], prepared[i][2])
+
+        throughput = {
+            (name, n): editors(send, keystrokes, n)
+            for name, send in (("engine alone", alone_send), ("ours", ours_send))
+            for n in (1, 4)
+        }
     finally:
         for proc in (ours, engine):
             proc.terminate()
@@ -156,18 +233,27 @@ def main():
     ours_s = [statistics.median(t) for t, ok in zip(times["ours"], same) if ok]
     added = [(o - e) * 1000 for o, e in zip(ours_s, engine_s)]
     print(f"\n{'':<24}{'n':>5}{'p50 ms':>10}{'p90 ms':>10}")
-    for label, xs in (("engine alone", [x * 1000 for x in engine_s]), ("ours, in front of it", [x * 1000 for x in ours_s]),
-                      ("added by ours", added)):
+    for label, xs in (
+        ("engine alone", [x * 1000 for x in engine_s]),
+        ("ours, in front of it", [x * 1000 for x in ours_s]),
+        ("added by ours", added),
+    ):
         s = stats(xs)
         print(f"{label:<24}{s['n']:>5}{s['p50']:>10.1f}{s['p90']:>10.1f}")
-    print(f"(keystrokes whose text differed between runs, left out: {same.count(False)} of {len(same)})")
+    print(
+        f"(keystrokes whose text differed between runs, left out: {same.count(False)} of {len(same)})"
+    )
     for (name, n), (rate, errors) in throughput.items():
-        print(f"{name}, {n} editor{'s' if n > 1 else ''}: {rate:.1f} completions/s, {len(errors)} errors")
+        print(
+            f"{name}, {n} editor{'s' if n > 1 else ''}: {rate:.1f} completions/s, {len(errors)} errors"
+        )
     p50 = stats(added)["p50"]
     print(f"{'PASS' if p50 < 5 else 'FAIL'}  added p50: {p50:.1f} ms (target < 5 ms)")
     errors = throughput[("ours", 4)][1]
     ratio = throughput[("ours", 4)][0] / throughput[("engine alone", 4)][0]
-    print(f"{'PASS' if not errors else 'FAIL'}  4 editors: {len(errors)} errors; {ratio:.2f}x the completions per second of the engine alone")
+    print(
+        f"{'PASS' if not errors else 'FAIL'}  4 editors: {len(errors)} errors; {ratio:.2f}x the completions per second of the engine alone"
+    )
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ behind a lock; the whole prompt sent each time (only what llama-cpp-python reuse
 
     python bench/baseline.py --model MODEL.gguf --port 8081
 """
+
 import argparse
 import os
 import sys
@@ -31,7 +32,9 @@ app = Flask(__name__)
 @app.post("/v1/completions")
 def completions():
     segments = request.get_json()["segments"]
-    prompt = template.replace("{prefix}", segments["prefix"]).replace("{suffix}", segments.get("suffix") or "\n")
+    prompt = template.replace("{prefix}", segments["prefix"]).replace(
+        "{suffix}", segments.get("suffix") or "\n"
+    )
     with lock:
         text = llm.create_completion(prompt, max_tokens=64, temperature=0.1)["choices"][0]["text"]
     return jsonify(id=f"cmpl-{uuid.uuid4()}", choices=[{"index": 0, "text": text}])

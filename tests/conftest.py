@@ -13,8 +13,9 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-import app as server  # noqa: E402
 import tinymodel  # noqa: E402
+
+import app as server  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,20 +37,27 @@ def model_path(tmp_path_factory):
     def make(family="starcoder", **kw):
         key = (family, tuple(sorted(kw.items())))
         if key not in built:
-            built[key] = tinymodel.write_model(str(folder / f"{family}-{len(built)}.gguf"), family, **kw)
+            built[key] = tinymodel.write_model(
+                str(folder / f"{family}-{len(built)}.gguf"), family, **kw
+            )
         return built[key]
+
     return make
 
 
 @pytest.fixture
 def make_app(model_path, tmp_path):
     """make_app(family, **config) -> (app, events dir): a test app on a tiny model."""
+
     def make(family="starcoder", **overrides):
-        config = server.load_config(["--model", model_path(family), "--root", str(tmp_path / "tabby")], environ={})
+        config = server.load_config(
+            ["--model", model_path(family), "--root", str(tmp_path / "tabby")], environ={}
+        )
         config.update(overrides)
         app = server.create_app(config)
         app.config["TESTING"] = True
         return app, tmp_path / "tabby" / "events"
+
     return make
 
 
@@ -69,7 +77,11 @@ def complete(client, prefix, suffix=None, language="python", **body):
     r = client.post("/v1/completions", json={"language": language, "segments": segments, **body})
     assert r.status_code == 200, r.get_data(as_text=True)
     data = r.get_json()
-    assert data["id"].startswith("cmpl-") and len(data["choices"]) == 1 and data["choices"][0]["index"] == 0
+    assert (
+        data["id"].startswith("cmpl-")
+        and len(data["choices"]) == 1
+        and data["choices"][0]["index"] == 0
+    )
     return data["choices"][0]["text"]
 
 
@@ -89,10 +101,26 @@ def free_port():
 def start_server(args, env=None, port=None, timeout=60):
     """Start `python app.py ARGS --port P` on 127.0.0.1; wait until /v1/health answers."""
     port = port or free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(server.ENV_PREFIX)}, **(env or {})}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(server.ENV_PREFIX)},
+        **(env or {}),
+    }
     log = tempfile.TemporaryFile("w+")  # not a pipe: a server that logs into a full pipe blocks
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), *args, "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            os.path.join(ROOT, "app.py"),
+            *args,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     proc.log = log
     url = f"http://127.0.0.1:{port}"
     wait_for_health(proc, url, timeout)
@@ -135,15 +163,34 @@ def stop(proc):
 def generate(llm, tokens, max_tokens, temperature=0.1, seed=1, **limits):
     """app.generate() over a local model's tokens, as a request runs it: -> (text, n, reason)."""
     server.keep_kv(llm, tokens)
-    return server.finish(server.generate(server.model_pieces(llm, tokens, temperature, seed), max_tokens, **limits))
+    return server.finish(
+        server.generate(server.model_pieces(llm, tokens, temperature, seed), max_tokens, **limits)
+    )
 
 
 def start_engine(model, alias, folder):
     """llama-cpp-python's OpenAI-style server on 127.0.0.1 with model, named alias: (process, URL)."""
     port = free_port()
     with open(os.path.join(folder, f"engine-{port}.log"), "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", model, "--model_alias", alias,
-                                 "--n_ctx", "1024", "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                model,
+                "--model_alias",
+                alias,
+                "--n_ctx",
+                "1024",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

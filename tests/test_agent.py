@@ -2,6 +2,7 @@
 
 The agent is installed from npm once into tests/.agent. Each run gets a throwaway HOME, its
 telemetry off, and a guard that refuses every connection off loopback (and records the try)."""
+
 import json
 import os
 import queue
@@ -10,7 +11,6 @@ import subprocess
 import threading
 
 import pytest
-
 from conftest import read_events, start_engine, start_server, stop
 
 AGENT_VERSION = "1.5.0"
@@ -43,10 +43,24 @@ CURSOR = {"line": 4, "character": 4}
 def agent_cli():
     cli = os.path.join(AGENT_DIR, "node_modules", "tabby-agent", "dist", "cli.js")
     if not os.path.exists(cli):
-        assert shutil.which("npm") and shutil.which("node"), "the end-to-end tests need node and npm"
+        assert shutil.which("npm") and shutil.which("node"), (
+            "the end-to-end tests need node and npm"
+        )
         os.makedirs(AGENT_DIR, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--prefix", AGENT_DIR, f"tabby-agent@{AGENT_VERSION}"],
-                       check=True, capture_output=True, timeout=600)
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                AGENT_DIR,
+                f"tabby-agent@{AGENT_VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
     return cli
 
 
@@ -56,20 +70,32 @@ class Agent:
     def __init__(self, cli, home, endpoint, token=None):
         os.makedirs(home / ".tabby-client" / "agent")
         (home / ".tabby-client" / "agent" / "config.toml").write_text(
-            f'[server]\nendpoint = "{endpoint}"\n' + (f'token = "{token}"\n' if token else "")
-            + '[logs]\nlevel = "debug"\n[anonymousUsageTracking]\ndisable = true\n')
+            f'[server]\nendpoint = "{endpoint}"\n'
+            + (f'token = "{token}"\n' if token else "")
+            + '[logs]\nlevel = "debug"\n[anonymousUsageTracking]\ndisable = true\n'
+        )
         (home / "guard.js").write_text(GUARD_JS)
-        env = {"HOME": str(home), "PATH": os.environ["PATH"], "NODE_OPTIONS": f"--require {home / 'guard.js'}"}
+        env = {
+            "HOME": str(home),
+            "PATH": os.environ["PATH"],
+            "NODE_OPTIONS": f"--require {home / 'guard.js'}",
+        }
         self.home, self.next_id, self.messages, self.notifications = home, 0, queue.Queue(), []
-        self.proc = subprocess.Popen(["node", cli, "--lsp", "--stdio"], cwd=home, env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            ["node", cli, "--lsp", "--stdio"],
+            cwd=home,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         out = self.proc.stdout
         while True:
             headers = {}
-            while (line := out.readline().decode().strip()):
+            while line := out.readline().decode().strip():
                 name, _, value = line.partition(":")
                 headers[name.lower()] = value.strip()
             if not headers:
@@ -95,12 +121,27 @@ class Agent:
 
     def complete(self, text, position, uri="file:///project/demo.py", language="python"):
         """Open a document and ask for a completion at position: the ghost texts an editor would show."""
-        self.request("initialize", {"processId": None, "rootUri": None, "clientInfo": {"name": "pytest"},
-                                    "capabilities": {"textDocument": {"completion": {}}}})
+        self.request(
+            "initialize",
+            {
+                "processId": None,
+                "rootUri": None,
+                "clientInfo": {"name": "pytest"},
+                "capabilities": {"textDocument": {"completion": {}}},
+            },
+        )
         self.send({"method": "initialized", "params": {}})
-        self.send({"method": "textDocument/didOpen", "params": {"textDocument": {
-            "uri": uri, "languageId": language, "version": 1, "text": text}}})
-        result = self.request("textDocument/completion", {"textDocument": {"uri": uri}, "position": position})
+        self.send(
+            {
+                "method": "textDocument/didOpen",
+                "params": {
+                    "textDocument": {"uri": uri, "languageId": language, "version": 1, "text": text}
+                },
+            }
+        )
+        result = self.request(
+            "textDocument/completion", {"textDocument": {"uri": uri}, "position": position}
+        )
         return [item["textEdit"]["newText"] for item in result["items"]]
 
     def close(self):
@@ -121,9 +162,12 @@ def serve(model_path, tmp_path):
     procs = []
 
     def start(*flags):
-        proc, url = start_server(["--model", model_path(), "--root", str(tmp_path / "tabby"), *flags])
+        proc, url = start_server(
+            ["--model", model_path(), "--root", str(tmp_path / "tabby"), *flags]
+        )
         procs.append(proc)
         return url, tmp_path / "tabby" / "events"
+
     yield start
     for proc in procs:
         stop(proc)
@@ -136,6 +180,7 @@ def agent(agent_cli, tmp_path):
     def make(url, token=None):
         agents.append(Agent(agent_cli, tmp_path / f"home{len(agents)}", url, token))
         return agents[-1]
+
     yield make
     for a in agents:
         assert a.close() == "", "the agent tried to reach beyond loopback"
@@ -145,7 +190,10 @@ def test_the_editor_shows_our_completion(serve, agent):
     url, events = serve()
     shown = agent(url).complete(DOC, CURSOR)
     [record] = [e["event"]["completion"] for e in read_events(events) if "completion" in e["event"]]
-    assert record["segments"] == {"prefix": "import math\n\n\ndef add(a, b):\n    ", "suffix": "\n\n\ndef main():\n    print(add(1, 2))\n"}
+    assert record["segments"] == {
+        "prefix": "import math\n\n\ndef add(a, b):\n    ",
+        "suffix": "\n\n\ndef main():\n    print(add(1, 2))\n",
+    }
     assert record["choices"][0]["text"] == "total = a + b\n    return total"
     assert shown == [record["choices"][0]["text"]]
 
@@ -154,7 +202,9 @@ def test_the_editor_shows_an_engines_completion(model_path, tmp_path, agent):
     """tabby-agent -> our server -> llama-cpp-python's server: the engine generates, we do the rest."""
     engine, engine_url = start_engine(model_path(), "tiny-starcoder", tmp_path)
     try:
-        proc, url = start_server(["--backend", engine_url + "/v1", "--root", str(tmp_path / "tabby")])
+        proc, url = start_server(
+            ["--backend", engine_url + "/v1", "--root", str(tmp_path / "tabby")]
+        )
         try:
             assert agent(url).complete(DOC, CURSOR) == ["total = a + b\n    return total"]
         finally:
@@ -174,6 +224,10 @@ def test_without_the_right_token_the_agent_reports_unauthorized(serve, agent, to
     url, events = serve("--token", "s3cret")
     client = agent(url, token=token)
     assert client.complete(DOC, CURSOR) == []
-    messages = [n["params"]["message"] for n in client.notifications if n.get("method") == "window/showMessage"]
+    messages = [
+        n["params"]["message"]
+        for n in client.notifications
+        if n.get("method") == "window/showMessage"
+    ]
     assert any("unauthorized" in m for m in messages), client.notifications
     assert read_events(events) == []

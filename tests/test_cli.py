@@ -1,4 +1,5 @@
 """Real processes: both ways to run the server, and start-up failures that end in one clear line."""
+
 import json
 import os
 import subprocess
@@ -6,14 +7,22 @@ import sys
 import urllib.request
 
 import pytest
-
 from conftest import ROOT, free_port, start_server, stop, wait_for_health
 
 
 def run(args, env=None, timeout=120):
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("TABBYPY_", "HF_"))}, **(env or {})}
-    return subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=ROOT)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("TABBYPY_", "HF_"))},
+        **(env or {}),
+    }
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "app.py"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def assert_one_line_failure(result, *words, only_line=True):
@@ -31,57 +40,93 @@ def test_no_model(tmp_path):
 
 
 def test_missing_model_file(tmp_path):
-    assert_one_line_failure(run(["--model", str(tmp_path / "nope.gguf"), "--root", str(tmp_path)]), "no such file")
+    assert_one_line_failure(
+        run(["--model", str(tmp_path / "nope.gguf"), "--root", str(tmp_path)]), "no such file"
+    )
 
 
-@pytest.mark.parametrize("content", [b"", b"GGUF" + os.urandom(4000), b"not a model at all\n" * 100])
+@pytest.mark.parametrize(
+    "content", [b"", b"GGUF" + os.urandom(4000), b"not a model at all\n" * 100]
+)
 def test_corrupt_model_file(tmp_path, content):
     path = tmp_path / "broken.gguf"
     path.write_bytes(content)
-    assert_one_line_failure(run(["--model", str(path), "--root", str(tmp_path)]), str(path), "cannot load")
+    assert_one_line_failure(
+        run(["--model", str(path), "--root", str(tmp_path)]), str(path), "cannot load"
+    )
 
 
 def test_fim_template_on_a_model_without_fim(model_path, tmp_path):
-    result = run(["--model", model_path("plain"), "--root", str(tmp_path),
-                  "--prompt-template", "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"])
+    result = run(
+        [
+            "--model",
+            model_path("plain"),
+            "--root",
+            str(tmp_path),
+            "--prompt-template",
+            "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
+        ]
+    )
     assert_one_line_failure(result, "--prompt-template", "<fim_prefix>")
 
 
 def test_gpu_without_a_gpu_build(model_path, tmp_path):
     import llama_cpp
+
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama-cpp-python has a GPU backend")
-    assert_one_line_failure(run(["--model", model_path(), "--root", str(tmp_path), "--device", "gpu"]), "--device gpu")
+    assert_one_line_failure(
+        run(["--model", model_path(), "--root", str(tmp_path), "--device", "gpu"]), "--device gpu"
+    )
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--port", "http"], ["--port"]),
-    (["--ctx", "100", "--max-tokens", "200"], ["--max-tokens"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--port", "http"], ["--port"]),
+        (["--ctx", "100", "--max-tokens", "200"], ["--max-tokens"]),
+    ],
+)
 def test_bad_flags(model_path, tmp_path, args, words):
     assert_one_line_failure(run(["--model", model_path(), "--root", str(tmp_path), *args]), *words)
 
 
 def test_unknown_env_var(model_path, tmp_path):
-    assert_one_line_failure(run(["--root", str(tmp_path)], env={"TABBYPY_MODLE": model_path()}), "TABBYPY_MODLE")
+    assert_one_line_failure(
+        run(["--root", str(tmp_path)], env={"TABBYPY_MODLE": model_path()}), "TABBYPY_MODLE"
+    )
 
 
 def test_hub_id_without_huggingface_hub(tmp_path):
     # a stand-in package that fails to import, as on a machine without huggingface_hub
     (tmp_path / "huggingface_hub").mkdir()
-    (tmp_path / "huggingface_hub" / "__init__.py").write_text("raise ImportError('No module named huggingface_hub')\n")
-    result = run(["--model", "TabbyML/StarCoder-1B", "--root", str(tmp_path)], env={"PYTHONPATH": str(tmp_path)})
+    (tmp_path / "huggingface_hub" / "__init__.py").write_text(
+        "raise ImportError('No module named huggingface_hub')\n"
+    )
+    result = run(
+        ["--model", "TabbyML/StarCoder-1B", "--root", str(tmp_path)],
+        env={"PYTHONPATH": str(tmp_path)},
+    )
     assert_one_line_failure(result, "TabbyML/StarCoder-1B", "pip install huggingface_hub")
 
 
-@pytest.mark.parametrize("model, env", [
-    ("TabbyML/StarCoder-1B", {"HF_HUB_OFFLINE": "1"}),
-    ("owner/repo:model-q8_0.gguf", {"HF_HUB_OFFLINE": "1"}),
-    ("owner/repo:model-q8_0.gguf", {"HF_ENDPOINT": "http://127.0.0.1:9"}),  # nothing listens there
-])
+@pytest.mark.parametrize(
+    "model, env",
+    [
+        ("TabbyML/StarCoder-1B", {"HF_HUB_OFFLINE": "1"}),
+        ("owner/repo:model-q8_0.gguf", {"HF_HUB_OFFLINE": "1"}),
+        (
+            "owner/repo:model-q8_0.gguf",
+            {"HF_ENDPOINT": "http://127.0.0.1:9"},
+        ),  # nothing listens there
+    ],
+)
 def test_hub_id_without_network(tmp_path, model, env):
     import huggingface_hub  # noqa: F401 (in tests/requirements.txt)
-    result = run(["--model", model, "--root", str(tmp_path)], env={"HF_HOME": str(tmp_path / "hf"), **env})
+
+    result = run(
+        ["--model", model, "--root", str(tmp_path)], env={"HF_HOME": str(tmp_path / "hf"), **env}
+    )
     # huggingface_hub may log its own retries first; our line comes last
     assert_one_line_failure(result, model, "download failed", only_line=False)
 
@@ -89,8 +134,12 @@ def test_hub_id_without_network(tmp_path, model, env):
 def test_python_app_py_serves(model_path, tmp_path):
     proc, url = start_server(["--model", model_path(), "--root", str(tmp_path)])
     try:
-        body = json.dumps({"language": "python", "segments": {"prefix": "def f(a, b):\n    "}}).encode()
-        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {"language": "python", "segments": {"prefix": "def f(a, b):\n    "}}
+        ).encode()
+        req = urllib.request.Request(
+            url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             assert json.load(r)["choices"][0]["text"] == "total = a + b\n    return total"
     finally:
@@ -100,11 +149,20 @@ def test_python_app_py_serves(model_path, tmp_path):
 
 def test_flask_run_serves_with_env_config(model_path, tmp_path):
     port = free_port()
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TABBYPY_")},
-           "TABBYPY_MODEL": model_path(), "TABBYPY_ROOT": str(tmp_path), "TABBYPY_TOKEN": "s3cret"}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TABBYPY_")},
+        "TABBYPY_MODEL": model_path(),
+        "TABBYPY_ROOT": str(tmp_path),
+        "TABBYPY_TOKEN": "s3cret",
+    }
     log = open(tmp_path / "flask.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "flask", "run", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flask", "run", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     proc.log = log
     url = f"http://127.0.0.1:{port}"
     try:

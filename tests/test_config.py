@@ -1,31 +1,55 @@
 """One config table for `python app.py` flags and `flask run` env vars."""
+
 import os
 import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 import app as server
-from conftest import ROOT
 
 
 def test_defaults_come_from_the_table():
     config = server.load_config([], environ={})
     assert config == {key: default for key, (default, _) in server.CONFIG.items()}
-    assert (config["host"], config["port"], config["ctx"], config["max_tokens"], config["temperature"]) == \
-        ("127.0.0.1", 8080, 4096, 64, 0.1)
+    assert (
+        config["host"],
+        config["port"],
+        config["ctx"],
+        config["max_tokens"],
+        config["temperature"],
+    ) == ("127.0.0.1", 8080, 4096, 64, 0.1)
 
 
 def test_env_then_flags_override_with_the_defaults_types():
-    env = {"TABBYPY_PORT": "9000", "TABBYPY_TEMPERATURE": "0.5", "TABBYPY_CLIENT_TELEMETRY": "yes", "TABBYPY_TOKEN": "env"}
-    config = server.load_config(["--token", "flag", "--max-tokens", "8", "--client-telemetry", "0"], environ=env)
-    assert (config["port"], config["temperature"], config["token"], config["max_tokens"], config["client_telemetry"]) == \
-        (9000, 0.5, "flag", 8, False)
+    env = {
+        "TABBYPY_PORT": "9000",
+        "TABBYPY_TEMPERATURE": "0.5",
+        "TABBYPY_CLIENT_TELEMETRY": "yes",
+        "TABBYPY_TOKEN": "env",
+    }
+    config = server.load_config(
+        ["--token", "flag", "--max-tokens", "8", "--client-telemetry", "0"], environ=env
+    )
+    assert (
+        config["port"],
+        config["temperature"],
+        config["token"],
+        config["max_tokens"],
+        config["client_telemetry"],
+    ) == (9000, 0.5, "flag", 8, False)
 
 
-@pytest.mark.parametrize("value, expected", [("1", True), ("true", True), ("Yes", True), ("0", False), ("false", False), ("no", False)])
+@pytest.mark.parametrize(
+    "value, expected",
+    [("1", True), ("true", True), ("Yes", True), ("0", False), ("false", False), ("no", False)],
+)
 def test_bools(value, expected):
-    assert server.load_config([], environ={"TABBYPY_CLIENT_TELEMETRY": value})["client_telemetry"] is expected
+    assert (
+        server.load_config([], environ={"TABBYPY_CLIENT_TELEMETRY": value})["client_telemetry"]
+        is expected
+    )
 
 
 def test_unknown_env_key_fails_and_names_it():
@@ -33,18 +57,26 @@ def test_unknown_env_key_fails_and_names_it():
         server.load_config([], environ={"TABBYPY_MODLE": "x.gguf"})
 
 
-@pytest.mark.parametrize("argv, env, source", [
-    ([], {"TABBYPY_PORT": "eighty"}, "TABBYPY_PORT"),
-    (["--ctx", "big"], {}, "--ctx"),
-    (["--client-telemetry", "maybe"], {}, "--client-telemetry"),
-])
+@pytest.mark.parametrize(
+    "argv, env, source",
+    [
+        ([], {"TABBYPY_PORT": "eighty"}, "TABBYPY_PORT"),
+        (["--ctx", "big"], {}, "--ctx"),
+        (["--client-telemetry", "maybe"], {}, "--client-telemetry"),
+    ],
+)
 def test_bad_values_name_the_flag_or_env_var(argv, env, source):
     with pytest.raises(ValueError, match=source):
         server.load_config(argv, environ=env)
 
 
 def test_help_shows_every_knob_with_its_default_and_env_var():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), "--help"], capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "app.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
     for key, (default, _) in server.CONFIG.items():
         assert "--" + key.replace("_", "-") in out and "TABBYPY_" + key.upper() in out
     assert "default: 4096" in out
@@ -59,12 +91,15 @@ def test_create_app_reads_the_environment(monkeypatch, model_path, tmp_path):
     assert client.get("/v1/health", headers={"Authorization": "Bearer s3cret"}).status_code == 200
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"device": "tpu"}, "--device"),
-    ({"max_tokens": 4096}, "--max-tokens"),
-    ({"max_tokens": 0}, "--max-tokens"),
-    ({"model": ""}, "--model"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"device": "tpu"}, "--device"),
+        ({"max_tokens": 4096}, "--max-tokens"),
+        ({"max_tokens": 0}, "--max-tokens"),
+        ({"model": ""}, "--model"),
+    ],
+)
 def test_bad_settings_stop_start_up_with_one_line(make_app, overrides, message):
     with pytest.raises(SystemExit, match=message) as e:
         make_app(**overrides)

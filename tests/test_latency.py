@@ -1,4 +1,5 @@
 """Latency mechanisms: no work for requests nobody waits for, typed-through answers, time budget."""
+
 import json
 import os
 import re
@@ -8,13 +9,15 @@ import time
 
 import llama_cpp
 import pytest
+import tinymodel
+from conftest import complete, generate, output, start_server, stop
 
 import app as server
-import tinymodel
-from conftest import complete, generate, start_server, stop, output
 
 # random weights, no newline tokens: never stops by itself, about a millisecond a token here
-SLOW = dict(weights="random", newlines=False, n_embd=512, n_layer=8, n_ff=1024, n_head=8, n_head_kv=4)
+SLOW = dict(
+    weights="random", newlines=False, n_embd=512, n_layer=8, n_ff=1024, n_head=8, n_head_kv=4
+)
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n"
 
 
@@ -34,23 +37,41 @@ def test_client_gone_sees_a_closed_socket():
 
 def test_the_loop_stops_at_the_first_token_after_should_stop(model_path):
     llm = llama_cpp.Llama(model_path=model_path("starcoder", **SLOW), n_ctx=1024, verbose=False)
-    tokens = llm.tokenize(b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True)
+    tokens = llm.tokenize(
+        b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True
+    )
     calls = []
     stop_after = lambda: calls.append(1) or len(calls) > 10  # noqa: E731
     text, generated, reason = generate(llm, tokens, 500, should_stop=stop_after)
     assert (text, reason) == ("", "cancelled")
-    assert len(calls) == 11 and 1 <= generated <= 10  # checked between tokens; ends at the first yes
+    assert (
+        len(calls) == 11 and 1 <= generated <= 10
+    )  # checked between tokens; ends at the first yes
 
 
 def test_a_disconnected_request_stops_generating(model_path, tmp_path):
-    proc, url = start_server(["--model", model_path("starcoder", **SLOW), "--root", str(tmp_path),
-                              "--max-tokens", "3500", "--time-budget", "0"])
+    proc, url = start_server(
+        [
+            "--model",
+            model_path("starcoder", **SLOW),
+            "--root",
+            str(tmp_path),
+            "--max-tokens",
+            "3500",
+            "--time-budget",
+            "0",
+        ]
+    )
     try:
         port = int(url.rsplit(":", 1)[1])
-        body = json.dumps({"language": "css", "segments": {"prefix": "body {\n", "suffix": "\n"}}).encode()
+        body = json.dumps(
+            {"language": "css", "segments": {"prefix": "body {\n", "suffix": "\n"}}
+        ).encode()
         conn = socket.create_connection(("127.0.0.1", port))
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        conn.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
         time.sleep(0.5)
         closed = time.monotonic()
         conn.close()  # as tabby-agent does when the user types on
@@ -67,8 +88,11 @@ def test_a_disconnected_request_stops_generating(model_path, tmp_path):
 
 def post_in_thread(client, results, key, **segments):
     def run():
-        r = client.post("/v1/completions", json={"language": "css", "segments": {"suffix": "\n", **segments}})
+        r = client.post(
+            "/v1/completions", json={"language": "css", "segments": {"suffix": "\n", **segments}}
+        )
         results[key] = r.json["choices"][0]["text"]
+
     thread = threading.Thread(target=run)
     thread.start()
     return thread
@@ -76,8 +100,19 @@ def post_in_thread(client, results, key, **segments):
 
 @pytest.fixture
 def slow_app(model_path, tmp_path):
-    config = server.load_config(["--model", model_path("starcoder", **SLOW), "--root", str(tmp_path),
-                                 "--max-tokens", "1500", "--time-budget", "0"], environ={})  # ~1.5 s of work
+    config = server.load_config(
+        [
+            "--model",
+            model_path("starcoder", **SLOW),
+            "--root",
+            str(tmp_path),
+            "--max-tokens",
+            "1500",
+            "--time-budget",
+            "0",
+        ],
+        environ={},
+    )  # ~1.5 s of work
     return server.create_app(config)
 
 
@@ -86,12 +121,18 @@ def test_a_newer_request_from_the_same_client_pre_empts_the_running_one(slow_app
     results, client = {}, slow_app.test_client()
     first = post_in_thread(client, results, "first", prefix="body {\n", filepath="a.css")
     time.sleep(0.3)
-    second = post_in_thread(client, results, "second", prefix="body {\n  color: red;\n", filepath="a.css")
+    second = post_in_thread(
+        client, results, "second", prefix="body {\n  color: red;\n", filepath="a.css"
+    )
     first.join(30)
     second.join(30)
     assert results["first"] == ""  # pre-empted: an empty completion, at once
     assert results["second"]
-    reasons = [re.search(r"generated, ([\w ]+);", r.getMessage()).group(1) for r in caplog.records if "generated" in r.getMessage()]
+    reasons = [
+        re.search(r"generated, ([\w ]+);", r.getMessage()).group(1)
+        for r in caplog.records
+        if "generated" in r.getMessage()
+    ]
     assert reasons == ["cancelled", "length"]
 
 
@@ -127,18 +168,26 @@ def test_typed_through_answers_the_rest_without_the_model(make_app, caplog):
     assert "typed through" in caplog.records[-1].getMessage()
     assert complete(client, PREFIX + "total = a + b\n    return", SUFFIX) == " total"
     # anything else goes to the model: a typo, another suffix, asking for variety
-    for prefix, suffix, body in [(PREFIX + "totl", SUFFIX, {}), (PREFIX + "total", "\n\nx\n", {}),
-                                 (PREFIX + "total", SUFFIX, {"temperature": 0.8})]:
+    for prefix, suffix, body in [
+        (PREFIX + "totl", SUFFIX, {}),
+        (PREFIX + "total", "\n\nx\n", {}),
+        (PREFIX + "total", SUFFIX, {"temperature": 0.8}),
+    ]:
         complete(client, prefix, suffix, **body)
         assert "typed through" not in caplog.records[-1].getMessage()
 
 
 def test_the_time_budget_ends_at_a_line_end(model_path):
     llm = llama_cpp.Llama(model_path=model_path("starcoder"), n_ctx=1024, verbose=False)
-    tokens = llm.tokenize(b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True)
+    tokens = llm.tokenize(
+        b"<fim_prefix>def f():\n    <fim_suffix>\n<fim_middle>", add_bos=False, special=True
+    )
     assert generate(llm, tokens, 400, budget=60)[0] == tinymodel.FIM_SCRIPT  # not spent
     text, _, reason = generate(llm, tokens, 400, budget=1e-9)
-    assert (text, reason) == ("total = a + b", "time")  # spent at once: the line being written ends it
+    assert (text, reason) == (
+        "total = a + b",
+        "time",
+    )  # spent at once: the line being written ends it
 
 
 def test_threads_default_to_physical_cores():
@@ -150,11 +199,27 @@ def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog):
     client = make_app()[0].test_client()
 
     def ask(filepath, prefix):
-        r = client.post("/v1/completions", json={"language": "python", "segments": {
-            "prefix": prefix, "suffix": "\n", "filepath": filepath}})
+        r = client.post(
+            "/v1/completions",
+            json={
+                "language": "python",
+                "segments": {"prefix": prefix, "suffix": "\n", "filepath": filepath},
+            },
+        )
         assert r.status_code == 200
-        return tuple(map(int, re.search(r"(\d+) prompt tokens \((\d+) reused\)", caplog.records[-1].getMessage()).groups()))
-    a, b = "".join(f"alpha_{i} = {i}\n" for i in range(40)), "".join(f"beta_{i} = {i}\n" for i in range(40))
+        return tuple(
+            map(
+                int,
+                re.search(
+                    r"(\d+) prompt tokens \((\d+) reused\)", caplog.records[-1].getMessage()
+                ).groups(),
+            )
+        )
+
+    a, b = (
+        "".join(f"alpha_{i} = {i}\n" for i in range(40)),
+        "".join(f"beta_{i} = {i}\n" for i in range(40)),
+    )
     ask("a.py", a)
     ask("b.py", b)  # another editor takes the model: nothing of a's prompt is of use to it
     prompt, reused = ask("a.py", a + "x = ")

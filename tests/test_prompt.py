@@ -1,4 +1,5 @@
 """Prompt building and stop words: pure functions, no model."""
+
 import re
 
 import pytest
@@ -12,7 +13,7 @@ LANGUAGE_NAMES = [name for entry in server.LANGUAGES for name in entry["language
 def test_stop_words_follow_tabbys_formula(language):
     entry = server.LANGUAGE[language]
     words = server.stop_words(language)
-    assert words[:len(server.DEFAULT_STOP_WORDS)] == server.DEFAULT_STOP_WORDS
+    assert words[: len(server.DEFAULT_STOP_WORDS)] == server.DEFAULT_STOP_WORDS
     for kw in entry["top_level_keywords"]:
         assert "\n" + kw in words
     if entry["line_comment"]:
@@ -23,9 +24,23 @@ def test_stop_words_follow_tabbys_formula(language):
 
 
 def test_tabbys_default_stop_words():
-    assert server.DEFAULT_STOP_WORDS[:15] == ["\n\n", "\n\n  ", "\n\n    ", "\n\n      ", "\n\n        ", "\n\n          ",
-                                            "\n\n            ", "\n\n              ", "\n\n\t", "\n\n\t\t", "\n\n\t\t\t",
-                                            "\n\n\t\t\t\t", "\n\n\t\t\t\t\t", "\n\n\t\t\t\t\t\t", "\n\n\t\t\t\t\t\t\t"]
+    assert server.DEFAULT_STOP_WORDS[:15] == [
+        "\n\n",
+        "\n\n  ",
+        "\n\n    ",
+        "\n\n      ",
+        "\n\n        ",
+        "\n\n          ",
+        "\n\n            ",
+        "\n\n              ",
+        "\n\n\t",
+        "\n\n\t\t",
+        "\n\n\t\t\t",
+        "\n\n\t\t\t\t",
+        "\n\n\t\t\t\t\t",
+        "\n\n\t\t\t\t\t\t",
+        "\n\n\t\t\t\t\t\t\t",
+    ]
     assert server.stop_words("python")[-5:] == ["\n#", "\ndef", "\nfrom", "\nclass", "\nimport"]
 
 
@@ -34,44 +49,69 @@ def test_an_unknown_language_stops_at_a_newline(language):
     assert "\n" in server.stop_words(language)
 
 
-@pytest.mark.parametrize("tail, text, expected", [
-    ("<fim_middle>", "return x\n\ndef", 8),     # the blank line, inside the generated text
-    ("<fim_middle>", "return x", None),         # nothing to stop at yet
-    ("def f():\n", "\n", 0),                    # "\n\n" starts in the prompt's last character
-    ("def f():\n\n", "x", None),                # a stop word wholly inside the prompt does not count
-    ("", "x = 1\n# note\nclass A", 5),           # the earliest of several wins
-])
+@pytest.mark.parametrize(
+    "tail, text, expected",
+    [
+        ("<fim_middle>", "return x\n\ndef", 8),  # the blank line, inside the generated text
+        ("<fim_middle>", "return x", None),  # nothing to stop at yet
+        ("def f():\n", "\n", 0),  # "\n\n" starts in the prompt's last character
+        ("def f():\n\n", "x", None),  # a stop word wholly inside the prompt does not count
+        ("", "x = 1\n# note\nclass A", 5),  # the earliest of several wins
+    ],
+)
 def test_find_stop(tail, text, expected):
     assert server.find_stop(text, server.stop_words("python"), tail) == expected
 
 
-@pytest.mark.parametrize("line_prefix, line_suffix, text, expected", [
-    # empty cursor line in a block: lines indented at least as much go on; a dedent ends it
-    ("    ", "", "return a + b\n\n\ndef sub(a, b):", len("return a + b\n\n")),
-    ("    ", "", "x = a + b\n    return x\nprint(x)", len("x = a + b\n    return x")),
-    ("    ", "", "if a:\n        b()\n    c()", None),         # still in scope
-    ("    ", "", "x = 1\n   ", None),                          # the new line's indent is not known yet
-    ("  ", "", "return a + b;\n}\n\nfunction sub", len("return a + b;\n}")),  # a closing line stays
-    ("  ", "", "return a + b;\n}", None),                     # ... once it is whole
-    # code before the cursor: one line, unless the line opens a block
-    ("    result = ", "", "a + b\n    return result", len("a + b")),
-    ("    result = ", "", "[\n        a,\n    ]\n    print(result)", len("[\n        a,\n    ]")),
-    ("def f(x)", "", ":\n    return x\n\nf(1)", len(":\n    return x\n")),  # opens a block, ended by the next line as far out
-    # text after the cursor on its line: one line only; closing brackets and quotes do not count
-    ("print(", ", 2)", "a\n    x = 1", 1),
-    ("print(", ")", "\n    a,\n    b", None),
-    ("x = ", "", "1", None),
-    ("", "", "a\nb\nc", None),                                 # column 0: nothing is less indented
-])
+@pytest.mark.parametrize(
+    "line_prefix, line_suffix, text, expected",
+    [
+        # empty cursor line in a block: lines indented at least as much go on; a dedent ends it
+        ("    ", "", "return a + b\n\n\ndef sub(a, b):", len("return a + b\n\n")),
+        ("    ", "", "x = a + b\n    return x\nprint(x)", len("x = a + b\n    return x")),
+        ("    ", "", "if a:\n        b()\n    c()", None),  # still in scope
+        ("    ", "", "x = 1\n   ", None),  # the new line's indent is not known yet
+        (
+            "  ",
+            "",
+            "return a + b;\n}\n\nfunction sub",
+            len("return a + b;\n}"),
+        ),  # a closing line stays
+        ("  ", "", "return a + b;\n}", None),  # ... once it is whole
+        # code before the cursor: one line, unless the line opens a block
+        ("    result = ", "", "a + b\n    return result", len("a + b")),
+        (
+            "    result = ",
+            "",
+            "[\n        a,\n    ]\n    print(result)",
+            len("[\n        a,\n    ]"),
+        ),
+        (
+            "def f(x)",
+            "",
+            ":\n    return x\n\nf(1)",
+            len(":\n    return x\n"),
+        ),  # opens a block, ended by the next line as far out
+        # text after the cursor on its line: one line only; closing brackets and quotes do not count
+        ("print(", ", 2)", "a\n    x = 1", 1),
+        ("print(", ")", "\n    a,\n    b", None),
+        ("x = ", "", "1", None),
+        ("", "", "a\nb\nc", None),  # column 0: nothing is less indented
+    ],
+)
 def test_scope_end_follows_what_the_client_keeps(line_prefix, line_suffix, text, expected):
     assert server.scope_end(text, line_prefix, line_suffix) == expected
 
 
 def test_pick_snippets_in_priority_order_within_budget():
     segments = {
-        "relevant_snippets_from_recently_opened_files": [{"filepath": "c.py", "body": "c = 3", "score": 0.2}],
-        "relevant_snippets_from_changed_files": [{"filepath": "b.py", "body": "b" * 700, "score": 0.9},
-                                                 {"filepath": "b2.py", "body": "b2 = 2", "score": 0.8}],
+        "relevant_snippets_from_recently_opened_files": [
+            {"filepath": "c.py", "body": "c = 3", "score": 0.2}
+        ],
+        "relevant_snippets_from_changed_files": [
+            {"filepath": "b.py", "body": "b" * 700, "score": 0.9},
+            {"filepath": "b2.py", "body": "b2 = 2", "score": 0.8},
+        ],
         "declarations": [{"filepath": "a.py", "body": "a" * 100}],
     }
     picked = server.pick_snippets(segments)
@@ -82,18 +122,24 @@ def test_pick_snippets_in_priority_order_within_budget():
 
 def test_snippet_budget_counts_bytes_like_tabby():
     body = "é" * 300  # 600 bytes, 300 characters
-    picked = server.pick_snippets({"declarations": [{"filepath": "a", "body": body}, {"filepath": "b", "body": body}]})
+    picked = server.pick_snippets(
+        {"declarations": [{"filepath": "a", "body": body}, {"filepath": "b", "body": body}]}
+    )
     assert [s["filepath"] for s in picked] == ["a"]
 
 
 def test_build_prefix_matches_tabbys_own_test():
     # TabbyML/tabby completion_prompt.rs, test_build_prefix_readable
-    snippets = [{"filepath": f"a{i}.py", "body": f"res_{i} = invoke_function_{i}(n)", "score": 1.0} for i in (1, 2, 3)]
+    snippets = [
+        {"filepath": f"a{i}.py", "body": f"res_{i} = invoke_function_{i}(n)", "score": 1.0}
+        for i in (1, 2, 3)
+    ]
     prefix = "'''\nUse some invoke_function to do some job.\n'''\ndef this_is_prefix():\n"
     assert server.build_prefix("python", prefix, snippets) == (
         "# Path: a1.py\n# res_1 = invoke_function_1(n)\n#\n"
         "# Path: a2.py\n# res_2 = invoke_function_2(n)\n#\n"
-        "# Path: a3.py\n# res_3 = invoke_function_3(n)\n" + prefix)
+        "# Path: a3.py\n# res_3 = invoke_function_3(n)\n" + prefix
+    )
 
 
 @pytest.mark.parametrize("language", ["css", "sql", "json", "unknown"])
@@ -103,7 +149,9 @@ def test_build_prefix_leaves_out_snippets_without_a_line_comment(language):
 
 def fill(template, prefix, suffix):
     """The template filled in one pass, so a "{suffix}" typed by the user stays as it is."""
-    return re.sub(r"\{prefix\}|\{suffix\}", lambda m: prefix if m.group() == "{prefix}" else suffix, template)
+    return re.sub(
+        r"\{prefix\}|\{suffix\}", lambda m: prefix if m.group() == "{prefix}" else suffix, template
+    )
 
 
 @pytest.mark.parametrize("template", list(server.FIM_TEMPLATES) + ["{prefix}"])
@@ -115,7 +163,9 @@ def test_fill_template_gives_tabbys_prompt_string(template):
     assert text == fill(template, prefix, suffix)
     # the template's markers become ids in order; all else, user text that looks like a marker too, stays text
     assert [p for p in pieces if isinstance(p, int)] == list(specials.values())
-    assert "".join(p for p in pieces if isinstance(p, str)) == fill(re.sub(server.MARKER, "", template), prefix, suffix)
+    assert "".join(p for p in pieces if isinstance(p, str)) == fill(
+        re.sub(server.MARKER, "", template), prefix, suffix
+    )
 
 
 def test_fill_template_joins_template_text_with_user_text():
@@ -135,7 +185,10 @@ def test_keep_lines_keeps_whole_lines_from_the_right_end():
 def test_keep_lines_cuts_inside_a_line_only_when_one_line_is_too_long():
     line = "x" * 50 + "END"
     assert server.keep_lines("a\n" + line, lambda t: len(t) <= 10, keep_end=True) == "x" * 7 + "END"
-    assert server.keep_lines("START" + "x" * 50 + "\nb", lambda t: len(t) <= 10, keep_end=False) == "START" + "x" * 5
+    assert (
+        server.keep_lines("START" + "x" * 50 + "\nb", lambda t: len(t) <= 10, keep_end=False)
+        == "START" + "x" * 5
+    )
 
 
 def test_fit_prompt_keeps_the_text_nearest_the_cursor():
@@ -145,7 +198,9 @@ def test_fit_prompt_keeps_the_text_nearest_the_cursor():
     p, s = server.fit_prompt(prefix, suffix, count, 200)
     assert count(p, s) <= 200
     assert prefix.endswith(p) and suffix.startswith(s) and p.startswith("p") and s.endswith("\n")
-    assert len(s) >= 200 // 4 - 4 and len(p) > len(s)  # the suffix gets its quarter, the prefix the rest
+    assert len(s) >= 200 // 4 - 4 and len(p) > len(
+        s
+    )  # the suffix gets its quarter, the prefix the rest
 
 
 def test_fit_prompt_gives_a_short_prefix_room_to_a_long_suffix():

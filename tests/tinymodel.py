@@ -12,6 +12,7 @@ some other logit is always higher. They serve limits, cancellation and benchmark
 
     python tests/tinymodel.py starcoder /tmp/tiny.gguf
 """
+
 import sys
 
 import gguf
@@ -20,42 +21,130 @@ import numpy as np
 # special tokens per family: end-of-text first (id 0), then the FIM markers.
 # "middle" is the marker after which the model sees a FIM prompt end (None: no FIM).
 FAMILIES = {
-    "starcoder": {"specials": ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"],
-                  "fim": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"), "middle": "<fim_middle>"},
-    "codellama": {"specials": ["</s>", "<PRE>", "<SUF>", "<MID>", "<EOT>"],
-                  "fim": ("<PRE>", "<SUF>", "<MID>"), "middle": "<MID>"},
-    "deepseek": {"specials": ["<｜end▁of▁sentence｜>", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"],
-                 "fim": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"), "middle": "<｜fim▁end｜>"},
-    "codegemma": {"specials": ["<|endoftext|>", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>", "<|file_separator|>"],
-                  "fim": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"), "middle": "<|fim_middle|>"},
-    "codestral": {"specials": ["</s>", "[PREFIX]", "[SUFFIX]", "[MIDDLE]"],
-                  "fim": ("[PREFIX]", "[SUFFIX]", "[MIDDLE]"), "middle": None},
+    "starcoder": {
+        "specials": ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"],
+        "fim": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+        "middle": "<fim_middle>",
+    },
+    "codellama": {
+        "specials": ["</s>", "<PRE>", "<SUF>", "<MID>", "<EOT>"],
+        "fim": ("<PRE>", "<SUF>", "<MID>"),
+        "middle": "<MID>",
+    },
+    "deepseek": {
+        "specials": ["<｜end▁of▁sentence｜>", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"],
+        "fim": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
+        "middle": "<｜fim▁end｜>",
+    },
+    "codegemma": {
+        "specials": [
+            "<|endoftext|>",
+            "<|fim_prefix|>",
+            "<|fim_suffix|>",
+            "<|fim_middle|>",
+            "<|file_separator|>",
+        ],
+        "fim": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+        "middle": "<|fim_middle|>",
+    },
+    "codestral": {
+        "specials": ["</s>", "[PREFIX]", "[SUFFIX]", "[MIDDLE]"],
+        "fim": ("[PREFIX]", "[SUFFIX]", "[MIDDLE]"),
+        "middle": None,
+    },
     # FIM tokens that no known family uses: the server must build the template from the ids
-    "custom": {"specials": ["<|endoftext|>", "<fim-prefix>", "<fim-suffix>", "<fim-middle>"],
-               "fim": ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"), "middle": "<fim-middle>"},
+    "custom": {
+        "specials": ["<|endoftext|>", "<fim-prefix>", "<fim-suffix>", "<fim-middle>"],
+        "fim": ("<fim-prefix>", "<fim-suffix>", "<fim-middle>"),
+        "middle": "<fim-middle>",
+    },
     "plain": {"specials": ["<|endoftext|>"], "fim": None, "middle": None},
     # an instruct model in Phi-4's turn format: the assistant writes after "<|im_start|>assistant<|im_sep|>"
-    "chat": {"specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"], "fim": None, "middle": None,
-             "chat": "<|im_sep|>"},
+    "chat": {
+        "specials": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"],
+        "fim": None,
+        "middle": None,
+        "chat": "<|im_sep|>",
+    },
 }
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_sep|>{{ m['content'] | trim }}<|im_end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant<|im_sep|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}<|im_sep|>{{ m['content'] | trim }}<|im_end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant<|im_sep|>{% endif %}"
+)
 
 FIM_SCRIPT = "total = a + b\n    return total\n\nclass Calc:\n  pass\n"
 PLAIN_SCRIPT = "pass\n"
 CHAT_SCRIPT = "Use the add function."
 
 # merged tokens: code pieces and every word of the scripts (a script token must exist whole)
-PIECES = ["    ", "        ", "  ", "\n\n", "\n   ", "\n    ", "\n", "def", " def", "return", " return",
-          "class", " class", "import", " import", "if", " if", "else", "for", " for", " in", "self",
-          "pass", "print", "None", "function", " function", "const", " const", "let", " let", " =",
-          " ==", " +", " -", " *", " /", "()", "):", "->", "total", " total", " a", " b", " Calc",
-          "Calc", ":", "add", " add", "fib", " fib", "(n", "):\n", " x", " y", "Use", " the"]
+PIECES = [
+    "    ",
+    "        ",
+    "  ",
+    "\n\n",
+    "\n   ",
+    "\n    ",
+    "\n",
+    "def",
+    " def",
+    "return",
+    " return",
+    "class",
+    " class",
+    "import",
+    " import",
+    "if",
+    " if",
+    "else",
+    "for",
+    " for",
+    " in",
+    "self",
+    "pass",
+    "print",
+    "None",
+    "function",
+    " function",
+    "const",
+    " const",
+    "let",
+    " let",
+    " =",
+    " ==",
+    " +",
+    " -",
+    " *",
+    " /",
+    "()",
+    "):",
+    "->",
+    "total",
+    " total",
+    " a",
+    " b",
+    " Calc",
+    "Calc",
+    ":",
+    "add",
+    " add",
+    "fib",
+    " fib",
+    "(n",
+    "):\n",
+    " x",
+    " y",
+    "Use",
+    " the",
+]
 
 
 def byte_encoder():
     """GPT-2's reversible byte -> printable character map (a space is 'Ġ', a newline 'Ċ')."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, n = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -74,7 +163,7 @@ def build_vocab(specials, special_type=3):
     for piece in PIECES:
         chars = "".join(enc[b] for b in piece.encode())
         for i in range(2, len(chars) + 1):  # left to right: "d e" -> "de", "de f" -> "def"
-            left, right, whole = chars[:i - 1], chars[i - 1], chars[:i]
+            left, right, whole = chars[: i - 1], chars[i - 1], chars[:i]
             if whole not in known:
                 merges.append(f"{left} {right}")
                 tokens.append(whole)
@@ -98,16 +187,38 @@ def split_script(text, tokens):
     return ids
 
 
-def write_model(path, family="starcoder", special_type=3, weights="scripted", newlines=True, seed=0,
-                n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=4096, chat_template=None):
+def write_model(
+    path,
+    family="starcoder",
+    special_type=3,
+    weights="scripted",
+    newlines=True,
+    seed=0,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_head_kv=2,
+    n_ff=128,
+    n_ctx=4096,
+    chat_template=None,
+):
     spec = FAMILIES[family]
     tokens, types, merges = build_vocab(spec["specials"], special_type)
-    shapes = {"attn_q": (n_embd, n_embd), "attn_k": (n_embd * n_head_kv // n_head, n_embd),
-              "attn_v": (n_embd * n_head_kv // n_head, n_embd), "attn_output": (n_embd, n_embd),
-              "ffn_gate": (n_ff, n_embd), "ffn_up": (n_ff, n_embd), "ffn_down": (n_embd, n_ff)}
+    shapes = {
+        "attn_q": (n_embd, n_embd),
+        "attn_k": (n_embd * n_head_kv // n_head, n_embd),
+        "attn_v": (n_embd * n_head_kv // n_head, n_embd),
+        "attn_output": (n_embd, n_embd),
+        "ffn_gate": (n_ff, n_embd),
+        "ffn_up": (n_ff, n_embd),
+        "ffn_down": (n_embd, n_ff),
+    }
     if weights == "scripted":
         embd, out = scripted_head(spec, tokens, n_embd)
-        layers = [{name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()} for _ in range(n_layer)]
+        layers = [
+            {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
+            for _ in range(n_layer)
+        ]
     else:
         embd, out, layers = random_weights(tokens, types, shapes, n_layer, newlines, seed)
 
@@ -161,7 +272,9 @@ def scripted_head(spec, tokens, n_embd):
         chains.append([tokens.index(spec["middle"])] + split_script(FIM_SCRIPT, tokens))
     if spec.get("chat"):
         chains.append([tokens.index(spec["chat"])] + split_script(CHAT_SCRIPT, tokens))
-    for chain in chains:  # successor of each routed token: the scripts as chains ending in end-of-text
+    for (
+        chain
+    ) in chains:  # successor of each routed token: the scripts as chains ending in end-of-text
         for a, b in zip(chain, chain[1:] + [eos]):
             assert succ.setdefault(a, b) == b, f"token {tokens[a]!r} needs two successors"
     routed = sorted(succ)
@@ -189,14 +302,25 @@ def random_weights(tokens, types, shapes, n_layer, newlines, seed):
         raw = bytes(to_byte.get(c, 0) for c in token)
         try:
             raw.decode()
-            bad = kind != 1 or any(b < 32 and b not in b"\n\t" for b in raw) or (not newlines and b"\n" in raw)
+            bad = (
+                kind != 1
+                or any(b < 32 and b not in b"\n\t" for b in raw)
+                or (not newlines and b"\n" in raw)
+            )
         except UnicodeDecodeError:
             bad = True
         if bad:
             embd[i] = 0.0
     std = {"attn_output": 0.5, "ffn_down": 0.5}
-    layers = [{name: (rng.standard_normal(shape, dtype=np.float32) * std.get(name, n_embd ** -0.5)).astype(np.float16)
-               for name, shape in shapes.items()} for _ in range(n_layer)]
+    layers = [
+        {
+            name: (
+                rng.standard_normal(shape, dtype=np.float32) * std.get(name, n_embd**-0.5)
+            ).astype(np.float16)
+            for name, shape in shapes.items()
+        }
+        for _ in range(n_layer)
+    ]
     return embd, None, layers
 
 
