@@ -322,36 +322,90 @@ def find_stop(text, words, tail=""):
     return None if hit is None else max(0, hit - len(tail))
 
 
-def scope_end(text, line_prefix, line_suffix):
-    """Where tabby-agent's post-processing would cut text, so that generating on is waste, or
-    None. line_prefix and line_suffix are the cursor line's text before and after the cursor.
-    - Text after the cursor, other than closing brackets and quotes: one line only.
-    - Code before the cursor: one line, unless the line opens a block (ends in ( [ { or :).
-    - A line indented less than the cursor's line (or as little, after code) ends the text;
-      it stays when it starts with a closing bracket, as the client keeps such a line."""
-    newline = text.find("\n")
-    if newline < 0:
-        return None
-    code = line_prefix.strip() != ""
-    opens_block = (line_prefix + text[:newline]).rstrip().endswith(("(", "[", "{", ":"))
-    if line_suffix.strip(" \t)]}>\"'`") or (code and not opens_block):
-        return newline
-    limit = len(line_prefix) - len(line_prefix.lstrip()) + code  # indentation, as the client counts
-    while newline >= 0:
-        end = text.find("\n", newline + 1)
-        line = text[newline + 1 :] if end < 0 else text[newline + 1 : end]
-        if line.strip() and len(line) - len(line.lstrip()) < limit:
-            if line.lstrip()[0] not in ")]}":
-                return newline
-            return None if end < 0 else end  # the closing line, once whole
-        newline = end
-    return None
+# --- Where the editor cuts: tabby-agent's post-processing, mirrored. The agent (1.5.0, what the
+# Tabby extensions run; TabbyML/tabby clients/tabby-agent/src/postprocess/) keeps a completion
+# only as far as its indentation scope, and in the middle of a line only its first line. The
+# server stops generating where the agent is sure to cut, so that nothing it would show is lost.
+
+CLOSING = re.compile(r"(?:[)\]}>\"'`]|/>)*")  # the agent's "only closing characters" (fill-in-line)
 
 
-def text_end(text, stops, tail, line_prefix, line_suffix):
-    """Where a completion's text ends (see find_stop and scope_end), or None."""
-    ends = [find_stop(text, stops, tail), scope_end(text, line_prefix, line_suffix)]
-    return min((i for i in ends if i is not None), default=None)
+class Cursor(typing.NamedTuple):
+    """What the agent's cut depends on, besides the completion."""
+
+    line_prefix: str  # the cursor line before the cursor
+    reference: int | None  # indent of the last non-blank line before the cursor; None: none
+    below: int | None  # indent of the first non-blank line after the cursor line; None: none
+    fill_in_line: bool  # the cursor line goes on with more than closing characters
+    python: bool  # Python: a closing line after a blank line is not kept
+
+
+def indent(line):
+    """A line's indentation as the agent counts it: spaces and tabs, one each."""
+    return len(line) - len(line.lstrip(" \t"))
+
+
+NO_CURSOR = Cursor("", None, None, False, False)  # a raw prompt's: the editor's cut is not known
+
+
+def cursor_of(prefix, suffix, language):
+    """The Cursor of a document whose text around the cursor is prefix and suffix (LF line ends)."""
+    before, after = prefix.split("\n"), suffix.split("\n")
+    reference = next((indent(line) for line in reversed(before) if line.strip()), None)
+    below = next((indent(line) for line in after[1:] if line.strip()), None)
+    fill_in_line = not CLOSING.fullmatch(after[0].rstrip())
+    return Cursor(before[-1], reference, below, fill_in_line, language == "python")
+
+
+def scope_ended(text, cursor):
+    """Whether tabby-agent is sure to cut text before its end, so that more text would be thrown
+    away: its "limit scope by indentation" has found the line that leaves the scope (and, when it
+    keeps that line as the closing line, the line after it has begun). In the middle of a line
+    it keeps the first line only: see text_end."""
+    lines = text.split("\n")  # the last one is still being written
+    if cursor.reference is None:
+        return False  # a blank prefix: the agent cuts nothing
+
+    def known(i):  # whether lines[i]'s indentation (and blankness) is known
+        return i < len(lines) - 1 or lines[i].strip() != ""
+
+    def indent_of(i):  # the first line follows the cursor line's text
+        return indent(cursor.line_prefix + lines[0]) if i == 0 else indent(lines[i])
+
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    if first is None or not known(first):
+        return False
+    completing_line = first == 0 and cursor.line_prefix.strip() != ""
+    limit = cursor.reference + (completing_line or indent_of(first) > cursor.reference)
+    for i in range(1, len(lines)):
+        if not known(i):
+            return False
+        if not lines[i].strip() or indent(lines[i]) >= limit:
+            continue
+        if indent_of(i - 1) > indent(lines[i]):  # it closes a block; does it open one too?
+            if i + 1 == len(lines) or not known(i + 1):
+                return False
+            if indent(lines[i]) < indent(lines[i + 1]):  # `} else {`, `else:`: still in scope
+                continue
+        allowed = not completing_line or indent_of(0) < indent_of(1)  # the line opened a block
+        allowed = allowed and (cursor.below is None or cursor.below < limit)
+        if not allowed or (cursor.python and not lines[i - 1].strip()):
+            return True  # the line that leaves the scope is not kept
+        return i + 1 < len(lines) and known(i + 1)  # it is: the closing line, once whole
+    return False
+
+
+def text_end(text, stops, tail, cursor):
+    """Where a completion's text ends: at the earliest of Tabby's stop words (see find_stop); in
+    the middle of a line, after the first line's newline (the agent trims a first line that
+    repeats the rest of the cursor line only when a second line follows); else at its end once
+    the editor is sure to cut what comes next (see scope_ended); else None."""
+    stop = find_stop(text, stops, tail)
+    if stop is not None:
+        return stop
+    if cursor.fill_in_line:
+        return text.index("\n") + 1 if "\n" in text else None
+    return len(text) if scope_ended(text, cursor) else None
 
 
 def pick_snippets(segments):
@@ -391,8 +445,7 @@ class Document(typing.NamedTuple):
 
     prefix: str
     suffix: str
-    line_prefix: str  # the cursor line before the cursor (without the snippets)
-    line_suffix: str  # and after it
+    cursor: Cursor  # what the editor's cut depends on
     snippets: list  # the request's snippets that made it into the prompt
     crlf: bool  # the file has CRLF line ends, and so must the answer
 
@@ -405,9 +458,9 @@ def document(language, segments, fim, snippets=True):
     if crlf:
         prefix, suffix = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
         picked = [dict(s, body=s["body"].replace("\r\n", "\n")) for s in picked]
-    line_prefix, line_suffix = prefix[prefix.rfind("\n") + 1 :], suffix.split("\n", 1)[0]
+    cursor = cursor_of(prefix, suffix, language)
     prefix = build_prefix(language, prefix, picked)
-    return Document(prefix, suffix if fim else "", line_prefix, line_suffix, picked, crlf)
+    return Document(prefix, suffix if fim else "", cursor, picked, crlf)
 
 
 class PromptFormat(typing.NamedTuple):
@@ -1668,14 +1721,14 @@ class Completions:
             doc = document(req.language, seg, self.backend.format.fim, req.retrieval)
             prompt = self.fit(doc.prefix, doc.suffix)
         else:  # a debugging aid: used verbatim, special tokens and all
-            doc = Document("", "", "", "", [], False)
+            doc = Document("", "", NO_CURSOR, [], False)
             fits = lambda text: self.backend.raw_prompt(text).size <= self.room  # noqa: E731
             prompt = self.backend.raw_prompt(keep_lines(req.raw_prompt, fits, keep_end=True))
         stops = stop_words(req.language)
         tail = prompt.text[-max(map(len, stops)) :]  # a stop word may begin in the prompt
 
         def end_of(text):
-            return text_end(text, stops, tail, doc.line_prefix, doc.line_suffix)
+            return text_end(text, stops, tail, doc.cursor)
 
         limits = Limits(self.max_tokens, end_of, should_stop, self.budget)
         out = self.backend.complete(prompt, sampling(req, self.temperature), client, limits)

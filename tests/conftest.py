@@ -13,6 +13,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
+import tabbyagent  # noqa: E402
 import tinymodel  # noqa: E402
 
 import app as server  # noqa: E402
@@ -26,6 +27,12 @@ def clean_env(monkeypatch):
     for name in list(os.environ):
         if name.startswith((server.ENV_PREFIX, "FLASK_")):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def agent_cli():
+    """The real tabby-agent's cli.js (installed with npm into tests/.agent on first use)."""
+    return tabbyagent.install()
 
 
 @pytest.fixture(scope="session")

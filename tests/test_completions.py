@@ -210,8 +210,9 @@ def test_a_prompt_longer_than_the_context_is_cut_to_fit(make_app, model_path, pr
     assert (
         512 - 16 - 20 * 16 <= n <= 512 - 16
     )  # fits with room for the completion, less at most a step of lines
-    # one line: the suffix goes on on the cursor line, or there is code before the cursor
-    assert r.json["choices"][0]["text"] == ("pass" if line else "total = a + b")
+    # after code on the cursor line the model writes its plain script, to its end; where the
+    # suffix goes on on the cursor line, the editor keeps one line: it gets that and its newline
+    assert r.json["choices"][0]["text"] == ("pass\n" if line else "total = a + b\n")
 
 
 @pytest.mark.parametrize(

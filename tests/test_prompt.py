@@ -64,43 +64,100 @@ def test_find_stop(tail, text, expected):
 
 
 @pytest.mark.parametrize(
-    "line_prefix, line_suffix, text, expected",
+    "prefix, suffix, language, text, kept",
     [
-        # empty cursor line in a block: lines indented at least as much go on; a dedent ends it
-        ("    ", "", "return a + b\n\n\ndef sub(a, b):", len("return a + b\n\n")),
-        ("    ", "", "x = a + b\n    return x\nprint(x)", len("x = a + b\n    return x")),
-        ("    ", "", "if a:\n        b()\n    c()", None),  # still in scope
-        ("    ", "", "x = 1\n   ", None),  # the new line's indent is not known yet
+        # an empty line in a block: the block goes on; a dedent ends it, and in Python a line
+        # after a blank line is not kept, so that its first character settles it
         (
-            "  ",
-            "",
-            "return a + b;\n}\n\nfunction sub",
-            len("return a + b;\n}"),
-        ),  # a closing line stays
-        ("  ", "", "return a + b;\n}", None),  # ... once it is whole
-        # code before the cursor: one line, unless the line opens a block
-        ("    result = ", "", "a + b\n    return result", len("a + b")),
+            "def add(a, b):\n    ",
+            "\n",
+            "python",
+            "return a + b\n\n\ndef sub():",
+            "return a + b\n\n\nd",
+        ),
+        ("def f(a):\n    ", "\n", "python", "if a:\n        b()\n    c()", None),  # in scope
+        ("def f(a):\n    ", "\n", "python", "x = 1\n   ", None),  # the new line's indent is unknown
+        # the first line out is kept as the closing line: once whole, and the next has begun
         (
-            "    result = ",
-            "",
-            "[\n        a,\n    ]\n    print(result)",
-            len("[\n        a,\n    ]"),
+            "def f(a):\n    ",
+            "\n",
+            "python",
+            "x = a\n    return x\nprint(x)\nf",
+            "x = a\n    return x\nprint(x)\nf",
         ),
         (
-            "def f(x)",
-            "",
-            ":\n    return x\n\nf(1)",
-            len(":\n    return x\n"),
-        ),  # opens a block, ended by the next line as far out
-        # text after the cursor on its line: one line only; closing brackets and quotes do not count
-        ("print(", ", 2)", "a\n    x = 1", 1),
-        ("print(", ")", "\n    a,\n    b", None),
-        ("x = ", "", "1", None),
-        ("", "", "a\nb\nc", None),  # column 0: nothing is less indented
+            "function f() {\n  ",
+            "\n}\n",
+            "javascript",
+            "return 1;\n}\n\nfunction g",
+            "return 1;\n}\n\n",
+        ),
+        # code before the cursor: the lines as far in as the cursor line's are cut ...
+        ("def f(a, b):\n    result = ", "\n", "python", "a + b\n    return result", "a + b\n    r"),
+        # ... unless the completion starts on the next line, or the line opens a block (issue 15)
+        ("def f(a, b):\n    x = a + b", "\n", "python", "\n    y = x * 2\n    return y", None),
+        (
+            "def f(a, b):\n    t = g(a, ",
+            "\n",
+            "python",
+            "b,\n          c)\n    return t\nx",
+            "b,\n          c)\n    return t\nx",
+        ),
+        (
+            "def f(a, b):\n    if a ",
+            "\n",
+            "python",
+            "> b:\n        return a\n    return b\nx",
+            "> b:\n        return a\n    return b\nx",
+        ),
+        # a dedent followed by a deeper line (else:) goes on
+        (
+            "def f(a):\n    if a:\n        ",
+            "\n",
+            "python",
+            "return 1\n    else:\n        return 2\n    return 3",
+            None,
+        ),
+        (
+            "def f(a):\n    if a:\n        ",
+            "\n",
+            "python",
+            "return 1\n    else:\n        return 2\n    return 3\nz",
+            "return 1\n    else:\n        return 2\n    return 3\nz",
+        ),
+        ("    print(", ")", "python", "\n        a,\n        b", None),  # closing characters only
+        ("x = ", "", "python", "1", None),
+        ("", "", "python", "a\nb\nc", None),  # a blank prefix: nothing to measure against
     ],
 )
-def test_scope_end_follows_what_the_client_keeps(line_prefix, line_suffix, text, expected):
-    assert server.scope_end(text, line_prefix, line_suffix) == expected
+def test_generation_stops_where_the_editor_is_sure_to_cut(prefix, suffix, language, text, kept):
+    cursor = server.cursor_of(prefix, suffix, language)
+    ended = [k for k in range(len(text) + 1) if server.scope_ended(text[:k], cursor)]
+    assert (text[: ended[0]] if ended else None) == kept
+
+
+@pytest.mark.parametrize(
+    "text, end",
+    [
+        ("a, 2)", None),
+        ("a, 2)\n    x = 1", len("a, 2)\n")),  # the newline too: the agent trims ", 2)" only then
+        ("a, 2)\n\nfoo", len("a, 2)")),  # a stop word first
+    ],
+)
+def test_text_after_the_cursor_ends_the_completion_after_its_first_line(text, end):
+    cursor = server.cursor_of("def f(a):\n    compute(", ", 2)\n", "python")
+    assert cursor.fill_in_line
+    assert server.text_end(text, server.stop_words("python"), "", cursor) == end
+
+
+def test_the_cursor_holds_what_the_agents_cut_depends_on():
+    cursor = server.cursor_of(
+        "def f(a):\n    if a:\n        x = 1\n\n    ", "  \n\n  return 2\n", "python"
+    )
+    assert cursor == server.Cursor("    ", 8, 2, False, True)
+    assert server.cursor_of("f(", ')"]} \nx', "go").fill_in_line is False
+    assert server.cursor_of("f(", ", 2)\nx", "go").fill_in_line is True
+    assert server.cursor_of("\n\n", "", "go") == server.Cursor("", None, None, False, False)
 
 
 def test_pick_snippets_in_priority_order_within_budget():

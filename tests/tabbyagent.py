@@ -1,0 +1,156 @@
+"""The real client for end-to-end tests: tabby-agent 1.5.0 (what the Tabby IDE extensions run),
+installed from npm once into tests/.agent and driven over LSP as an editor drives it.
+
+Each agent gets a throwaway HOME, its telemetry off, and a guard that refuses every connection
+off loopback (and records the try)."""
+
+import json
+import os
+import queue
+import shutil
+import subprocess
+import threading
+
+AGENT_VERSION = "1.5.0"
+AGENT_DIR = os.path.join(os.path.dirname(__file__), ".agent")
+
+GUARD_JS = r"""
+// loaded with node --require: no DNS lookup or TCP connect off loopback; each refusal is recorded
+const fs = require('fs'), net = require('net'), dns = require('dns');
+const log = process.env.HOME + '/guard_blocked.log';
+const local = (h) => !h || h === 'localhost' || h === '::1' || /^127\./.test(h);
+const refuse = (what) => { fs.appendFileSync(log, what + '\n'); const e = new Error('blocked: ' + what); e.code = 'ECONNREFUSED'; return e; };
+const connect = net.Socket.prototype.connect;
+net.Socket.prototype.connect = function (...args) {
+  const o = args[0], host = typeof o === 'object' ? (o.path ? 'localhost' : o.host) : args[1];
+  if (!local(host)) { const e = refuse('connect ' + host); process.nextTick(() => this.destroy(e)); return this; }
+  return connect.apply(this, args);
+};
+const lookup = dns.lookup;
+dns.lookup = function (host, ...rest) {
+  if (!local(host)) { const cb = rest[rest.length - 1]; const e = refuse('lookup ' + host); process.nextTick(() => cb(e)); return {}; }
+  return lookup.call(this, host, ...rest);
+};
+"""
+
+
+def install():
+    """The path of the agent's cli.js, installed with npm on first use."""
+    cli = os.path.join(AGENT_DIR, "node_modules", "tabby-agent", "dist", "cli.js")
+    if not os.path.exists(cli):
+        assert shutil.which("npm") and shutil.which("node"), (
+            "the end-to-end tests need node and npm"
+        )
+        os.makedirs(AGENT_DIR, exist_ok=True)
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+                AGENT_DIR,
+                f"tabby-agent@{AGENT_VERSION}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+    return cli
+
+
+class Agent:
+    """tabby-agent --lsp --stdio, driven as an editor drives it."""
+
+    def __init__(self, cli, home, endpoint, token=None, config=""):
+        """An agent for the server at endpoint; config: more of its config.toml."""
+        os.makedirs(home / ".tabby-client" / "agent")
+        (home / ".tabby-client" / "agent" / "config.toml").write_text(
+            f'[server]\nendpoint = "{endpoint}"\n'
+            + (f'token = "{token}"\n' if token else "")
+            + '[logs]\nlevel = "debug"\n[anonymousUsageTracking]\ndisable = true\n'
+            + config
+        )
+        (home / "guard.js").write_text(GUARD_JS)
+        env = {
+            "HOME": str(home),
+            "PATH": os.environ["PATH"],
+            "NODE_OPTIONS": f"--require {home / 'guard.js'}",
+        }
+        self.home, self.next_id, self.messages, self.notifications = home, 0, queue.Queue(), []
+        self.initialized = False
+        self.proc = subprocess.Popen(
+            ["node", cli, "--lsp", "--stdio"],
+            cwd=home,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        out = self.proc.stdout
+        while True:
+            headers = {}
+            while line := out.readline().decode().strip():
+                name, _, value = line.partition(":")
+                headers[name.lower()] = value.strip()
+            if not headers:
+                return  # end of output
+            self.messages.put(json.loads(out.read(int(headers["content-length"]))))
+
+    def send(self, message):
+        data = json.dumps({"jsonrpc": "2.0", **message}).encode()
+        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(data) + data)
+        self.proc.stdin.flush()
+
+    def request(self, method, params, timeout=60):
+        self.next_id += 1
+        self.send({"id": self.next_id, "method": method, "params": params})
+        while True:
+            message = self.messages.get(timeout=timeout)  # queue.Empty ends a stuck test
+            if message.get("id") == self.next_id and "method" not in message:
+                return message.get("result")
+            if "id" in message and "method" in message:
+                self.send({"id": message["id"], "result": None})  # a request from the agent
+            else:
+                self.notifications.append(message)
+
+    def complete(self, text, position, uri="file:///project/demo.py", language="python"):
+        """Open a document and ask for a completion at position: the ghost texts an editor would show."""
+        if not self.initialized:
+            self.request(
+                "initialize",
+                {
+                    "processId": None,
+                    "rootUri": None,
+                    "clientInfo": {"name": "pytest"},
+                    "capabilities": {"textDocument": {"completion": {}}},
+                },
+            )
+            self.send({"method": "initialized", "params": {}})
+            self.initialized = True
+        self.send(
+            {
+                "method": "textDocument/didOpen",
+                "params": {
+                    "textDocument": {"uri": uri, "languageId": language, "version": 1, "text": text}
+                },
+            }
+        )
+        result = self.request(
+            "textDocument/completion", {"textDocument": {"uri": uri}, "position": position}
+        )
+        return [item["textEdit"]["newText"] for item in result["items"]]
+
+    def close(self):
+        try:
+            self.request("shutdown", None, timeout=10)
+            self.send({"method": "exit"})
+            self.proc.wait(timeout=10)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+        blocked = self.home / "guard_blocked.log"
+        return blocked.read_text() if blocked.exists() else ""
