@@ -21,10 +21,10 @@ import collections
 import concurrent.futures
 import ctypes
 import dataclasses
+import errno
 import functools
 import hmac
 import http.client
-import itertools
 import json
 import logging
 import math
@@ -50,7 +50,7 @@ try:
 except ImportError:  # a local model needs it (load_model says so); --backend does not
     llama_cpp = None
 from flask import Flask, abort, jsonify, request  # noqa: E402
-from werkzeug.exceptions import HTTPException  # noqa: E402
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
 # Config: the only place knobs live. Each is a flag --key-name and an env var TABBYPY_KEY_NAME.
@@ -81,6 +81,8 @@ CONFIG = {
                       "GPU backend)"),
     "ctx": (4096, "context size in tokens: prompt and completion together"),
     "threads": (0, "CPU threads; 0: one per physical core"),
+    "kv_cache_mb": (1024, "MB of KV caches kept for editors taking turns, so that each gets its "
+                          "own back (least recently used dropped first); 0: none"),
     "max_tokens": (64, "most tokens generated per completion (Tabby's max_decoding_tokens)"),
     "temperature": (0.1, "sampling temperature when a request sends none; 0 is greedy"),
     "time_budget": (1000, "ms of generation after which a completion ends at the next line end "
@@ -140,6 +142,8 @@ def check_config(config):
         raise SystemExit(f"error: --device must be cpu or gpu, not {config['device']!r}")
     if not config["backend_timeout"] > 0:
         raise SystemExit("error: --backend-timeout must be more than 0 seconds")
+    if config["kv_cache_mb"] < 0:
+        raise SystemExit("error: --kv-cache-mb must be 0 or more")
     if not 0 < config["max_tokens"] < config["ctx"]:
         raise SystemExit(
             f"error: --max-tokens must be at least 1 and less than --ctx ({config['ctx']})"
@@ -294,8 +298,8 @@ SNIPPET_LISTS = [  # the request's snippets, in the order they get the budget
     "relevant_snippets_from_recently_opened_files",
 ]
 PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and the KV cache) stays
+SAMPLE_CHARS = 1024  # a longer line's tokens are estimated from those of its start
 EVAL_CHUNK = 64  # prompt tokens evaluated between two checks for a cancelled request
-KV_SAVED = 8  # clients whose KV caches are kept while others use the model (each ~ its prompt's)
 LAST_ANSWERS = 64  # clients whose last answer is kept, for typed-through answers
 
 # -----------------------------------------------------------------------------------------------
@@ -591,6 +595,8 @@ def json_body(data):
         abort(400, "body is not valid UTF-8")
     except ValueError as e:
         abort(400, f"body is not valid JSON: {e}")
+    except RecursionError:  # json's parser recurses once per [ or {
+        abort(400, "body is not valid JSON: it is nested too deeply")
     if not isinstance(body, dict):
         abort(400, "body must be a JSON object")
     return body
@@ -604,8 +610,10 @@ def get(obj, key, kind, where="", required=False):
             abort(400, f"{where}{key} is required")
         return None
     if kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        ok = ok and math.isfinite(value)
+        try:
+            ok = not isinstance(value, bool) and math.isfinite(value)
+        except (TypeError, OverflowError):  # not a number, or an integer past any float
+            ok = False
     else:
         ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
@@ -871,6 +879,7 @@ def deltas(steps, stops):
 # inference engine). open_backend() picks one at start-up; the request path never asks which.
 # Both have the same methods:
 #   prompt(prefix, suffix), raw_prompt(text)   -> Prompt (its tokens, text and size)
+#   count(text)                                -> about how many tokens text is in a prompt
 #   complete(prompt, sampling, client, limits) -> Generated: generate() over its pieces
 #   chat(req, sampling, should_stop)           -> (generate() steps of the answer, prompt size)
 #   health() -> what /v1/health adds now; describe() -> start-up lines
@@ -1182,10 +1191,11 @@ class LocalModel:
         # calling thread (a new caller pays ~4 ms to start them). Requests queue for it first
         # come first served, so that one editor's stream of requests cannot starve another's.
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
-        # Whose requests the KV cache holds, and the caches of the last few other clients, so
-        # that editors taking turns get theirs back (a copy) instead of evaluating their prompts
-        # again. Used on the model thread only.
-        self.kv_owner, self.kv_saved = None, collections.OrderedDict()
+        # Whose requests the KV cache holds, and copies of other clients' caches (least recently
+        # used first, --kv-cache-mb in all), so that editors taking turns get theirs back instead
+        # of evaluating their prompts again. Used on the model thread only.
+        self.kv_owner, self.kv_saved, self.kv_bytes = None, collections.OrderedDict(), 0
+        self.kv_limit = config["kv_cache_mb"] << 20
         warm_up = self.prompt("def main():\n    ", "\n").tokens  # pages in the weights,
         self.thread.submit(  # and starts the OpenMP workers
             lambda: finish(generate(model_pieces(self.llm, warm_up, 0, 0), 2))
@@ -1218,6 +1228,10 @@ class LocalModel:
         """A prompt as it is, special tokens and all (debug_options.raw_prompt)."""
         tokens = self.bos + self.llm.tokenize(text.encode(), add_bos=False, special=True)
         return Prompt(tokens, text, len(tokens))
+
+    def count(self, text):
+        """Tokens in text, as a part of a prompt (about: text is tokenized on its own)."""
+        return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
 
     def complete(self, prompt, sampling, client, limits):
         """Generated for prompt, on the model thread when its turn comes (or "cancelled" while it
@@ -1269,11 +1283,15 @@ class LocalModel:
         back, if it has one that holds more of tokens. On the model thread."""
         if client == self.kv_owner:
             return
-        if self.kv_owner is not None and self.llm.n_tokens:
-            self.kv_saved[self.kv_owner] = save_kv(self.llm)
-            if len(self.kv_saved) > KV_SAVED:
-                self.kv_saved.popitem(last=False)
         mine = self.kv_saved.pop(client, None)
+        self.kv_bytes -= len(mine[1]) if mine else 0
+        size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, 0) if self.llm.n_tokens else 0
+        if self.kv_owner is not None and 0 < size <= self.kv_limit:
+            self.kv_saved[self.kv_owner] = save_kv(self.llm)
+            self.kv_bytes += size
+            while self.kv_bytes > self.kv_limit:  # the least recently used go first
+                _, (_, data) = self.kv_saved.popitem(last=False)
+                self.kv_bytes -= len(data)
         held = self.llm.input_ids[: self.llm.n_tokens].tolist()
         if mine and common_prefix(mine[0], tokens) > common_prefix(held, tokens):
             load_kv(self.llm, mine)
@@ -1551,6 +1569,9 @@ class Engine:
     def raw_prompt(self, text):
         return Prompt(None, text, len(text.encode()) // BYTES_PER_TOKEN)
 
+    def count(self, text):
+        return len(text.encode()) / BYTES_PER_TOKEN
+
     def complete(self, prompt, sampling, client, limits):
         """Generated for prompt, on this thread: the engine serves several at once (or queues)."""
         t = time.perf_counter()
@@ -1679,9 +1700,10 @@ class Answer(typing.NamedTuple):
 
 
 class Completions:
-    """Completions for clients, a client being one (address, user, file). Under one lock it owns
-    the number of each client's newest request, so that a newer one pre-empts it, and the last
-    answers of the last few clients, for typed-through answers."""
+    """Completions for clients, a client being one (address, user, file): several editors may be
+    one client (tabby-agent sends no identity, a team's proxy one address), so a client's state
+    only ever saves work. Under a lock it owns the last answers of the last few clients, for
+    typed-through answers."""
 
     def __init__(self, backend, config):
         self.backend = backend
@@ -1689,28 +1711,15 @@ class Completions:
         self.budget = config["time_budget"] / 1000
         self.room = config["ctx"] - config["max_tokens"]  # for the prompt, in tokens
         self.lock = threading.Lock()
-        self.numbers, self.newest = itertools.count(), {}
         self.last_answers = collections.OrderedDict()
+        # tokens in a line of text, while the prompt is fitted to the context (see fit): lines
+        # far from the cursor stay the same while the user types
+        self.line_tokens = functools.lru_cache(maxsize=4096)(backend.count)
 
-    def answer(self, req, client, gone):
-        """The Answer to req, a CompletionRequest, from client; gone() says whether the client
-        hung up. A newer request from the same client ends this one (empty, "cancelled")."""
-        with self.lock:
-            number = self.newest[client] = next(self.numbers)
-
-        def should_stop():
-            with self.lock:
-                superseded = self.newest.get(client) != number
-            return superseded or gone()
-
-        try:
-            return self.make(req, client, should_stop)
-        finally:
-            with self.lock:
-                if self.newest.get(client) == number:
-                    del self.newest[client]
-
-    def make(self, req, client, should_stop):
+    def answer(self, req, client, should_stop):
+        """The Answer to req, a CompletionRequest, from client. should_stop() says that its HTTP
+        client hung up (as tabby-agent does on the next keystroke): the answer is then empty,
+        "cancelled", and the model does no more for it. Nothing else cancels a request."""
         seg = req.segments
         if req.raw_prompt is None and not req.wants_variety:
             typed = self.typed_through(client, req.language, seg["prefix"], seg["suffix"])
@@ -1719,11 +1728,13 @@ class Completions:
                 return Answer(*typed, "typed through")
         if req.raw_prompt is None:
             doc = document(req.language, seg, self.backend.format.fim, req.retrieval)
-            prompt = self.fit(doc.prefix, doc.suffix)
+            prompt = self.fit(doc.prefix, doc.suffix, should_stop, self.backend.prompt)
         else:  # a debugging aid: used verbatim, special tokens and all
-            doc = Document("", "", NO_CURSOR, [], False)
-            fits = lambda text: self.backend.raw_prompt(text).size <= self.room  # noqa: E731
-            prompt = self.backend.raw_prompt(keep_lines(req.raw_prompt, fits, keep_end=True))
+            doc = Document(req.raw_prompt, "", NO_CURSOR, [], False)
+            raw = lambda text, _: self.backend.raw_prompt(text)  # noqa: E731
+            prompt = self.fit(doc.prefix, "", should_stop, raw)
+        if prompt is None:
+            return Answer("", "", "cancelled")
         stops = stop_words(req.language)
         tail = prompt.text[-max(map(len, stops)) :]  # a stop word may begin in the prompt
 
@@ -1746,13 +1757,54 @@ class Completions:
             ms=out.ms,
         )
 
-    def fit(self, prefix, suffix):
-        """The backend's prompt for prefix and suffix, cut to the room the context has for it."""
-        prompt = self.backend.prompt(prefix, suffix)
-        if prompt.size <= self.room:
-            return prompt
-        count = lambda p, s: self.backend.prompt(p, s).size  # noqa: E731
-        return self.backend.prompt(*fit_prompt(prefix, suffix, count, self.room))
+    def fit(self, prefix, suffix, should_stop, make):
+        """make(prefix, suffix), the backend's Prompt, cut to the room the context has for it; or
+        None when should_stop() first. Tokenizing is slow (2 µs a character and more, for some
+        vocabularies), so text far from the cursor is never tokenized: lines are counted from the
+        cursor outward until the room is full, the cut is chosen on those counts (fit_prompt),
+        and the prompt made once (again, shorter by what the counts missed, in the rare case)."""
+        if len(prefix.encode()) + len(suffix.encode()) + 8 <= self.room:  # a token: a byte or more
+            return make(prefix, suffix)
+        above, below = prefix.splitlines(keepends=True), suffix.splitlines(keepends=True)
+        first, last = self.near(reversed(above), should_stop), self.near(below, should_stop)
+        if first is None or last is None:
+            return None
+        first = len(above) - first
+        first -= first % PREFIX_STEP  # a line where fit_prompt may cut: the start stays put
+        prefix, suffix, overhead = "".join(above[first:]), "".join(below[:last]), make("", "").size
+
+        def count(p, s):
+            lines = p.splitlines(keepends=True) + s.splitlines(keepends=True)
+            return overhead + sum(map(self.tokens_in, lines))
+
+        budget = self.room
+        for _ in range(3):
+            prompt = make(*fit_prompt(prefix, suffix, count, budget))
+            if should_stop():
+                return None
+            if prompt.size <= self.room:
+                return prompt
+            budget -= prompt.size - self.room  # what the counts missed
+        exact = lambda p, s: make(p, s).size  # noqa: E731
+        return make(*fit_prompt(prefix, suffix, exact, self.room))
+
+    def tokens_in(self, line):
+        """About how many tokens a line is; a long one (minified code) is measured by its start."""
+        if len(line) <= SAMPLE_CHARS:
+            return self.line_tokens(line)
+        return self.line_tokens(line[:SAMPLE_CHARS]) * len(line) / SAMPLE_CHARS
+
+    def near(self, lines, should_stop):
+        """How many of the lines (nearest the cursor first) it takes to fill the room; None when
+        should_stop() first."""
+        n, tokens = 0, 0
+        for line in lines:
+            if tokens > self.room:
+                break
+            if n % 64 == 0 and should_stop():
+                return None
+            n, tokens = n + 1, tokens + self.tokens_in(line)
+        return n
 
     def typed_through(self, client, language, prefix, suffix):
         """(the rest of this client's last completion, its prompt) when the client typed the
@@ -1788,29 +1840,62 @@ class Completions:
 
 
 class EventsLog:
-    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder and
-    the lock that keeps lines whole."""
+    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, the
+    lock that keeps lines whole, and the count of events it could not store: a log that fails
+    (the folder gone, the disk full) must not fail the completion that it logs."""
 
-    def __init__(self, root):
+    def __init__(self, root, logger):
         self.folder = os.path.join(os.path.expanduser(root), "events")
         try:
             os.makedirs(self.folder, exist_ok=True)
         except OSError as e:
             raise SystemExit(f"error: --root: cannot create {self.folder}: {e.strerror}") from None
-        self.lock = threading.Lock()
+        self.lock, self.logger = threading.Lock(), logger
+        self.lost, self.failures = 0, set()  # failures: the kinds already logged
 
     def write(self, user, event):
-        """Append one line to today's file, {user, ts, event}, with one write()."""
+        """Append one line to today's file, {user, ts, event}; -> None, or why it could not."""
         now = time.time()
-        line = {"user": user, "ts": int(now * 1000), "event": event}
-        data = (json.dumps(line, ensure_ascii=False) + "\n").encode()
+        line = json.dumps({"user": user, "ts": int(now * 1000), "event": event}, ensure_ascii=False)
+        # JSON may hold these raw, but readers that split lines on them would break the line
+        for separator in ("\x85", "\u2028", "\u2029"):
+            line = line.replace(separator, f"\\u{ord(separator):04x}")
+        data = (line + "\n").encode()
         path = os.path.join(self.folder, time.strftime("%Y-%m-%d", time.gmtime(now)) + ".json")
         with self.lock:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
+                append(path, data)
+                return None
+            except OSError as e:
+                self.lost += 1
+                why = e.strerror or type(e).__name__
+                if why not in self.failures:  # once per kind, not per request
+                    self.failures.add(why)
+                    self.logger.error("events log: cannot write %s: %s (events are lost until "
+                                      "it can; this is said once)", path, why)  # fmt: skip
+                return why
+
+
+def append(path, data):
+    """data at the end of the file at path (made, with its folder, if missing), with one write();
+    a write cut short by a full disk is taken back, so that the file only holds whole lines."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # the folder is gone: make it again
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = os.write(fd, data)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+        if written < len(data):
+            os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    finally:
+        os.close(fd)
 
 
 def completion_event(completion_id, req, answer, user_agent):
@@ -1880,7 +1965,6 @@ def create_app(config=None):
         except ValueError as e:
             raise SystemExit(f"error: {e}") from None
     check_config(config)
-    events = EventsLog(config["root"])
     backend = open_backend(config)
     for line in backend.describe():
         print(line, file=sys.stderr)
@@ -1894,13 +1978,14 @@ def create_app(config=None):
     app.logger.setLevel(logging.INFO)  # one line per completion
     app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
     app.json.ensure_ascii = False
-    add_guards(app, config["token"])
+    events = EventsLog(config["root"], app.logger)  # once the backend is ready: no files before
+    add_guards(app, config["token"], config["max_body"])
     add_completion_routes(app, config, backend, Completions(backend, config), events)
     add_chat_routes(app, config, backend, events)
     return app
 
 
-def add_guards(app, token):
+def add_guards(app, token, max_body):
     """The token check, and one error shape for everything: {"error": "..."}."""
 
     @app.before_request
@@ -1913,6 +1998,10 @@ def add_guards(app, token):
     @app.errorhandler(HTTPException)
     def http_error(e):
         return jsonify(error=e.description), e.code
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(e):
+        return jsonify(error=f"the body is over this server's {max_body} bytes (--max-body)"), 413
 
     @app.errorhandler(Exception)
     def server_error(e):
@@ -1935,7 +2024,9 @@ def add_completion_routes(app, config, backend, completions, events):
     def events_route():
         body = json_body(request.get_data())
         event = parse_event(body, request.args.get("select_kind"))
-        events.write(get(body, "user", str), event)
+        why = events.write(get(body, "user", str), event)
+        if why:
+            abort(503, f"the event was not stored: {why}")
         return "", 200
 
     @app.post("/v1/completions")
