@@ -90,6 +90,10 @@ CONFIG = {
     "token": ("", "bearer token every /v1 and /v1beta request must carry; empty: no auth"),
     "root": ("~/.tabby", "data directory: events go to ROOT/events/YYYY-MM-DD.json, as Tabby "
                          "writes them"),
+    "events": ("full", "what the events log keeps: full (Tabby's layout, the code around the "
+                       "cursor too), meta (ids, language, sizes, timings: no code) or off"),
+    "events_days": (0, "days of events kept: older day files are deleted at start-up and daily; "
+                       "0: all"),
     "max_body": (1 << 20, "largest request body in bytes; larger ones get 413"),
     "client_telemetry": (False, "let tabby-agent send its anonymous usage statistics to TabbyML"),
     "host": ("127.0.0.1", "address to listen on (python app.py only; flask run has --host)"),
@@ -142,6 +146,10 @@ def check_config(config):
         raise SystemExit(f"error: --device must be cpu or gpu, not {config['device']!r}")
     if not config["backend_timeout"] > 0:
         raise SystemExit("error: --backend-timeout must be more than 0 seconds")
+    if config["events"] not in ("full", "meta", "off"):
+        raise SystemExit(f"error: --events must be full, meta or off, not {config['events']!r}")
+    if config["events_days"] < 0:
+        raise SystemExit("error: --events-days must be 0 (keep all) or more")
     if config["kv_cache_mb"] < 0:
         raise SystemExit("error: --kv-cache-mb must be 0 or more")
     if not 0 < config["max_tokens"] < config["ctx"]:
@@ -326,6 +334,37 @@ def find_stop(text, words, tail=""):
     return None if hit is None else max(0, hit - len(tail))
 
 
+def pick_snippets(segments):
+    """Declarations, then snippets from changed files, then from recently opened files, while
+    their bodies fit Tabby's 768-character budget; a body that does not fit ends its list."""
+    used, picked = 0, []
+    for key in SNIPPET_LISTS:
+        for snippet in segments.get(key) or []:
+            size = len(snippet["body"].encode())  # bytes, as Rust's len()
+            if used + size > SNIPPET_BUDGET:
+                break
+            used += size
+            score = snippet.get("score", 1.0)
+            picked.append(
+                {"filepath": snippet["filepath"], "body": snippet["body"], "score": score}
+            )
+    return picked
+
+
+def build_prefix(language, prefix, snippets):
+    """The prefix after a comment block of the snippets, each under a "Path:" line, as Tabby
+    writes it."""
+    comment = LANGUAGE.get(language, UNKNOWN_LANGUAGE)["line_comment"]
+    if not snippets or not comment:  # no line comment, no way to hide code from the model
+        return prefix
+    lines = []
+    for i, snippet in enumerate(snippets):
+        lines += [f"Path: {snippet['filepath']}"] + snippet["body"].splitlines()
+        if i < len(snippets) - 1:
+            lines.append("")
+    return "\n".join(f"{comment} {line}" if line else comment for line in lines) + "\n" + prefix
+
+
 # --- Where the editor cuts: tabby-agent's post-processing, mirrored. The agent (1.5.0, what the
 # Tabby extensions run; TabbyML/tabby clients/tabby-agent/src/postprocess/) keeps a completion
 # only as far as its indentation scope, and in the middle of a line only its first line. The
@@ -412,35 +451,7 @@ def text_end(text, stops, tail, cursor):
     return len(text) if scope_ended(text, cursor) else None
 
 
-def pick_snippets(segments):
-    """Declarations, then snippets from changed files, then from recently opened files, while
-    their bodies fit Tabby's 768-character budget; a body that does not fit ends its list."""
-    used, picked = 0, []
-    for key in SNIPPET_LISTS:
-        for snippet in segments.get(key) or []:
-            size = len(snippet["body"].encode())  # bytes, as Rust's len()
-            if used + size > SNIPPET_BUDGET:
-                break
-            used += size
-            score = snippet.get("score", 1.0)
-            picked.append(
-                {"filepath": snippet["filepath"], "body": snippet["body"], "score": score}
-            )
-    return picked
-
-
-def build_prefix(language, prefix, snippets):
-    """The prefix after a comment block of the snippets, each under a "Path:" line, as Tabby
-    writes it."""
-    comment = LANGUAGE.get(language, UNKNOWN_LANGUAGE)["line_comment"]
-    if not snippets or not comment:  # no line comment, no way to hide code from the model
-        return prefix
-    lines = []
-    for i, snippet in enumerate(snippets):
-        lines += [f"Path: {snippet['filepath']}"] + snippet["body"].splitlines()
-        if i < len(snippets) - 1:
-            lines.append("")
-    return "\n".join(f"{comment} {line}" if line else comment for line in lines) + "\n" + prefix
+# --- The prompt: the request's text in the model's template, fitted to the context.
 
 
 class Document(typing.NamedTuple):
@@ -915,35 +926,79 @@ def physical_cores():
         return os.cpu_count() or 1
 
 
+TABBY_LAYOUT = "ggml/model-00001-of-00001.gguf"  # where Tabby's own model repos keep the GGUF
+
+
 def download(repo_id, flag="--model"):
     """owner/repo[:file.gguf] from the Hugging Face hub into its cache, once, with a progress
-    bar."""
+    bar; from the cache alone when the hub cannot be reached (found out in a few seconds)."""
     try:
         import huggingface_hub
+        from huggingface_hub import constants
     except ImportError:
         raise SystemExit(
             f"error: {flag} {repo_id} is a Hugging Face repo id, and downloading it needs "
             "huggingface_hub: pip install huggingface_hub (or pass a local .gguf file)"
         ) from None
     repo, _, filename = repo_id.partition(":")
+    hub = constants.ENDPOINT  # HF_ENDPOINT, or the hub's own
+    if constants.HF_HUB_OFFLINE or not reachable(hub):
+        try:  # a file named, or Tabby's layout
+            return huggingface_hub.hf_hub_download(
+                repo, filename or TABBY_LAYOUT, local_files_only=True
+            )
+        except Exception:  # not in the cache (the hub's own errors vary by version)
+            raise SystemExit(
+                f"error: {flag} {repo_id}: {offline_help(hub, repo, filename)}"
+            ) from None
     try:
         if not filename:
             ggufs = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".gguf")]
-            tabby_layout = "ggml/model-00001-of-00001.gguf"  # where Tabby's own model repos keep it
-            if len(ggufs) != 1 and tabby_layout not in ggufs:
+            if len(ggufs) != 1 and TABBY_LAYOUT not in ggufs:
                 raise SystemExit(
                     f"error: {flag} {repo_id}: {len(ggufs)} GGUF files there "
                     f"({', '.join(ggufs[:8])}); pick one as {repo}:FILE"
                 )
-            filename = ggufs[0] if len(ggufs) == 1 else tabby_layout
+            filename = ggufs[0] if len(ggufs) == 1 else TABBY_LAYOUT
         return huggingface_hub.hf_hub_download(repo, filename)
     except SystemExit:
         raise
-    except Exception as e:  # no network, no such repo, disk full: all end start-up the same way
+    except Exception as e:  # no such repo, no such file, disk full: all end start-up the same way
         first = str(e).splitlines()[0] if str(e) else ""
         raise SystemExit(
-            f"error: {flag} {repo_id}: download failed: {type(e).__name__}: {first}"
+            f"error: {flag} {repo_id}: download failed: {type(e).__name__}: {first} "
+            "(or pass a local .gguf file)"
         ) from None
+
+
+def reachable(url, timeout=3.0):
+    """Whether url's host takes a TCP connection within timeout seconds, name lookup included;
+    yes when a proxy is set (the hub's client goes through it)."""
+    proxies = ("https_proxy", "http_proxy", "all_proxy")
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
+        return True
+    parts, opened = urllib.parse.urlsplit(url), threading.Event()
+
+    def connect():  # on a thread of its own: a name lookup cannot be given a timeout
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            opened.set()
+        except (OSError, ValueError):
+            pass
+
+    threading.Thread(target=connect, daemon=True).start()
+    return opened.wait(timeout)
+
+
+def offline_help(hub, repo, filename):
+    """What to do when the hub cannot be reached and the model is not in its cache."""
+    name = filename or (TABBY_LAYOUT if repo.startswith("TabbyML/") else "")
+    fetch = (f"fetch {hub}/{repo}/resolve/main/{name} by hand" if name else
+             f"fetch one of the .gguf files listed at {hub}/{repo}/tree/main by hand")  # fmt: skip
+    return (f"cannot reach the Hugging Face hub ({hub}), and the model is not in its cache: "
+            f"{fetch} and pass its path (--model ./model.gguf); a model downloaded before "
+            "starts without the hub with HF_HUB_OFFLINE=1")  # fmt: skip
 
 
 def load_model(config, path, flag="--model"):
@@ -1238,6 +1293,8 @@ class LocalModel:
         waits, without touching the model)."""
 
         def run():
+            if limits.should_stop():  # gone while it waited: the KV cache stays as it is
+                return Generated("", 0, "cancelled")
             t = time.perf_counter()
             self.use_kv_of(client, prompt.tokens)
             reused = keep_kv(self.llm, prompt.tokens)
@@ -1840,22 +1897,43 @@ class Completions:
 
 
 class EventsLog:
-    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, the
-    lock that keeps lines whole, and the count of events it could not store: a log that fails
-    (the folder gone, the disk full) must not fail the completion that it logs."""
+    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, what
+    is kept (--events: all, no code, nothing; --events-days), the lock that keeps lines whole,
+    and the count of events it could not store: a log that fails (the folder gone, the disk
+    full) must not fail the completion that it logs."""
 
-    def __init__(self, root, logger):
-        self.folder = os.path.join(os.path.expanduser(root), "events")
-        try:
-            os.makedirs(self.folder, exist_ok=True)
-        except OSError as e:
-            raise SystemExit(f"error: --root: cannot create {self.folder}: {e.strerror}") from None
+    def __init__(self, config, logger):
+        self.folder = os.path.join(os.path.expanduser(config["root"]), "events")
+        self.mode, self.days = config["events"], config["events_days"]
+        if self.mode != "off":
+            try:
+                os.makedirs(self.folder, exist_ok=True)
+            except OSError as e:
+                error = f"error: --root: cannot create {self.folder}: {e.strerror}"
+                raise SystemExit(error) from None
         self.lock, self.logger = threading.Lock(), logger
         self.lost, self.failures = 0, set()  # failures: the kinds already logged
+        self.today = self.prune(time.time())
+
+    def prune(self, now):
+        """Delete the day files older than --events-days; -> today's name, as day files go."""
+        today = time.strftime("%Y-%m-%d", time.gmtime(now))
+        oldest = time.strftime("%Y-%m-%d", time.gmtime(now - (self.days - 1) * 86400))
+        names = os.listdir(self.folder) if self.days and os.path.isdir(self.folder) else []
+        for name in names:
+            if re.fullmatch(r"\d{4}-\d\d-\d\d\.json", name) and name[:10] < oldest:
+                try:
+                    os.remove(os.path.join(self.folder, name))
+                except OSError as e:
+                    self.logger.error("events log: cannot delete %s: %s", name, e.strerror)
+        return today
 
     def write(self, user, event):
         """Append one line to today's file, {user, ts, event}; -> None, or why it could not."""
+        if self.mode == "off":
+            return None
         now = time.time()
+        event = without_code(event) if self.mode == "meta" else event
         line = json.dumps({"user": user, "ts": int(now * 1000), "event": event}, ensure_ascii=False)
         # JSON may hold these raw, but readers that split lines on them would break the line
         for separator in ("\x85", "\u2028", "\u2029"):
@@ -1863,6 +1941,8 @@ class EventsLog:
         data = (line + "\n").encode()
         path = os.path.join(self.folder, time.strftime("%Y-%m-%d", time.gmtime(now)) + ".json")
         with self.lock:
+            if not path.endswith(self.today + ".json"):  # a new day: the oldest one goes
+                self.today = self.prune(now)
             try:
                 append(path, data)
                 return None
@@ -1898,8 +1978,9 @@ def append(path, data):
         os.close(fd)
 
 
-def completion_event(completion_id, req, answer, user_agent):
-    """What the log keeps of a served completion, as Tabby logs it."""
+def completion_event(completion_id, req, answer, user_agent, ms):
+    """What the log keeps of a served completion: Tabby's record, and how it was made (tokens,
+    finish reason, ms in the model and in all)."""
     segments = {k: v for k, v in req.segments.items() if v is not None}
     return {
         "completion": {
@@ -1909,8 +1990,29 @@ def completion_event(completion_id, req, answer, user_agent):
             "segments": segments,
             "choices": [{"index": 0, "text": answer.text}],
             "user_agent": user_agent,
+            "prompt_tokens": answer.size,
+            "reused_tokens": answer.reused,
+            "generated_tokens": answer.generated,
+            "finish_reason": answer.reason,
+            "model_ms": round(answer.ms, 1),
+            "total_ms": round(ms, 1),
         }
     }
+
+
+def without_code(event):
+    """An event with no text of anyone's code (--events meta): a completion's prompt and segments
+    go, its choices' text and a chat's messages become sizes."""
+    kind, fields = next(iter(event.items()))
+    if kind == "completion":
+        choices = [{"index": c["index"], "chars": len(c["text"])} for c in fields["choices"]]
+        fields = {k: v for k, v in fields.items() if k not in ("prompt", "segments")}
+        return {kind: {**fields, "choices": choices}}
+    if kind == "chat_completion":
+        output = {"role": "assistant", "chars": len(fields["output"]["content"])}
+        return {kind: {"completion_id": fields["completion_id"], "messages": len(fields["input"]),
+                       "output": output}}  # fmt: skip
+    return event  # view, select, dismiss, ...: ids and numbers only
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1978,7 +2080,7 @@ def create_app(config=None):
     app.logger.setLevel(logging.INFO)  # one line per completion
     app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
     app.json.ensure_ascii = False
-    events = EventsLog(config["root"], app.logger)  # once the backend is ready: no files before
+    events = EventsLog(config, app.logger)  # once the backend is ready: no files before
     add_guards(app, config["token"], config["max_body"])
     add_completion_routes(app, config, backend, Completions(backend, config), events)
     add_chat_routes(app, config, backend, events)
@@ -2036,10 +2138,10 @@ def add_completion_routes(app, config, backend, completions, events):
         client = (request.remote_addr, req.user, req.segments.get("filepath"))
         environ = request.environ
         answer = completions.answer(req, client, lambda: client_gone(environ))
-        completion_id = f"cmpl-{uuid.uuid4()}"
+        completion_id, ms = f"cmpl-{uuid.uuid4()}", (time.perf_counter() - started) * 1000
         if answer.reason != "cancelled":
             user_agent = request.headers.get("User-Agent")
-            events.write(req.user, completion_event(completion_id, req, answer, user_agent))
+            events.write(req.user, completion_event(completion_id, req, answer, user_agent, ms))
         app.logger.info(
             "%s: %d prompt tokens (%d reused), %d generated, %s; %.1f ms in the model, "
             "%.1f ms in all",
@@ -2049,7 +2151,7 @@ def add_completion_routes(app, config, backend, completions, events):
             answer.generated,
             answer.reason,
             answer.ms,
-            (time.perf_counter() - started) * 1000,
+            ms,
         )
         response = {"id": completion_id, "choices": [{"index": 0, "text": answer.text}]}
         if req.debug_data:

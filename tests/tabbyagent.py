@@ -62,11 +62,14 @@ def install():
 class Agent:
     """tabby-agent --lsp --stdio, driven as an editor drives it."""
 
-    def __init__(self, cli, home, endpoint, token=None, config=""):
-        """An agent for the server at endpoint; config: more of its config.toml."""
+    def __init__(self, cli, home, endpoint, token=None, config="", whole_config=None):
+        """An agent for the server at endpoint; config: more of its config.toml; whole_config:
+        all of it, as it is."""
         os.makedirs(home / ".tabby-client" / "agent")
         (home / ".tabby-client" / "agent" / "config.toml").write_text(
-            f'[server]\nendpoint = "{endpoint}"\n'
+            whole_config
+            if whole_config is not None
+            else f'[server]\nendpoint = "{endpoint}"\n'
             + (f'token = "{token}"\n' if token else "")
             + '[logs]\nlevel = "debug"\n[anonymousUsageTracking]\ndisable = true\n'
             + config

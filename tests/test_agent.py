@@ -1,7 +1,10 @@
 """End to end with the real client: tabby-agent 1.5.0 (what the Tabby IDE extensions run), over LSP."""
 
+import os
+import re
+
 import pytest
-from conftest import read_events, start_engine, start_server, stop
+from conftest import ROOT, read_events, start_engine, start_server, stop
 from tabbyagent import Agent
 
 DOC = "import math\n\n\ndef add(a, b):\n    \n\n\ndef main():\n    print(add(1, 2))\n"
@@ -83,3 +86,25 @@ def test_without_the_right_token_the_agent_reports_unauthorized(serve, agent, to
     ]
     assert any("unauthorized" in m for m in messages), client.notifications
     assert read_events(events) == []
+
+
+def test_the_readmes_agent_config_keeps_the_agent_on_loopback(serve, agent_cli, tmp_path):
+    """The agent's config as the README gives it, on a fresh home: from its first start to its
+    shutdown the agent reaches nothing but 127.0.0.1. Without the README's
+    [anonymousUsageTracking] entry the guard sees it try app.tabbyml.com."""
+    url, _ = serve()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    config = (
+        re.search(r"```toml\n(.*?)```", readme, re.S).group(1).replace("http://127.0.0.1:8080", url)
+    )
+    assert "[anonymousUsageTracking]" in config and url in config
+    runs = {}
+    for name, text in (
+        ("readme", config),
+        ("without", config.split("[anonymousUsageTracking]")[0]),
+    ):
+        client = Agent(agent_cli, tmp_path / name, url, whole_config=text)
+        shown = client.complete(DOC, CURSOR)
+        runs[name] = shown, client.close()
+    assert runs["readme"] == (["total = a + b\n    return total"], "")
+    assert "tabbyml.com" in runs["without"][1], runs["without"]  # the guard caught its reports

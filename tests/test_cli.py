@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -111,24 +112,36 @@ def test_hub_id_without_huggingface_hub(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model, env",
+    "model, env, url",
     [
-        ("TabbyML/StarCoder-1B", {"HF_HUB_OFFLINE": "1"}),
-        ("owner/repo:model-q8_0.gguf", {"HF_HUB_OFFLINE": "1"}),
-        (
-            "owner/repo:model-q8_0.gguf",
-            {"HF_ENDPOINT": "http://127.0.0.1:9"},
-        ),  # nothing listens there
+        ("TabbyML/StarCoder-1B", {"HF_HUB_OFFLINE": "1"},
+         "https://huggingface.co/TabbyML/StarCoder-1B/resolve/main/ggml/model-00001-of-00001.gguf"),
+        ("owner/repo:model-q8_0.gguf", {"HF_HUB_OFFLINE": "1"},
+         "https://huggingface.co/owner/repo/resolve/main/model-q8_0.gguf"),
+        ("owner/repo:model-q8_0.gguf", {"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens
+         "http://127.0.0.1:9/owner/repo/resolve/main/model-q8_0.gguf"),
+        ("owner/repo", {"HF_ENDPOINT": "https://hub.invalid"},  # no such name
+         "https://hub.invalid/owner/repo/tree/main"),
     ],
-)
-def test_hub_id_without_network(tmp_path, model, env):
+)  # fmt: skip
+def test_a_hub_id_without_network_fails_fast_and_says_what_to_do(tmp_path, model, env, url):
     import huggingface_hub  # noqa: F401 (in tests/requirements.txt)
 
+    started = time.monotonic()
     result = run(
-        ["--model", model, "--root", str(tmp_path)], env={"HF_HOME": str(tmp_path / "hf"), **env}
+        ["--model", model], env={"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), **env}
     )
-    # huggingface_hub may log its own retries first; our line comes last
-    assert_one_line_failure(result, model, "download failed", only_line=False)
+    assert time.monotonic() - started < 15  # huggingface_hub alone retried for about 30 s
+    assert_one_line_failure(result, model, "cannot reach the Hugging Face hub", url,
+                            "--model ./model.gguf", "HF_HUB_OFFLINE=1")  # fmt: skip
+    assert os.listdir(tmp_path) == []  # a failed start leaves nothing behind (no ~/.tabby)
+
+
+def test_a_failed_start_leaves_no_files(tmp_path, model_path):
+    for args in (["--model", str(tmp_path / "nope.gguf")], ["--backend", "http://127.0.0.1:9/v1"],
+                 ["--model", model_path("plain"), "--prompt-template", "<fim_prefix>{prefix}"]):  # fmt: skip
+        assert run(args, env={"HOME": str(tmp_path)}).returncode != 0
+        assert os.listdir(tmp_path) == [], args
 
 
 def test_python_app_py_serves(model_path, tmp_path):

@@ -278,7 +278,8 @@ def test_each_completion_is_logged_in_tabbys_layout(make_app):
         and isinstance(line["ts"], int)
     )
     record = line["event"]["completion"]
-    assert record == {
+    tabbys = {"completion_id", "language", "segments", "prompt", "choices", "user_agent"}
+    assert {k: v for k, v in record.items() if k in tabbys} == {
         "completion_id": r.json["id"],
         "language": "python",
         "segments": segments,
@@ -287,6 +288,15 @@ def test_each_completion_is_logged_in_tabbys_layout(make_app):
         "user_agent": "tabby-agent/1.5.0",
     }
     assert record["prompt"].startswith("<fim_prefix># Path: b.py\n# b = 1\n" + PREFIX)
+    # and how it was made, for the status page and anyone reading the log
+    ours = {k: v for k, v in record.items() if k not in tabbys}
+    assert set(ours) == {"prompt_tokens", "reused_tokens", "generated_tokens", "finish_reason",
+                         "model_ms", "total_ms"}  # fmt: skip
+    assert (ours["generated_tokens"], ours["finish_reason"]) == (9, "stop")
+    assert (
+        ours["prompt_tokens"] > ours["reused_tokens"] >= 0
+        and ours["total_ms"] >= ours["model_ms"] > 0
+    )
 
 
 def test_health(client):

@@ -5,6 +5,7 @@ is bounded: KV caches by --kv-cache-mb, a failing events log costs events, not c
 import http.client
 import json
 import random
+import re
 import shutil
 import threading
 import time
@@ -355,17 +356,17 @@ def test_a_small_request_after_an_abandoned_huge_one_is_not_kept_waiting(model_p
         idle = min(timed(port, small) for _ in range(3))
         huge = json.dumps(
             {"language": "python", "segments": {"prefix": big_prefix(1 << 20), "suffix": "\n"}}
-        ).encode()
+        )
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        conn.putrequest("POST", "/v1/completions")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", str(len(huge)))
-        conn.endheaders(huge)
-        time.sleep(0.05)
+        conn.request("POST", "/v1/completions", huge, {"Content-Type": "application/json"})
         conn.close()  # abandoned, as the editor does on the next keystroke
         after = timed(port, small)
     finally:
-        stop(proc)
+        log = stop(proc)
+    counts = re.findall(r"(\d+) prompt tokens \((\d+) reused\), (\d+) generated, ([\w ]+);", log)
+    assert ("0", "0", "cancelled") in [c[1:] for c in counts]  # it never touched the model
+    size, reused, _, _ = counts[-1]
+    assert int(reused) == int(size) - 1  # nor the KV cache: the small prompt is still in it
     assert after < idle + 0.5, (after, idle)
 
 
