@@ -25,6 +25,7 @@ import errno
 import functools
 import hmac
 import http.client
+import itertools
 import json
 import logging
 import math
@@ -32,7 +33,10 @@ import os
 import platform
 import re
 import select
+import shutil
 import socket
+import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -94,6 +98,12 @@ CONFIG = {
                        "cursor too), meta (ids, language, sizes, timings: no code) or off"),
     "events_days": (0, "days of events kept: older day files are deleted at start-up and daily; "
                        "0: all"),
+    "repo": ((), "a repository whose code completions draw on: a git checkout, or a git URL "
+                 "cloned into ROOT/repositories; once for each (index: ROOT/index/code.sqlite3)"),
+    "repo_refresh": (60, "seconds between looks at the repositories for changes (a URL's remote: "
+                         "60 times as long)"),
+    "repo_context_tokens": (1024, "tokens of repository context, for a model that has "
+                                  "repository-level tokens (Qwen2.5-Coder, StarCoder2)"),
     "max_body": (1 << 20, "largest request body in bytes; larger ones get 413"),
     "client_telemetry": (False, "let tabby-agent send its anonymous usage statistics to TabbyML"),
     "host": ("127.0.0.1", "address to listen on (python app.py only; flask run has --host)"),
@@ -103,7 +113,10 @@ CONFIG = {
 
 
 def convert(value, default, source):
-    """A flag or env string as the type of the knob's default; source names it in errors."""
+    """A flag or env string as the type of the knob's default; source names it in errors. A
+    knob whose default is a tuple takes several values: comma-separated in an env var."""
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
     if isinstance(default, bool):
         if value.lower() in ("1", "true", "yes"):
             return True
@@ -127,15 +140,20 @@ def load_config(argv=(), environ=None):
     config = {}
     for key, (default, help) in CONFIG.items():
         env = ENV_PREFIX + key.upper()
+        repeated = isinstance(default, tuple)  # a flag given once for each value
+        env_help = f"env {env}, comma-separated" if repeated else f"env {env}"
         parser.add_argument(
             "--" + key.replace("_", "-"),
             dest=key,
             metavar="VALUE",
-            help=f"{help} (default: {default!r}; env {env})",
+            action="append" if repeated else "store",
+            help=f"{help} (default: {default!r}; {env_help})",
         )
         config[key] = convert(environ[env], default, env) if env in environ else default
     for key, value in vars(parser.parse_args(list(argv))).items():
-        if value is not None:
+        if isinstance(value, list):
+            config[key] = tuple(value)
+        elif value is not None:
             config[key] = convert(value, CONFIG[key][0], "--" + key.replace("_", "-"))
     return config
 
@@ -308,6 +326,7 @@ SNIPPET_LISTS = [  # the request's snippets, in the order they get the budget
 PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and the KV cache) stays
 SAMPLE_CHARS = 1024  # a longer line's tokens are estimated from those of its start
 EVAL_CHUNK = 64  # prompt tokens evaluated between two checks for a cancelled request
+KV_KEPT = 32  # tokens of the KV cache that a new prompt must drop for a copy to be kept
 LAST_ANSWERS = 64  # clients whose last answer is kept, for typed-through answers
 
 # -----------------------------------------------------------------------------------------------
@@ -465,11 +484,12 @@ class Document(typing.NamedTuple):
     crlf: bool  # the file has CRLF line ends, and so must the answer
 
 
-def document(language, segments, fim, snippets=True):
-    """The Document of a completion request's segments (snippets=False leaves them out)."""
+def document(language, segments, fim, snippets):
+    """The Document of a completion request's segments, with snippets (pick_snippets()'s, and
+    the repository's) in a comment block before the prefix."""
     prefix, suffix = segments["prefix"], segments["suffix"] or "\n"  # Tabby's default: "\n"
     crlf = "\r\n" in prefix or "\r\n" in suffix
-    picked = pick_snippets(segments) if snippets else []
+    picked = snippets
     if crlf:
         prefix, suffix = prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n")
         picked = [dict(s, body=s["body"].replace("\r\n", "\n")) for s in picked]
@@ -891,7 +911,7 @@ def deltas(steps, stops):
 # Both have the same methods:
 #   prompt(prefix, suffix), raw_prompt(text)   -> Prompt (its tokens, text and size)
 #   count(text)                                -> about how many tokens text is in a prompt
-#   complete(prompt, sampling, client, limits) -> Generated: generate() over its pieces
+#   complete(prompt, sampling, limits)         -> Generated: generate() over its pieces
 #   chat(req, sampling, should_stop)           -> (generate() steps of the answer, prompt size)
 #   health() -> what /v1/health adds now; describe() -> start-up lines
 # and the attributes name, device (for /v1/health), format (its PromptFormat), chat_name.
@@ -1230,9 +1250,15 @@ class LocalModel:
         protected = {self.llm.token_bos(), self.llm.token_eos(), *self.format.specials.values()}
         # While the user types on a line, only that line changes: the other pieces of the prompt
         # (the text above, the suffix) come from here instead of the tokenizer.
-        self.tokenize = functools.lru_cache(maxsize=16)(
+        self.tokenize = functools.lru_cache(maxsize=64)(
             lambda text: tuple(tokenize_text(self.llm, text, protected))
         )
+        # repository-level tokens (Qwen2.5-Coder's <|repo_name|> and <|file_sep|>, StarCoder2's
+        # <repo_name> and <file_sep>): then the repository's code goes before the prompt as files
+        ids = llama_cpp.llama_vocab_fim_rep(vocab), llama_cpp.llama_vocab_fim_sep(vocab)
+        self.repo_layout = min(ids) >= 0  # (-1: no such token)
+        text = lambda i: llama_cpp.llama_vocab_get_text(vocab, i).decode()  # noqa: E731
+        self.repo_ids = [(i, text(i)) for i in ids] if self.repo_layout else []
         model = config["model"]
         self.name = os.path.basename(model) if os.path.exists(model) else model
         self.device = gpu_name() if config["device"] == "gpu" else "cpu"
@@ -1246,10 +1272,12 @@ class LocalModel:
         # calling thread (a new caller pays ~4 ms to start them). Requests queue for it first
         # come first served, so that one editor's stream of requests cannot starve another's.
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
-        # Whose requests the KV cache holds, and copies of other clients' caches (least recently
-        # used first, --kv-cache-mb in all), so that editors taking turns get theirs back instead
-        # of evaluating their prompts again. Used on the model thread only.
-        self.kv_owner, self.kv_saved, self.kv_bytes = None, collections.OrderedDict(), 0
+        # Copies of the KV cache kept when another prompt took its place (least recently used
+        # first, --kv-cache-mb in all), so that editors taking turns, and an editor coming back
+        # after an abandoned request, get theirs back instead of evaluating their prompts again.
+        # Found by what they hold, not by whose they were: editors cannot be told apart. Used on
+        # the model thread only.
+        self.kv_saved, self.kv_bytes, self.kv_ids = collections.OrderedDict(), 0, itertools.count()
         self.kv_limit = config["kv_cache_mb"] << 20
         warm_up = self.prompt("def main():\n    ", "\n").tokens  # pages in the weights,
         self.thread.submit(  # and starts the OpenMP workers
@@ -1271,9 +1299,20 @@ class LocalModel:
     def health(self):
         return {}
 
-    def prompt(self, prefix, suffix):
-        """The template's special tokens as ids, the rest tokenized as plain text."""
+    def prompt(self, prefix, suffix, context=None):
+        """The template's special tokens as ids, the rest tokenized as plain text; a RepoContext
+        before it as llama.cpp's /infill lays one out: <|repo_name|>name, then for each file
+        <|file_sep|>path and its text, then <|file_sep|> and the current file's path."""
         pieces, text = arrange(self.format, prefix, suffix)
+        if context and self.repo_layout:
+            (rep, rep_text), (sep, sep_text) = self.repo_ids
+            head = [rep, context.name + "\n"]
+            for path, body in context.files:
+                head += [sep, f"{path}\n{body}"]
+            head += [sep, context.path + "\n"]
+            pieces = head + pieces
+            names = {rep: rep_text, sep: sep_text}
+            text = "".join(names[p] if isinstance(p, int) else p for p in head) + text
         tokens = list(self.bos)
         for p in pieces:
             tokens += [p] if isinstance(p, int) else self.tokenize(p)
@@ -1288,7 +1327,7 @@ class LocalModel:
         """Tokens in text, as a part of a prompt (about: text is tokenized on its own)."""
         return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
 
-    def complete(self, prompt, sampling, client, limits):
+    def complete(self, prompt, sampling, limits):
         """Generated for prompt, on the model thread when its turn comes (or "cancelled" while it
         waits, without touching the model)."""
 
@@ -1296,7 +1335,7 @@ class LocalModel:
             if limits.should_stop():  # gone while it waited: the KV cache stays as it is
                 return Generated("", 0, "cancelled")
             t = time.perf_counter()
-            self.use_kv_of(client, prompt.tokens)
+            self.use_kv_for(prompt.tokens)
             reused = keep_kv(self.llm, prompt.tokens)
             pieces = model_pieces(self.llm, prompt.tokens, *sampling)
             text, n, reason = finish(generate(pieces, *limits))
@@ -1335,24 +1374,27 @@ class LocalModel:
                 if should_stop() and future.cancel():
                     return None
 
-    def use_kv_of(self, client, tokens):
-        """Save the KV cache of the client that used the model last, and give client its own
-        back, if it has one that holds more of tokens. On the model thread."""
-        if client == self.kv_owner:
-            return
-        mine = self.kv_saved.pop(client, None)
+    def use_kv_for(self, tokens):
+        """Before a prompt of tokens: if a kept copy holds more of its start than the KV cache
+        does, put that copy back; if the KV cache would lose KV_KEPT tokens or more to it, keep
+        a copy of it first. On the model thread."""
+        held = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        here = common_prefix(held, tokens)
+        holds = {k: common_prefix(kept, tokens) for k, (kept, _) in self.kv_saved.items()}
+        best = max(holds, key=holds.get, default=None)
+        mine = self.kv_saved.pop(best) if best is not None and holds[best] > here else None
         self.kv_bytes -= len(mine[1]) if mine else 0
         size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, 0) if self.llm.n_tokens else 0
-        if self.kv_owner is not None and 0 < size <= self.kv_limit:
-            self.kv_saved[self.kv_owner] = save_kv(self.llm)
+        if len(held) - here >= KV_KEPT and 0 < size <= self.kv_limit:
+            for key in [k for k, (kept, _) in self.kv_saved.items() if held[: len(kept)] == kept]:
+                self.kv_bytes -= len(self.kv_saved.pop(key)[1])  # held holds all that one did
+            self.kv_saved[next(self.kv_ids)] = save_kv(self.llm)
             self.kv_bytes += size
             while self.kv_bytes > self.kv_limit:  # the least recently used go first
                 _, (_, data) = self.kv_saved.popitem(last=False)
                 self.kv_bytes -= len(data)
-        held = self.llm.input_ids[: self.llm.n_tokens].tolist()
-        if mine and common_prefix(mine[0], tokens) > common_prefix(held, tokens):
+        if mine:
             load_kv(self.llm, mine)
-        self.kv_owner = client
 
     def stepwise(self, pieces, should_stop):
         """The chat model's pieces, one chat at a time, each computed on the model thread as a
@@ -1580,6 +1622,7 @@ class Engine:
         self.format, self.defang = engine_format(self.model, override)
         self.template_source = "--prompt-template" if override else "known for this model name"
         self.name, self.device = self.model or "Remote", "remote"  # Tabby's name for no name
+        self.repo_layout = False  # repository-level tokens: not known for an engine's model
         chat = config["chat_model"]
         self.chat_model = self.model if chat == "same" else chat  # the name sent ("": none)
         self.chat_name = (self.chat_model or "Remote") if chat else None
@@ -1617,9 +1660,9 @@ class Engine:
         backend = {"kind": self.kind, "url": self.base, "answers": error is None}
         return {"backend": {**backend, **({"error": error} if error else {})}}
 
-    def prompt(self, prefix, suffix):
+    def prompt(self, prefix, suffix, context=None):
         """The prompt as text, its user code kept from looking like special tokens, its size
-        guessed."""
+        guessed. (No RepoContext: see repo_layout.)"""
         text = arrange(self.format, self.defang(prefix), self.defang(suffix))[1]
         return Prompt(None, text, len(text.encode()) // BYTES_PER_TOKEN)
 
@@ -1629,7 +1672,7 @@ class Engine:
     def count(self, text):
         return len(text.encode()) / BYTES_PER_TOKEN
 
-    def complete(self, prompt, sampling, client, limits):
+    def complete(self, prompt, sampling, limits):
         """Generated for prompt, on this thread: the engine serves several at once (or queues)."""
         t = time.perf_counter()
         body = engine_body(self.kind, self.model, prompt.text, limits.max_tokens, sampling)
@@ -1742,6 +1785,357 @@ def open_backend(config):
 
 
 # -----------------------------------------------------------------------------------------------
+# Repository context (--repo): the team's code, chunked and indexed in SQLite (FTS5, BM25), and
+# for each completion the chunks most likely to help at the cursor: first those that define a
+# name used near it (the function being called, the class being built), then Tabby's BM25 over
+# the prefix's words. Tabby's rules (crates/tabby/src/services/code.rs, completion_prompt.rs,
+# crates/tabby-index/src/code/) where they are the point: the same filters, chunk size, budget.
+
+# file extension -> language, as the editor names it
+EXTENSIONS = {
+    ".py": "python", ".js": "javascript", ".mjs": "javascript", ".cjs": "javascript",
+    ".jsx": "javascriptreact", ".ts": "typescript", ".tsx": "typescriptreact", ".go": "go",
+    ".rs": "rust", ".java": "java", ".kt": "kotlin", ".rb": "ruby", ".c": "c", ".h": "c",
+    ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".cs": "csharp", ".php": "php", ".lua": "lua",
+    ".scala": "scala", ".dart": "dart", ".ex": "elixir", ".exs": "elixir", ".r": "r",
+    ".sol": "solidity", ".ml": "ocaml", ".gd": "gdscript",
+}  # fmt: skip
+CHUNK_CHARS = 512  # most characters in a chunk (Tabby's), cut at line boundaries
+NEAR_LINES = 3  # lines before the cursor (and after it) whose names are looked up as definitions
+MIN_BM25 = 8.0  # least BM25 score of a chunk found by words alone (Tabby's min_bm25_score)
+BM25_TERMS = 16  # the rarest of the prefix's words a BM25 search uses (all of them: slow)
+MIN_ROOM = 256  # characters of snippet budget left, below which there is no search (Tabby's)
+WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer ones are not words
+# a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =
+DEFINES = re.compile(
+    r"\b(?:def|class|function|func|fn|struct|enum|trait|interface|type|module|object|fun|macro)"
+    r"\s+(?:\([^)]*\)\s*)?([A-Za-z_]\w*)|^(?:export\s+)?(?:const|let|var|val)\s+([A-Za-z_]\w*)"
+    r"|^([A-Za-z_]\w*)\s*(?::[^=]*)?=[^=]",
+    re.M,
+)
+
+
+def family(language):
+    """The language family whose files can help a language (Tabby's: JavaScript and TypeScript
+    are one)."""
+    return LANGUAGE[language]["languages"][0] if language in LANGUAGE else language
+
+
+def indexable(text):
+    """Whether Tabby indexes a file: no line over 300 characters, 150 on average at most, a
+    quarter of it alphanumeric at least, half of it digits at most, 100,000 lines at most."""
+    lines = text.splitlines()
+    if not lines or len(lines) > 100_000 or max(map(len, lines)) > 300:
+        return False
+    if len(text) / len(lines) > 150:
+        return False
+    alphanumeric = sum(map(str.isalnum, text))
+    return alphanumeric >= len(text) / 4 and sum(map(str.isdigit, text)) <= len(text) / 2
+
+
+def chunk(text):
+    """(first line's number, text) of each chunk of a file: whole lines, CHUNK_CHARS at most,
+    cut where a chunk half that size meets a blank line or a line at column 0 (a definition
+    starts there, more often than not); none starts or ends with blank lines."""
+    chunks, lines, size, start = [], [], 0, 0
+    for number, line in enumerate(text.splitlines(keepends=True)):
+        starts_anew = not line.strip() or not line[0].isspace() and line[0] not in ")]}"
+        if lines and (size + len(line) > CHUNK_CHARS or size >= CHUNK_CHARS // 2 and starts_anew):
+            chunks.append((start, "".join(lines).rstrip() + "\n"))
+            lines, size = [], 0
+        if not lines and not line.strip():
+            continue
+        start = number if not lines else start
+        lines.append(line)
+        size += len(line)
+    if lines:
+        chunks.append((start, "".join(lines).rstrip() + "\n"))
+    return chunks
+
+
+def defined(body):
+    """The names a chunk defines."""
+    return {name for match in DEFINES.finditer(body) for name in match.groups() if name}
+
+
+def normal_url(url):
+    """A git URL as host/owner/name: no scheme, credentials, port or .git; scp-like ssh URLs
+    (git@host:owner/name) too; a file:// URL or a path as its path."""
+    url = url.strip().rstrip("/")
+    url = url[:-4] if url.endswith(".git") else url
+    if "://" in url:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme == "file":
+            return parts.path.rstrip("/")
+        return f"{parts.hostname or ''}{parts.path}".lower()
+    scp = re.fullmatch(r"(?:[^@/]+@)?([^:/]+):(?!/)(.+)", url)
+    return f"{scp[1]}/{scp[2]}".lower() if scp else url
+
+
+class Repository(typing.NamedTuple):
+    name: str  # its folder's name
+    path: str  # its checkout
+    urls: tuple  # normal_url()s of its remotes (and of the --repo URL)
+    cloned: bool  # cloned from a URL here, and so fetched again now and then
+
+
+def git(*args, cwd=None, timeout=600):
+    """git's output for args, or CalledProcessError (TimeoutExpired) with what it said."""
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, check=True)  # fmt: skip
+    return done.stdout
+
+
+def open_repository(spec, root):
+    """The Repository --repo spec names: a git checkout, or a git URL cloned (once) into
+    ROOT/repositories. SystemExit with one line when it cannot be."""
+    if shutil.which("git") is None:
+        raise SystemExit("error: --repo needs git, which is not installed (apt-get install git)")
+    url = re.match(r"[\w+.-]+://|[^@/\s]+@[^:/\s]+:", spec) is not None
+    if url:
+        folder = os.path.join(root, "repositories", re.sub(r"[^\w.-]", "_", normal_url(spec)))
+    else:
+        folder = os.path.abspath(os.path.expanduser(spec))
+        if not os.path.isdir(folder):
+            raise SystemExit(f"error: --repo {spec}: no such folder")
+    try:
+        if url and not os.path.isdir(folder):
+            git("clone", "--quiet", spec, folder)
+        top = git("rev-parse", "--show-toplevel", cwd=folder).strip()
+    except subprocess.CalledProcessError as e:
+        what = "git clone failed" if url else "not a git checkout (git init it, or give its URL)"
+        said = (e.stderr or "").strip().splitlines()
+        raise SystemExit(f"error: --repo {spec}: {what}: {said[-1] if said else ''}") from None
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"error: --repo {spec}: git did not finish within 600 s") from None
+    remotes = subprocess.run(["git", "config", "--get-regexp", r"^remote\..*\.url$"], cwd=top,
+                             capture_output=True, text=True).stdout.split()[1::2]  # fmt: skip
+    urls = {normal_url(u) for u in remotes} | {normal_url(spec) if url else top}
+    name = normal_url(spec).rsplit("/", 1)[-1] if url else os.path.basename(top)
+    return Repository(name, top, tuple(sorted(urls)), url)
+
+
+class RepoContext(typing.NamedTuple):
+    """Code from the repository for a model with repository-level tokens, before its prompt."""
+
+    name: str  # the repository's
+    path: str  # the current file's, in it
+    files: tuple  # (path, text) of the chunks that may help
+
+
+SCHEMA = """
+PRAGMA journal_mode = WAL;
+CREATE TABLE IF NOT EXISTS files (repo TEXT, path TEXT, mtime REAL, size INTEGER,
+                                  PRIMARY KEY (repo, path));
+CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, repo TEXT, path TEXT, family TEXT,
+                                   line INTEGER, body TEXT);
+CREATE INDEX IF NOT EXISTS chunks_file ON chunks (repo, path);
+CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, content = 'chunks',
+    content_rowid = 'id', tokenize = "unicode61 tokenchars '_'");
+CREATE VIRTUAL TABLE IF NOT EXISTS words USING fts5vocab(search, row);
+CREATE TABLE IF NOT EXISTS names (name TEXT, repo TEXT, family TEXT, chunk INTEGER);
+CREATE INDEX IF NOT EXISTS names_name ON names (name, repo, family);
+CREATE INDEX IF NOT EXISTS names_chunk ON names (chunk);
+"""
+
+
+class CodeIndex:
+    """The repositories' code at ROOT/index/code.sqlite3: chunks, their words (FTS5, for BM25)
+    and the names they define. It owns the database (a connection that writes, used by start-up
+    and then by its thread; one that reads, under a lock: SQLite's WAL lets it read while the
+    other writes), the repositories and the thread that keeps the index up to date."""
+
+    def __init__(self, repositories, path, refresh, logger):
+        self.repositories, self.refresh, self.logger = repositories, refresh, logger
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.writer = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.writer.executescript(SCHEMA)
+        self.reader = sqlite3.connect(path, check_same_thread=False)
+        self.lock = threading.Lock()
+        # what BM25 finds for the text above the cursor line, which stays while the user types
+        # on a line (emptied when the index changes)
+        self.bm25 = functools.lru_cache(maxsize=64)(self.bm25_search)
+        for repo in repositories:
+            self.update(repo, progress=True)
+        threading.Thread(target=self.keep_up, daemon=True, name="index").start()
+
+    def update(self, repo, progress=False):
+        """Index what changed in repo's checkout since last time (files told by mtime and size);
+        -> how many files that was. With progress, a large first index shows a progress bar."""
+        wanted = {}
+        for name in git("ls-files", "-z", cwd=repo.path).split("\0"):
+            if os.path.splitext(name)[1].lower() in EXTENSIONS:
+                try:
+                    stat = os.stat(os.path.join(repo.path, name))
+                except OSError:  # listed, but deleted in the checkout
+                    continue
+                wanted[name] = (stat.st_mtime, stat.st_size)
+        query = "SELECT path, mtime, size FROM files WHERE repo = ?"
+        known = {path: (m, s) for path, m, s in self.writer.execute(query, (repo.path,))}
+        work = [(name, None) for name in known if name not in wanted]  # deleted files
+        work += [(name, seen) for name, seen in wanted.items() if known.get(name) != seen]
+        started, shown = time.monotonic(), progress and len(work) >= 200
+        for n in range(0, len(work), 200):  # committed 200 files at a time: readers go on
+            self.writer.execute("BEGIN")
+            try:
+                for name, seen in work[n : n + 200]:
+                    self.forget(repo.path, name)
+                    if seen:
+                        self.add(repo.path, name, seen)
+                self.writer.execute("COMMIT")
+            except BaseException:
+                self.writer.execute("ROLLBACK")
+                raise
+            if shown:
+                done, rate = min(n + 200, len(work)), (n + 200) / (time.monotonic() - started)
+                bar = f"\rindexing {repo.name}: {done}/{len(work)} files, {rate:.0f} files/s"
+                print(bar, end="\n" if done == len(work) else "", file=sys.stderr, flush=True)
+        return len(work)
+
+    def forget(self, repo, path):
+        """Take a file's chunks out of the index."""
+        where = "FROM chunks WHERE repo = ? AND path = ?"
+        for chunk, body in self.writer.execute(f"SELECT id, body {where}", (repo, path)).fetchall():
+            self.writer.execute("INSERT INTO search (search, rowid, body) VALUES ('delete', ?, ?)",
+                                (chunk, body))  # fmt: skip
+        self.writer.execute(f"DELETE FROM names WHERE chunk IN (SELECT id {where})", (repo, path))
+        self.writer.execute(f"DELETE {where}", (repo, path))
+        self.writer.execute("DELETE FROM files WHERE repo = ? AND path = ?", (repo, path))
+
+    def add(self, repo, path, seen):
+        """Put a file's chunks into the index, if Tabby would (see indexable)."""
+        try:
+            with open(os.path.join(repo, path), encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError):  # gone meanwhile, or not text
+            text = ""
+        kind = family(EXTENSIONS[os.path.splitext(path)[1].lower()])
+        for line, body in chunk(text) if text and indexable(text) else []:
+            insert = "INSERT INTO chunks (repo, path, family, line, body) VALUES (?, ?, ?, ?, ?)"
+            chunk_id = self.writer.execute(insert, (repo, path, kind, line, body)).lastrowid
+            self.writer.execute("INSERT INTO search (rowid, body) VALUES (?, ?)", (chunk_id, body))
+            names = [(name, repo, kind, chunk_id) for name in defined(body)]
+            self.writer.executemany("INSERT INTO names VALUES (?, ?, ?, ?)", names)
+        self.writer.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (repo, path, *seen))
+
+    def keep_up(self):
+        """Every --repo-refresh seconds, index what changed (a new HEAD changes files too); a
+        cloned repository is pulled first, every 60 rounds."""
+        for n in itertools.count(1):
+            time.sleep(self.refresh)
+            for repo in self.repositories:
+                try:
+                    if repo.cloned and n % 60 == 0:
+                        git("pull", "--ff-only", "--quiet", cwd=repo.path, timeout=300)
+                    if self.update(repo):
+                        self.bm25.cache_clear()
+                except Exception:  # git or the disk failing: tried again next round
+                    self.logger.exception("repository %s: cannot index it now", repo.name)
+
+    def stats(self):
+        """What /v1/health and start-up say of each repository."""
+        with self.lock:
+            rows = self.reader.execute(
+                "SELECT repo, COUNT(DISTINCT path), COUNT(*) FROM chunks GROUP BY repo"
+            ).fetchall()  # fmt: skip
+        counts = {repo: (files, chunks) for repo, files, chunks in rows}
+        return [{"name": r.name, "path": r.path, "urls": list(r.urls),
+                 "files": counts.get(r.path, (0, 0))[0], "chunks": counts.get(r.path, (0, 0))[1]}
+                for r in self.repositories]  # fmt: skip
+
+    def repository_for(self, git_url, filepath):
+        """The repository a request is in: by its git_url as Tabby matches it (the normalised
+        URL, else the name; several: the shortest URL); without one, by an absolute filepath
+        inside a checkout, else the one repository when there is one; or None."""
+        if git_url:
+            wanted = normal_url(git_url)
+            exact = [r for r in self.repositories if wanted in r.urls]
+            named = sorted((len(u), i) for i, r in enumerate(self.repositories) for u in r.urls
+                           if u.rsplit("/", 1)[-1] == wanted.rsplit("/", 1)[-1])  # fmt: skip
+            if exact or named:
+                return exact[0] if exact else self.repositories[named[0][1]]
+            return None  # the editor is in another repository
+        if filepath and os.path.isabs(filepath):
+            inside = [r for r in self.repositories if filepath.startswith(r.path + os.sep)]
+            if inside:
+                return inside[0]
+        return self.repositories[0] if len(self.repositories) == 1 else None
+
+    def find(self, repo, language, path, prefix, suffix, budget, known=""):
+        """Snippets ({filepath, body, score}) of repo's code for a cursor between prefix and
+        suffix in the file at path, in the order they may help, their bodies budget characters
+        at most in all: first the chunks that define a name used near the cursor, then those
+        Tabby's BM25 finds for the prefix's words (above the cursor line: typing on a line
+        leaves them be, and so the KV cache); at most 2 a file, none of path's, none whose text
+        is in known (the prompt, the editor's snippets)."""
+        kind, path = family(language), os.path.normpath(path or "")
+        above, line = prefix[: prefix.rfind("\n") + 1], prefix[prefix.rfind("\n") + 1 :]
+        near = "\n".join(above.splitlines()[-NEAR_LINES:] + [line])
+        before = WORD.findall(near)[::-1]  # the nearest the cursor first
+        after = WORD.findall("\n".join(suffix.splitlines()[:NEAR_LINES]))
+        names = list(dict.fromkeys(before + after))
+        with self.lock:
+            found = self.definitions(repo.path, kind, names) + self.bm25(repo.path, kind, above)
+        picked, per_file, used, known = [], {}, 0, known + prefix + suffix
+        for chunk, file, body, score in found:
+            if any(chunk == p[0] for p in picked) or file == path or per_file.get(file, 0) >= 2:
+                continue
+            if used + len(body) > budget or body.strip() in known:
+                continue
+            picked.append((chunk, {"filepath": file, "body": body, "score": score}))
+            per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
+        return [snippet for _, snippet in picked]
+
+    def definitions(self, repo, kind, names):
+        """(chunk, path, body, score) of the chunks that define names, in the names' order."""
+        if not names:
+            return []
+        rows = self.reader.execute(
+            "SELECT n.name, c.id, c.path, c.body FROM names n JOIN chunks c ON c.id = n.chunk "
+            f"WHERE n.repo = ? AND n.family = ? AND n.name IN ({','.join('?' * len(names))})",
+            (repo, kind, *names),
+        ).fetchall()
+        order = {name: i for i, name in enumerate(names)}
+        return [(chunk, path, body, 1.0) for _, chunk, path, body in
+                sorted(rows, key=lambda row: (order[row[0]], row[1]))]  # fmt: skip
+
+    def bm25_search(self, repo, kind, text):
+        """(chunk, path, body, score) of the chunks that BM25 scores MIN_BM25 or more for the
+        words of text (its BM25_TERMS rarest), best first."""
+        words = {w.lower() for w in WORD.findall(text)}
+        if not words:
+            return []
+        rare = self.reader.execute(
+            f"SELECT term FROM words WHERE term IN ({','.join('?' * len(words))}) "
+            f"ORDER BY doc LIMIT {BM25_TERMS}", tuple(words)).fetchall()  # fmt: skip
+        if not rare:
+            return []
+        query = " OR ".join(f'"{term}"' for (term,) in rare)
+        rows = self.reader.execute(
+            "SELECT c.id, c.path, c.body, -bm25(search) FROM search JOIN chunks c ON c.id = "
+            "search.rowid WHERE search MATCH ? AND c.repo = ? AND c.family = ? ORDER BY rank "
+            "LIMIT 50", (query, repo, kind)).fetchall()  # fmt: skip
+        return [row for row in rows if row[3] >= MIN_BM25]
+
+
+def open_index(config, logger):
+    """The CodeIndex of the --repo repositories (cloned first, for a URL), at
+    ROOT/index/code.sqlite3; start-up says what it holds."""
+    root = os.path.expanduser(config["root"])
+    repositories = [open_repository(spec, root) for spec in config["repo"]]
+    names = [r.path for r in repositories]
+    if len(set(names)) < len(names):
+        raise SystemExit("error: --repo: the same repository twice")
+    index = CodeIndex(repositories, os.path.join(root, "index", "code.sqlite3"),
+                      config["repo_refresh"], logger)  # fmt: skip
+    for r in index.stats():
+        urls = ", ".join(r["urls"])
+        print(f"repository {r['name']} at {r['path']} ({urls}): {r['files']} files, "
+              f"{r['chunks']} chunks indexed", file=sys.stderr)  # fmt: skip
+    return index
+
+
+# -----------------------------------------------------------------------------------------------
 # The completion service: a parsed request in, an Answer out, with what latency needs per client.
 
 
@@ -1762,8 +2156,9 @@ class Completions:
     only ever saves work. Under a lock it owns the last answers of the last few clients, for
     typed-through answers."""
 
-    def __init__(self, backend, config):
-        self.backend = backend
+    def __init__(self, backend, config, index=None):
+        self.backend, self.index = backend, index
+        self.context_chars = config["repo_context_tokens"] * 3  # a token is 3 characters or more
         self.max_tokens, self.temperature = config["max_tokens"], config["temperature"]
         self.budget = config["time_budget"] / 1000
         self.room = config["ctx"] - config["max_tokens"]  # for the prompt, in tokens
@@ -1784,10 +2179,12 @@ class Completions:
                 self.remember(client, req.language, seg["suffix"], seg["prefix"], *typed)
                 return Answer(*typed, "typed through")
         if req.raw_prompt is None:
-            doc = document(req.language, seg, self.backend.format.fim, req.retrieval)
-            prompt = self.fit(doc.prefix, doc.suffix, should_stop, self.backend.prompt)
+            snippets, context = self.context(req)
+            doc = document(req.language, seg, self.backend.format.fim, snippets)
+            make = functools.partial(self.backend.prompt, context=context)
+            prompt = self.fit(doc.prefix, doc.suffix, should_stop, make)
         else:  # a debugging aid: used verbatim, special tokens and all
-            doc = Document(req.raw_prompt, "", NO_CURSOR, [], False)
+            doc, context = Document(req.raw_prompt, "", NO_CURSOR, [], False), None
             raw = lambda text, _: self.backend.raw_prompt(text)  # noqa: E731
             prompt = self.fit(doc.prefix, "", should_stop, raw)
         if prompt is None:
@@ -1799,20 +2196,43 @@ class Completions:
             return text_end(text, stops, tail, doc.cursor)
 
         limits = Limits(self.max_tokens, end_of, should_stop, self.budget)
-        out = self.backend.complete(prompt, sampling(req, self.temperature), client, limits)
+        out = self.backend.complete(prompt, sampling(req, self.temperature), limits)
         text = re.sub(r"(?<!\r)\n", "\r\n", out.text) if doc.crlf else out.text
         if text and req.raw_prompt is None:
             self.remember(client, req.language, seg["suffix"], seg["prefix"], text, prompt.text)
+        files = (
+            [{"filepath": p, "body": b, "score": 1.0} for p, b in context.files] if context else []
+        )
         return Answer(
             text,
             prompt.text,
             out.reason,
-            snippets=doc.snippets,
+            snippets=doc.snippets + files,
             size=prompt.size,
             reused=out.reused,
             generated=out.generated,
             ms=out.ms,
         )
+
+    def context(self, req):
+        """(snippets, RepoContext or None) of a request: the editor's snippets, then those of the
+        repository it is in (--repo), in Tabby's 768-character budget; for a model with
+        repository-level tokens the repository's go in a RepoContext of their own instead."""
+        seg = req.segments
+        snippets = pick_snippets(seg) if req.retrieval else []
+        repo = self.index.repository_for(seg["git_url"], seg["filepath"]) if self.index else None
+        if repo is None or not req.retrieval:
+            return snippets, None
+        path = seg["filepath"] or ""
+        path = os.path.relpath(path, repo.path) if os.path.isabs(path) else path
+        args = (repo, req.language, path, seg["prefix"], seg["suffix"] or "")
+        known = "".join(s["body"] for s in snippets)
+        if self.backend.repo_layout:
+            found = self.index.find(*args, self.context_chars, known)
+            files = tuple((s["filepath"], s["body"]) for s in found)
+            return snippets, RepoContext(repo.name, path, files) if files else None
+        room = SNIPPET_BUDGET - len(known.encode())
+        return snippets + (self.index.find(*args, room, known) if room > MIN_ROOM else []), None
 
     def fit(self, prefix, suffix, should_stop, make):
         """make(prefix, suffix), the backend's Prompt, cut to the room the context has for it; or
@@ -1979,8 +2399,9 @@ def append(path, data):
 
 
 def completion_event(completion_id, req, answer, user_agent, ms):
-    """What the log keeps of a served completion: Tabby's record, and how it was made (tokens,
-    finish reason, ms in the model and in all)."""
+    """What the log keeps of a served completion: Tabby's record, and how it was made (the
+    snippets in its prompt, the editor's and the repository's; tokens, finish reason, ms in the
+    model and in all)."""
     segments = {k: v for k, v in req.segments.items() if v is not None}
     return {
         "completion": {
@@ -1990,6 +2411,7 @@ def completion_event(completion_id, req, answer, user_agent, ms):
             "segments": segments,
             "choices": [{"index": 0, "text": answer.text}],
             "user_agent": user_agent,
+            "snippets": answer.snippets,
             "prompt_tokens": answer.size,
             "reused_tokens": answer.reused,
             "generated_tokens": answer.generated,
@@ -2007,7 +2429,7 @@ def without_code(event):
     if kind == "completion":
         choices = [{"index": c["index"], "chars": len(c["text"])} for c in fields["choices"]]
         fields = {k: v for k, v in fields.items() if k not in ("prompt", "segments")}
-        return {kind: {**fields, "choices": choices}}
+        return {kind: {**fields, "choices": choices, "snippets": len(fields["snippets"])}}
     if kind == "chat_completion":
         output = {"role": "assistant", "chars": len(fields["output"]["content"])}
         return {kind: {"completion_id": fields["completion_id"], "messages": len(fields["input"]),
@@ -2081,8 +2503,10 @@ def create_app(config=None):
     app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
     app.json.ensure_ascii = False
     events = EventsLog(config, app.logger)  # once the backend is ready: no files before
+    index = open_index(config, app.logger) if config["repo"] else None
     add_guards(app, config["token"], config["max_body"])
-    add_completion_routes(app, config, backend, Completions(backend, config), events)
+    completions = Completions(backend, config, index)
+    add_completion_routes(app, config, backend, completions, events)
     add_chat_routes(app, config, backend, events)
     return app
 
@@ -2112,11 +2536,12 @@ def add_guards(app, token, max_body):
 
 
 def add_completion_routes(app, config, backend, completions, events):
-    health = system_info(backend)
+    health, index = system_info(backend), completions.index
 
     @app.route("/v1/health", methods=["GET", "POST"])
     def health_route():
-        return jsonify({**health, **backend.health()})
+        repositories = {"repositories": index.stats()} if index else {}
+        return jsonify({**health, **backend.health(), **repositories})
 
     @app.get("/v1beta/server_setting")
     def server_setting():

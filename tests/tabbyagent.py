@@ -157,3 +157,54 @@ class Agent:
             self.proc.wait()
         blocked = self.home / "guard_blocked.log"
         return blocked.read_text() if blocked.exists() else ""
+
+
+class LinesAgent:
+    """tabby-agent with no flag: its JSON-lines protocol, as the Vim and IntelliJ plugins drive
+    it (one JSON array a line: [id, {"func", "args"}] in, [id, result] out; events as [0, ...]).
+    Its completion requests carry what the editor tells it: the file path, the git remotes."""
+
+    def __init__(self, cli, home, endpoint):
+        os.makedirs(home / ".tabby-client" / "agent")
+        (home / ".tabby-client" / "agent" / "config.toml").write_text(
+            f'[server]\nendpoint = "{endpoint}"\n[anonymousUsageTracking]\ndisable = true\n'
+            '[completion.debounce]\nmode = "fixed"\ninterval = 0\n'
+        )
+        (home / "guard.js").write_text(GUARD_JS)
+        env = {
+            "HOME": str(home),
+            "PATH": os.environ["PATH"],
+            "NODE_OPTIONS": f"--require {home / 'guard.js'}",
+        }
+        self.home, self.next_id, self.results = home, 0, queue.Queue()
+        self.proc = subprocess.Popen(["node", cli], cwd=home, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+        threading.Thread(target=self._read, daemon=True).start()
+        self.call("initialize", {"clientProperties": {"user": {}, "session": {}}})
+
+    def _read(self):
+        for line in self.proc.stdout:
+            message = json.loads(line)
+            if message[0]:  # 0: an event, not an answer
+                self.results.put(message)
+
+    def call(self, func, *args, timeout=60):
+        self.next_id += 1
+        line = json.dumps([self.next_id, {"func": func, "args": list(args)}]) + "\n"
+        self.proc.stdin.write(line.encode())
+        self.proc.stdin.flush()
+        while True:
+            number, result = self.results.get(timeout=timeout)  # queue.Empty ends a stuck test
+            if number == self.next_id:
+                return result
+
+    def close(self):
+        """Stop it (SIGTERM: it does not exit at the end of its input); -> what the guard refused."""
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        blocked = self.home / "guard_blocked.log"
+        return blocked.read_text() if blocked.exists() else ""

@@ -290,8 +290,9 @@ def test_each_completion_is_logged_in_tabbys_layout(make_app):
     assert record["prompt"].startswith("<fim_prefix># Path: b.py\n# b = 1\n" + PREFIX)
     # and how it was made, for the status page and anyone reading the log
     ours = {k: v for k, v in record.items() if k not in tabbys}
-    assert set(ours) == {"prompt_tokens", "reused_tokens", "generated_tokens", "finish_reason",
-                         "model_ms", "total_ms"}  # fmt: skip
+    assert set(ours) == {"snippets", "prompt_tokens", "reused_tokens", "generated_tokens",
+                         "finish_reason", "model_ms", "total_ms"}  # fmt: skip
+    assert ours["snippets"] == [{"filepath": "b.py", "body": "b = 1", "score": 1.0}]
     assert (ours["generated_tokens"], ours["finish_reason"]) == (9, "stop")
     assert (
         ours["prompt_tokens"] > ours["reused_tokens"] >= 0

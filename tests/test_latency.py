@@ -113,7 +113,7 @@ def test_a_waiting_request_whose_client_hangs_up_leaves_the_queue(model_path, tm
     try:
 
         def other_editor():  # holds the model for about 1.5 s
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
             body = {"language": "css", "segments": {"prefix": "a {\n", "suffix": "\n"}}
             conn.request(
                 "POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"}
@@ -182,34 +182,24 @@ def test_threads_default_to_physical_cores():
 
 
 def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog):
+    """Two editors behind one address, sending no file path (tabby-agent over LSP): the KV cache
+    each one's prompt left is found again by what it holds, not by whose it was."""
     caplog.set_level("INFO")
     client = make_app()[0].test_client()
 
-    def ask(filepath, prefix):
-        r = client.post(
-            "/v1/completions",
-            json={
-                "language": "python",
-                "segments": {"prefix": prefix, "suffix": "\n", "filepath": filepath},
-            },
-        )
-        assert r.status_code == 200
-        return tuple(
-            map(
-                int,
-                re.search(
-                    r"(\d+) prompt tokens \((\d+) reused\)", caplog.records[-1].getMessage()
-                ).groups(),
-            )
-        )
+    def ask(prefix):
+        body = {"language": "python", "segments": {"prefix": prefix, "suffix": "\n"}}
+        assert client.post("/v1/completions", json=body).status_code == 200
+        line = caplog.records[-1].getMessage()
+        return tuple(map(int, re.search(r"(\d+) prompt tokens \((\d+) reused\)", line).groups()))
 
     a, b = (
         "".join(f"alpha_{i} = {i}\n" for i in range(40)),
         "".join(f"beta_{i} = {i}\n" for i in range(40)),
     )
-    ask("a.py", a)
-    ask("b.py", b)  # another editor takes the model: nothing of a's prompt is of use to it
-    prompt, reused = ask("a.py", a + "x = ")
-    assert reused >= prompt - 8  # a's prompt came back from its saved cache, not evaluated again
-    prompt, reused = ask("b.py", b + "y = ")
+    ask(a)
+    assert ask(b)[1] < 8  # another editor takes the model: nothing of a's prompt is of use to it
+    prompt, reused = ask(a + "x = ")
+    assert reused >= prompt - 8  # a's prompt came back from its kept copy, not evaluated again
+    prompt, reused = ask(b + "y = ")
     assert reused >= prompt - 8

@@ -70,7 +70,7 @@ def test_events_meta_keeps_ids_sizes_and_times_but_no_code(model_path, tmp_path)
     events = read_events(tmp_path / "events")
     completion, view, select, chat = (e["event"] for e in events)
     record = completion["completion"]
-    assert set(record) == {"completion_id", "language", "user_agent", "choices", "prompt_tokens", "reused_tokens",
+    assert set(record) == {"completion_id", "language", "user_agent", "choices", "snippets", "prompt_tokens", "reused_tokens",
                            "generated_tokens", "finish_reason", "model_ms", "total_ms"}  # fmt: skip
     assert (record["completion_id"], record["language"]) == (completion_id, "python")
     assert record["choices"] == [{"index": 0, "chars": len("total = a + b\n    return total")}]

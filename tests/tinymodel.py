@@ -36,6 +36,20 @@ FAMILIES = {
         "fim": ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),
         "middle": "<｜fim▁end｜>",
     },
+    # Qwen2.5-Coder's FIM tokens and its repository-level ones (llama.cpp's fim_rep, fim_sep)
+    "qwen": {
+        "specials": [
+            "<|endoftext|>",
+            "<|fim_prefix|>",
+            "<|fim_suffix|>",
+            "<|fim_middle|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+        ],
+        "fim": ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),
+        "middle": "<|fim_middle|>",
+        "repo": ("<|repo_name|>", "<|file_sep|>"),
+    },  # fmt: skip
     "codegemma": {
         "specials": [
             "<|endoftext|>",
@@ -246,6 +260,8 @@ def write_model(
     if spec["fim"]:
         for key, text in zip(("fim_pre", "fim_suf", "fim_mid"), spec["fim"]):
             w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(text))
+    for key, text in zip(("fim_rep", "fim_sep"), spec.get("repo", ())):
+        w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(text))
     if chat_template or spec.get("chat"):
         w.add_chat_template(chat_template or CHAT_TEMPLATE)
     w.add_tensor("token_embd.weight", embd)

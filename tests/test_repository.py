@@ -1,0 +1,225 @@
+"""Repository context (--repo): a git repository made here, indexed in SQLite, and the right
+chunk of another file in the prompt of a completion that calls into it."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, read_events, start_server, stop
+from tabbyagent import LinesAgent
+
+import app as server
+
+FILES = {
+    "calc/ops.py": (
+        "def compute_total(items, tax):\n"
+        '    """Sum the items and add the tax."""\n'
+        "    return sum(items) * (1 + tax)\n"
+        "\n\n"
+        "def unrelated_helper():\n"
+        "    return 42\n"
+    ),
+    "calc/main.py": "from calc.ops import compute_total\n\n\ndef run(cart):\n    return compute_total(",
+    "web/app.js": "function compute_total(items) {\n  return items.reduce((a, b) => a + b, 0);\n}\n",
+    "README.md": "# compute_total\n",
+}
+PREFIX = FILES["calc/main.py"]
+REMOTE = "https://github.com/acme/shop.git"
+
+
+def git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A git checkout named shop, with a remote, and the files above committed."""
+    path = tmp_path / "shop"
+    for name, text in FILES.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(text)
+    git("init", "-q", cwd=path)
+    git("remote", "add", "origin", REMOTE, cwd=path)
+    git("add", ".", cwd=path)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "shop", cwd=path)
+    return path
+
+
+def snippets(client, git_url=REMOTE, filepath="calc/main.py", language="python", **debug):
+    body = {"language": language, "segments": {"prefix": PREFIX, "suffix": "\n", "filepath": filepath,
+                                               "git_url": git_url},
+            "debug_options": {"return_snippets": True, "return_prompt": True, **debug}}  # fmt: skip
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.get_data(as_text=True)
+    return r.json["debug_data"].get("snippets", []), r.json["debug_data"]["prompt"]
+
+
+def test_the_definition_of_the_function_being_called_comes_into_the_prompt(make_app, repo):
+    app, events = make_app(repo=(str(repo),))
+    found, prompt = snippets(app.test_client())
+    assert [s["filepath"] for s in found] == ["calc/ops.py"]  # not main.py itself, not app.js
+    assert found[0]["body"].startswith("def compute_total(items, tax):")
+    assert "# Path: calc/ops.py\n# def compute_total(items, tax):\n" in prompt
+    [event] = [e["event"]["completion"] for e in read_events(events)]
+    assert "def compute_total(items, tax)" in event["prompt"] and event["snippets"] == found
+
+
+@pytest.mark.parametrize("git_url", [REMOTE, "https://github.com/acme/shop", "git@github.com:acme/shop.git",
+                                     "ssh://git@github.com/acme/shop.git", "https://me:s3cret@github.com/acme/shop.git",
+                                     "https://gitlab.example/fork/shop.git"])  # fmt: skip
+def test_git_url_in_each_spelling_finds_the_repository(make_app, repo, git_url):
+    found, _ = snippets(make_app(repo=(str(repo),))[0].test_client(), git_url=git_url)
+    assert [s["filepath"] for s in found] == ["calc/ops.py"]  # the last one: by its name
+
+
+def test_another_repository_or_language_gets_nothing(make_app, repo):
+    client = make_app(repo=(str(repo),))[0].test_client()
+    assert snippets(client, git_url="https://github.com/acme/other.git")[0] == []
+    assert (
+        snippets(client, language="javascript", filepath="web/other.js")[0][0]["filepath"]
+        == "web/app.js"
+    )
+    assert snippets(client, language="go", filepath="x.go")[0] == []
+    assert snippets(client, disable_retrieval_augmented_code_completion=True)[0] == []
+    # without a git_url: an absolute path inside the checkout, or the only repository
+    assert (
+        snippets(client, git_url=None, filepath=str(repo / "calc" / "main.py"))[0][0]["filepath"]
+        == "calc/ops.py"
+    )
+    assert snippets(client, git_url=None, filepath=None)[0][0]["filepath"] == "calc/ops.py"
+
+
+def test_a_file_url_is_cloned_and_health_says_what_is_indexed(make_app, repo, tmp_path):
+    app, _ = make_app(repo=("file://" + str(repo),))
+    client = app.test_client()
+    assert (tmp_path / "tabby" / "repositories").is_dir()
+    assert [s["filepath"] for s in snippets(client, git_url="file://" + str(repo))[0]] == [
+        "calc/ops.py"
+    ]
+    assert [s["filepath"] for s in snippets(client)[0]] == [
+        "calc/ops.py"
+    ]  # matched by its name, shop
+    [info] = client.get("/v1/health").json["repositories"]
+    assert (info["name"], info["files"], info["chunks"]) == ("shop", 3, 3)  # README.md is not code
+
+
+def test_a_repository_that_changes_is_indexed_again(make_app, repo):
+    client = make_app(repo=(str(repo),), repo_refresh=1)[0].test_client()
+    ops = repo / "calc" / "ops.py"
+    ops.write_text(FILES["calc/ops.py"].replace("compute_total", "total_of"))  # no longer defined
+    deadline = time.monotonic() + 20
+    while snippets(client)[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert snippets(client)[0] == []
+    ops.write_text(FILES["calc/ops.py"])
+    while not snippets(client)[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [s["filepath"] for s in snippets(client)[0]] == ["calc/ops.py"]
+
+
+def test_the_editors_snippets_come_first_in_the_budget(make_app, repo):
+    client = make_app(repo=(str(repo),))[0].test_client()
+    declarations = [{"filepath": "d.py", "body": "x = 1\n" * 90}]  # 540 of the 768 characters
+    found, _ = snippets(client)
+    body = {"language": "python", "segments": {"prefix": PREFIX, "suffix": "\n", "filepath": "calc/main.py",
+                                               "git_url": REMOTE, "declarations": declarations},
+            "debug_options": {"return_snippets": True}}  # fmt: skip
+    picked = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
+    assert [s["filepath"] for s in picked] == ["d.py"]  # 228 left: no search (Tabby's 256)
+    assert len(found[0]["body"]) <= 768
+
+
+def run(args):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TABBYPY_")}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "app.py"), *args], capture_output=True,
+                          text=True, timeout=120, env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize("make_spec, words", [
+    (lambda tmp: str(tmp / "plain"), "not a git checkout"),
+    (lambda tmp: str(tmp / "missing"), "no such folder"),
+    (lambda tmp: "file://" + str(tmp / "missing.git"), "git clone failed"),
+])  # fmt: skip
+def test_a_repository_that_cannot_be_opened_stops_start_up(model_path, tmp_path, make_spec, words):
+    (tmp_path / "plain").mkdir()
+    spec = make_spec(tmp_path)
+    result = run(["--model", model_path(), "--root", str(tmp_path / "tabby"), "--repo", spec])
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert lines[-1].startswith(f"error: --repo {spec}: {words}"), result.stderr
+
+
+def test_start_up_says_what_it_indexed(model_path, repo, tmp_path):
+    proc, _ = start_server(
+        ["--model", model_path(), "--root", str(tmp_path / "tabby"), "--repo", str(repo)]
+    )
+    log = stop(proc)
+    assert (
+        f"repository shop at {repo} ({repo}, github.com/acme/shop): 3 files, 3 chunks indexed"
+        in log
+    )
+
+
+def test_a_model_with_repository_tokens_gets_the_code_as_files_before_its_prompt(
+    make_app, repo, caplog
+):
+    caplog.set_level("INFO")
+    client = make_app("qwen", repo=(str(repo),))[0].test_client()
+    found, prompt = snippets(client)
+    ops = FILES["calc/ops.py"]  # one chunk: it is small
+    assert prompt == (
+        "<|repo_name|>shop\n<|file_sep|>calc/ops.py\n" + ops + "<|file_sep|>calc/main.py\n"
+        "<|fim_prefix|>" + PREFIX[: PREFIX.rfind("\n") + 1] + "<|fim_suffix|>\n<|fim_middle|>"
+        + PREFIX[PREFIX.rfind("\n") + 1 :]
+    )  # fmt: skip
+    assert [s["filepath"] for s in found] == ["calc/ops.py"]
+    # typing on the line: the files stay, and so does the KV cache
+    for typed in ("i", "it", "ite"):
+        body = {"language": "python", "segments": {"prefix": PREFIX + typed, "suffix": "\n",
+                                                   "filepath": "calc/main.py", "git_url": REMOTE}}  # fmt: skip
+        assert client.post("/v1/completions", json=body).status_code == 200
+        line = caplog.records[-1].getMessage()
+        size, reused = map(int, re.search(r"(\d+) prompt tokens \((\d+) reused\)", line).groups())
+        assert reused >= size - 3, line
+
+
+def test_the_repository_layout_gives_exact_tokens(model_path):
+    model = server.LocalModel(
+        server.load_config(["--model", model_path("qwen"), "--ctx", "512"], environ={})
+    )
+    context = server.RepoContext("shop", "calc/main.py", (("calc/ops.py", "def f():\n    pass\n"),))
+    tokens, text, size = model.prompt("def run():\n    ", "\n", context)
+    assert text == ("<|repo_name|>shop\n<|file_sep|>calc/ops.py\ndef f():\n    pass\n<|file_sep|>calc/main.py\n"
+                    "<|fim_prefix|>def run():\n    <|fim_suffix|>\n<|fim_middle|>")  # fmt: skip
+    assert tokens == model.llm.tokenize(text.encode(), add_bos=False, special=True) and size == len(
+        tokens
+    )
+    assert [t for t in tokens if t < 6] == [4, 5, 5, 1, 2, 3]  # repo_name, file_sep x2, then FIM
+
+
+def test_the_real_agent_sends_the_git_url_and_gets_the_other_files_code(
+    model_path, repo, agent_cli, tmp_path
+):
+    """tabby-agent over JSON lines (as vim-tabby and IntelliJ run it), in a checkout with a
+    remote: its request carries the git_url, and the prompt the chunk from calc/ops.py."""
+    proc, url = start_server(
+        ["--model", model_path(), "--root", str(tmp_path / "tabby"), "--repo", str(repo)]
+    )
+    agent = LinesAgent(agent_cli, tmp_path / "home", url)
+    try:
+        text = PREFIX + "\n"
+        request = {"filepath": str(repo / "calc" / "main.py"), "language": "python", "text": text,
+                   "position": len(PREFIX), "git": {"root": str(repo), "remotes": [{"name": "origin", "url": REMOTE}]}}  # fmt: skip
+        answer = agent.call("provideCompletions", request, {"signal": True})
+    finally:
+        blocked = agent.close()
+        stop(proc)
+    assert blocked == "" and answer and answer["choices"]
+    [event] = [e["event"]["completion"] for e in read_events(tmp_path / "tabby" / "events")]
+    assert (
+        event["segments"]["git_url"] == REMOTE and event["segments"]["filepath"] == "calc/main.py"
+    )
+    assert "# Path: calc/ops.py\n# def compute_total(items, tax):" in event["prompt"]
