@@ -1803,7 +1803,10 @@ EXTENSIONS = {
 CHUNK_CHARS = 512  # most characters in a chunk (Tabby's), cut at line boundaries
 NEAR_LINES = 3  # lines before the cursor (and after it) whose names are looked up as definitions
 MIN_BM25 = 8.0  # least BM25 score of a chunk found by words alone (Tabby's min_bm25_score)
-BM25_TERMS = 16  # the rarest of the prefix's words a BM25 search uses (all of them: slow)
+BM25_TERMS = 8  # the rarest of the prefix's words a BM25 search uses (all of them: slow)
+COMMON = 0.01  # a word in more than this share of a repository's chunks is too common to search
+DEFINED_MAX = 50  # a name defined in more chunks than this (x, name, data) is not looked up
+PER_NAME = 3  # chunks that define one name, at most, the first found
 MIN_ROOM = 256  # characters of snippet budget left, below which there is no search (Tabby's)
 WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer ones are not words
 # a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =
@@ -1851,6 +1854,11 @@ def chunk(text):
     if lines:
         chunks.append((start, "".join(lines).rstrip() + "\n"))
     return chunks
+
+
+def words_of(text):
+    """The distinct words of text as the index finds them: identifiers, lowercased."""
+    return {word.lower() for word in WORD.findall(text)}
 
 
 def defined(body):
@@ -1923,6 +1931,7 @@ class RepoContext(typing.NamedTuple):
     files: tuple  # (path, text) of the chunks that may help
 
 
+SCHEMA_VERSION = 1  # an index made with another is made anew
 SCHEMA = """
 PRAGMA journal_mode = WAL;
 CREATE TABLE IF NOT EXISTS files (repo TEXT, path TEXT, mtime REAL, size INTEGER,
@@ -1932,9 +1941,10 @@ CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, repo TEXT, path TEXT,
 CREATE INDEX IF NOT EXISTS chunks_file ON chunks (repo, path);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, content = 'chunks',
     content_rowid = 'id', tokenize = "unicode61 tokenchars '_'");
-CREATE VIRTUAL TABLE IF NOT EXISTS words USING fts5vocab(search, row);
+CREATE TABLE IF NOT EXISTS words (repo TEXT, word TEXT, chunks INTEGER,
+                                  PRIMARY KEY (repo, word)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS names (name TEXT, repo TEXT, family TEXT, chunk INTEGER);
-CREATE INDEX IF NOT EXISTS names_name ON names (name, repo, family);
+CREATE INDEX IF NOT EXISTS names_name ON names (name, repo, family, chunk);
 CREATE INDEX IF NOT EXISTS names_chunk ON names (chunk);
 """
 
@@ -1949,12 +1959,19 @@ class CodeIndex:
         self.repositories, self.refresh, self.logger = repositories, refresh, logger
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.writer = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        if self.writer.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            for (table,) in self.writer.execute(  # an index of another version: made anew
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND sql NOT LIKE '%shadow%'"
+            ).fetchall():
+                self.writer.execute(f'DROP TABLE IF EXISTS "{table}"')
+            self.writer.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self.writer.executescript(SCHEMA)
         self.reader = sqlite3.connect(path, check_same_thread=False)
         self.lock = threading.Lock()
         # what BM25 finds for the text above the cursor line, which stays while the user types
         # on a line (emptied when the index changes)
         self.bm25 = functools.lru_cache(maxsize=64)(self.bm25_search)
+        self.chunks = {}  # repository -> chunks in the index, for how COMMON a word is
         for repo in repositories:
             self.update(repo, progress=True)
         threading.Thread(target=self.keep_up, daemon=True, name="index").start()
@@ -1990,6 +2007,10 @@ class CodeIndex:
                 done, rate = min(n + 200, len(work)), (n + 200) / (time.monotonic() - started)
                 bar = f"\rindexing {repo.name}: {done}/{len(work)} files, {rate:.0f} files/s"
                 print(bar, end="\n" if done == len(work) else "", file=sys.stderr, flush=True)
+        where = "FROM chunks WHERE repo = ?"
+        self.chunks[repo.path] = self.writer.execute(
+            f"SELECT COUNT(*) {where}", (repo.path,)
+        ).fetchone()[0]
         return len(work)
 
     def forget(self, repo, path):
@@ -1998,6 +2019,10 @@ class CodeIndex:
         for chunk, body in self.writer.execute(f"SELECT id, body {where}", (repo, path)).fetchall():
             self.writer.execute("INSERT INTO search (search, rowid, body) VALUES ('delete', ?, ?)",
                                 (chunk, body))  # fmt: skip
+            words = [(repo, word) for word in words_of(body)]
+            self.writer.executemany(
+                "UPDATE words SET chunks = chunks - 1 WHERE repo = ? AND word = ?", words
+            )
         self.writer.execute(f"DELETE FROM names WHERE chunk IN (SELECT id {where})", (repo, path))
         self.writer.execute(f"DELETE {where}", (repo, path))
         self.writer.execute("DELETE FROM files WHERE repo = ? AND path = ?", (repo, path))
@@ -2016,6 +2041,10 @@ class CodeIndex:
             self.writer.execute("INSERT INTO search (rowid, body) VALUES (?, ?)", (chunk_id, body))
             names = [(name, repo, kind, chunk_id) for name in defined(body)]
             self.writer.executemany("INSERT INTO names VALUES (?, ?, ?, ?)", names)
+            self.writer.executemany(
+                "INSERT INTO words VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET chunks = chunks + 1",
+                [(repo, word) for word in words_of(body)],
+            )
         self.writer.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (repo, path, *seen))
 
     def keep_up(self):
@@ -2087,30 +2116,40 @@ class CodeIndex:
         return [snippet for _, snippet in picked]
 
     def definitions(self, repo, kind, names):
-        """(chunk, path, body, score) of the chunks that define names, in the names' order."""
+        """(chunk, path, body, score) of the chunks that define names, in the names' order, at
+        most PER_NAME for each; none for a name defined in more than DEFINED_MAX chunks (x,
+        name, data: too common to tell)."""
         if not names:
             return []
-        rows = self.reader.execute(
-            "SELECT n.name, c.id, c.path, c.body FROM names n JOIN chunks c ON c.id = n.chunk "
-            f"WHERE n.repo = ? AND n.family = ? AND n.name IN ({','.join('?' * len(names))})",
-            (repo, kind, *names),
-        ).fetchall()
-        order = {name: i for i, name in enumerate(names)}
-        return [(chunk, path, body, 1.0) for _, chunk, path, body in
-                sorted(rows, key=lambda row: (order[row[0]], row[1]))]  # fmt: skip
+        marks = ",".join("?" * len(names))
+        query = f"SELECT name, chunk FROM names WHERE repo = ? AND family = ? AND name IN ({marks})"
+        rows = self.reader.execute(query, (repo, kind, *names)).fetchall()
+        chunks = {}
+        for name, chunk in rows:
+            chunks.setdefault(name, []).append(chunk)
+        wanted = [c for name in names if len(chunks.get(name, ())) <= DEFINED_MAX
+                  for c in sorted(chunks.get(name, ()))[:PER_NAME]]  # fmt: skip
+        if not wanted:
+            return []
+        bodies = dict((c, (path, body)) for c, path, body in self.reader.execute(
+            f"SELECT id, path, body FROM chunks WHERE id IN ({','.join('?' * len(wanted))})",
+            wanted))  # fmt: skip
+        return [(c, *bodies[c], 1.0) for c in dict.fromkeys(wanted) if c in bodies]
 
     def bm25_search(self, repo, kind, text):
         """(chunk, path, body, score) of the chunks that BM25 scores MIN_BM25 or more for the
-        words of text (its BM25_TERMS rarest), best first."""
-        words = {w.lower() for w in WORD.findall(text)}
+        words of text (its BM25_TERMS rarest, none too COMMON), best first."""
+        words = words_of(text)
         if not words:
             return []
         rare = self.reader.execute(
-            f"SELECT term FROM words WHERE term IN ({','.join('?' * len(words))}) "
-            f"ORDER BY doc LIMIT {BM25_TERMS}", tuple(words)).fetchall()  # fmt: skip
+            f"SELECT word FROM words WHERE repo = ? AND word IN ({','.join('?' * len(words))}) "
+            f"AND chunks <= ? ORDER BY chunks LIMIT {BM25_TERMS}",
+            (repo, *words, max(10, COMMON * self.chunks.get(repo, 0))),
+        ).fetchall()
         if not rare:
             return []
-        query = " OR ".join(f'"{term}"' for (term,) in rare)
+        query = " OR ".join(f'"{word}"' for (word,) in rare)
         rows = self.reader.execute(
             "SELECT c.id, c.path, c.body, -bm25(search) FROM search JOIN chunks c ON c.id = "
             "search.rowid WHERE search MATCH ? AND c.repo = ? AND c.family = ? ORDER BY rank "
