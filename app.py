@@ -11,7 +11,8 @@ or from an inference engine elsewhere (llama-server, vLLM, Ollama) that generate
 
 `python app.py --help` lists every option with its environment variable. The sections below
 follow a request: config, data tables, prompt building, request parsing, the generation loop,
-the two backends (a local model, an engine), the completion service, the events log, routes.
+the two backends (a local model, an engine), repository context, the completion service, the
+events log, routes, main.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -202,6 +204,10 @@ def check_config(config):
 # The Tabby release whose API we speak: tabby-agent reads version.git_describe as a semver
 # and asks for /v1beta/server_setting only from 0.9.0 on.
 TABBY_VERSION = "v0.32.0"
+
+# Repository-level tokens (repository name, file separator) of models trained on whole
+# repositories, for those whose GGUF llama.cpp finds no fim_rep and fim_sep in (StarCoder2's)
+REPO_TOKENS = [("<|repo_name|>", "<|file_sep|>"), ("<repo_name>", "<file_sep>")]
 
 # FIM prompt templates (TabbyML/registry-tabby:models.json), tried in order: the first whose
 # markers are all special tokens of the model wins. A remote engine's model has no tokens to
@@ -460,13 +466,19 @@ def scope_ended(text, cursor):
 def text_end(text, stops, tail, cursor):
     """Where a completion's text ends: at the earliest of Tabby's stop words (see find_stop); in
     the middle of a line, after the first line's newline (the agent trims a first line that
-    repeats the rest of the cursor line only when a second line follows); else at its end once
-    the editor is sure to cut what comes next (see scope_ended); else None."""
+    repeats the rest of the cursor line only when a second line follows), once what follows it
+    cannot begin a stop word there (then a Tabby server answers the first line alone, and so must
+    we); else at its end once the editor is sure to cut what comes next (see scope_ended); else
+    None."""
     stop = find_stop(text, stops, tail)
     if stop is not None:
         return stop
     if cursor.fill_in_line:
-        return text.index("\n") + 1 if "\n" in text else None
+        newline = text.find("\n")
+        after = text[newline:]
+        if newline < 0 or any(word.startswith(after) for word in stops):
+            return None
+        return newline + 1
     return len(text) if scope_ended(text, cursor) else None
 
 
@@ -508,6 +520,14 @@ class PromptFormat(typing.NamedTuple):
     line_last: bool  # the cursor line may go after it (see arrange)
 
 
+def split_template(template, specials):
+    """'<PRE> {prefix} <SUF>{suffix} <MID>' ->
+    ['<PRE>', ' ', '{prefix}', ' ', '<SUF>', '{suffix}', ' ', '<MID>']."""
+    names = ["{prefix}", "{suffix}"] + sorted(specials, key=len, reverse=True)
+    parts = re.split("(" + "|".join(map(re.escape, names)) + ")", template)
+    return [part for part in parts if part]
+
+
 def template_format(template, specials):
     """The PromptFormat of a template whose markers are the keys of specials."""
     return PromptFormat(
@@ -517,14 +537,6 @@ def template_format(template, specials):
         fim="{suffix}" in template,
         line_last=not template.endswith("{prefix}"),
     )
-
-
-def split_template(template, specials):
-    """'<PRE> {prefix} <SUF>{suffix} <MID>' ->
-    ['<PRE>', ' ', '{prefix}', ' ', '<SUF>', '{suffix}', ' ', '<MID>']."""
-    names = ["{prefix}", "{suffix}"] + sorted(specials, key=len, reverse=True)
-    parts = re.split("(" + "|".join(map(re.escape, names)) + ")", template)
-    return [part for part in parts if part]
 
 
 def fill_template(parts, specials, prefix, suffix):
@@ -673,6 +685,18 @@ class CompletionRequest:
         return self.temperature is not None or self.seed is not None
 
 
+def parse_snippet(item, where):
+    """One of a request's snippets, {filepath, body, score?}, or a 400 naming where it is."""
+    if not isinstance(item, dict):
+        abort(400, f"{where} must be an object")
+    snippet = {
+        "filepath": get(item, "filepath", str, where + ".", True),
+        "body": get(item, "body", str, where + ".", True),
+        "score": get(item, "score", float, where + "."),
+    }
+    return {k: v for k, v in snippet.items() if v is not None}
+
+
 def parse_completion(body):
     """A /v1/completions body as a CompletionRequest; unknown fields are ignored, as Tabby does."""
     debug = get(body, "debug_options", dict)
@@ -710,22 +734,15 @@ def parse_completion(body):
     return req
 
 
-def parse_snippet(item, where):
-    """One of a request's snippets, {filepath, body, score?}, or a 400 naming where it is."""
-    if not isinstance(item, dict):
-        abort(400, f"{where} must be an object")
-    snippet = {
-        "filepath": get(item, "filepath", str, where + ".", True),
-        "body": get(item, "body", str, where + ".", True),
-        "score": get(item, "score", float, where + "."),
-    }
-    return {k: v for k, v in snippet.items() if v is not None}
+SERVER_EVENTS = ("completion", "chat_completion")  # what the server logs of its own answers
 
 
 def parse_event(body, select_kind=None):
     """A /v1/events body as the event to log, in Tabby's layout: {type: {fields}}. select_kind
     is the ?select_kind= of a partial accept."""
     kind = get(body, "type", str, required=True)
+    if kind in SERVER_EVENTS:
+        abort(400, f"type {kind} is the server's own record of what it served, not an event")
     fields = {
         "completion_id": get(body, "completion_id", str, required=True),
         "choice_index": get(body, "choice_index", int, required=True),
@@ -747,6 +764,22 @@ class ChatRequest:
     temperature: float | None = None
     seed: int | None = None
     max_tokens: int | None = None  # None: up to the end of the context (or the engine's limit)
+
+
+def parse_message(message, where):
+    """One chat message as {role, content}; content parts (text only) are joined."""
+    if not isinstance(message, dict):
+        abort(400, f"{where} must be an object")
+    content = message.get("content")
+    if isinstance(content, list):  # parts: only text can be read here
+        text = lambda part: isinstance(part, dict) and part.get("type") == "text"  # noqa: E731
+        if not all(text(part) and isinstance(part.get("text"), str) for part in content):
+            abort(400, f'{where}.content parts must all be {{"type": "text", "text": ...}}')
+        message = dict(message, content="".join(part["text"] for part in content))
+    return {
+        "role": get(message, "role", str, where + ".", True),
+        "content": get(message, "content", str, where + ".") or "",
+    }
 
 
 def parse_chat(body, stream=False):
@@ -785,22 +818,6 @@ def parse_chat(body, stream=False):
     return req
 
 
-def parse_message(message, where):
-    """One chat message as {role, content}; content parts (text only) are joined."""
-    if not isinstance(message, dict):
-        abort(400, f"{where} must be an object")
-    content = message.get("content")
-    if isinstance(content, list):  # parts: only text can be read here
-        text = lambda part: isinstance(part, dict) and part.get("type") == "text"  # noqa: E731
-        if not all(text(part) and isinstance(part.get("text"), str) for part in content):
-            abort(400, f'{where}.content parts must all be {{"type": "text", "text": ...}}')
-        message = dict(message, content="".join(part["text"] for part in content))
-    return {
-        "role": get(message, "role", str, where + ".", True),
-        "content": get(message, "content", str, where + ".") or "",
-    }
-
-
 class Sampling(typing.NamedTuple):
     temperature: float
     seed: int  # 32 bits, as llama.cpp's seeds are
@@ -823,7 +840,7 @@ class Limits(typing.NamedTuple):
 
     max_tokens: int | float
     end_of: typing.Callable = lambda text: None  # where the text ends (stop words, scope), or None
-    should_stop: typing.Callable = lambda: False  # the client is gone, or a newer request came
+    should_stop: typing.Callable = lambda: False  # the client is gone
     budget: float = 0  # seconds, then the text ends at the next line end; 0: none
 
 
@@ -831,19 +848,19 @@ def generate(pieces, max_tokens, end_of=lambda text: None, should_stop=lambda: F
     """The one generation loop, over the pieces a model or an engine generates (bytes or str,
     about a token each; empty while it is busy). It takes them until: they end ("eos");
     end_of(text) gives where the text ends ("stop": stop words, scope); max_tokens ("length");
-    budget seconds spent, then at the next line end ("time"); should_stop() (client gone, newer
-    request: "cancelled", and no text). Then it closes pieces, which for an engine drops the
+    budget seconds spent, then at the next line end ("time"); should_stop() (the client hung
+    up: "cancelled", and no text). Then it closes pieces, which for an engine drops the
     connection. Yields the text so far after each piece (for streaming); returns
     (text, pieces taken, reason): run it with finish() when only that matters."""
     raw, text, n, start, late = b"", "", 0, time.monotonic(), None
     try:
-        for chunk in pieces:
+        for piece in pieces:
             if should_stop():
                 return "", n, "cancelled"
-            if not chunk:
+            if not piece:
                 continue
             n += 1
-            raw += chunk if isinstance(chunk, bytes) else chunk.encode()
+            raw += piece if isinstance(piece, bytes) else piece.encode()
             # a character split across tokens shows up once whole
             before, text = len(text), raw.decode("utf-8", "ignore")
             end = end_of(text)
@@ -949,6 +966,62 @@ def physical_cores():
 TABBY_LAYOUT = "ggml/model-00001-of-00001.gguf"  # where Tabby's own model repos keep the GGUF
 
 
+def reachable(url, timeout=3.0):
+    """Whether url's host takes a TCP connection within timeout seconds, name lookup included;
+    yes when a proxy is set (the hub's client goes through it)."""
+    proxies = ("https_proxy", "http_proxy", "all_proxy")
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
+        return True
+    parts, done, opened = urllib.parse.urlsplit(url), threading.Event(), []
+
+    def connect():  # on a thread of its own: a name lookup cannot be given a timeout
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            opened.append(True)
+        except (OSError, ValueError):
+            pass
+        done.set()  # also when it failed at once: no need to wait out the timeout
+
+    threading.Thread(target=connect, daemon=True).start()
+    done.wait(timeout)
+    return bool(opened)
+
+
+def offline_help(hub, repo, filename, offline):
+    """What to do when the hub cannot be reached (or offline: HF_HUB_OFFLINE is set) and the
+    model is not in its cache."""
+    name = filename or (TABBY_LAYOUT if repo.startswith("TabbyML/") else "")
+    fetch = (f"fetch {hub}/{repo}/resolve/main/{name} by hand" if name else
+             f"fetch one of the .gguf files listed at {hub}/{repo}/tree/main by hand")  # fmt: skip
+    if offline:
+        return (f"HF_HUB_OFFLINE is set, and the model is not in the Hugging Face cache: {fetch} "
+                "and pass its path (--model ./model.gguf), or unset HF_HUB_OFFLINE to download "
+                "it")  # fmt: skip
+    return (f"cannot reach the Hugging Face hub ({hub}), and the model is not in its cache: "
+            f"{fetch} and pass its path (--model ./model.gguf); a model downloaded before "
+            "starts without the hub with HF_HUB_OFFLINE=1")  # fmt: skip
+
+
+def cached_gguf(huggingface_hub, repo, filename):
+    """The path of repo's GGUF file in the Hugging Face cache (filename; else Tabby's layout, or
+    the only .gguf file there), or None."""
+    try:
+        if filename:
+            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
+        folder = huggingface_hub.snapshot_download(repo, local_files_only=True)
+    except Exception:  # not in the cache (the hub's own errors vary by version)
+        return None
+    ggufs = sorted(
+        os.path.relpath(os.path.join(top, name), folder)
+        for top, _, names in os.walk(folder)
+        for name in names
+        if name.endswith(".gguf")
+    )
+    name = TABBY_LAYOUT if TABBY_LAYOUT in ggufs else ggufs[0] if len(ggufs) == 1 else None
+    return os.path.join(folder, name) if name else None
+
+
 def download(repo_id, flag="--model"):
     """owner/repo[:file.gguf] from the Hugging Face hub into its cache, once, with a progress
     bar; from the cache alone when the hub cannot be reached (found out in a few seconds)."""
@@ -962,15 +1035,14 @@ def download(repo_id, flag="--model"):
         ) from None
     repo, _, filename = repo_id.partition(":")
     hub = constants.ENDPOINT  # HF_ENDPOINT, or the hub's own
-    if constants.HF_HUB_OFFLINE or not reachable(hub):
-        try:  # a file named, or Tabby's layout
-            return huggingface_hub.hf_hub_download(
-                repo, filename or TABBY_LAYOUT, local_files_only=True
-            )
-        except Exception:  # not in the cache (the hub's own errors vary by version)
+    offline = bool(constants.HF_HUB_OFFLINE)
+    if offline or not reachable(hub):
+        path = cached_gguf(huggingface_hub, repo, filename)
+        if path is None:
             raise SystemExit(
-                f"error: {flag} {repo_id}: {offline_help(hub, repo, filename)}"
-            ) from None
+                f"error: {flag} {repo_id}: {offline_help(hub, repo, filename, offline)}"
+            )
+        return path
     try:
         if not filename:
             ggufs = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".gguf")]
@@ -989,36 +1061,6 @@ def download(repo_id, flag="--model"):
             f"error: {flag} {repo_id}: download failed: {type(e).__name__}: {first} "
             "(or pass a local .gguf file)"
         ) from None
-
-
-def reachable(url, timeout=3.0):
-    """Whether url's host takes a TCP connection within timeout seconds, name lookup included;
-    yes when a proxy is set (the hub's client goes through it)."""
-    proxies = ("https_proxy", "http_proxy", "all_proxy")
-    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
-        return True
-    parts, opened = urllib.parse.urlsplit(url), threading.Event()
-
-    def connect():  # on a thread of its own: a name lookup cannot be given a timeout
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            socket.create_connection((parts.hostname, port), timeout=timeout).close()
-            opened.set()
-        except (OSError, ValueError):
-            pass
-
-    threading.Thread(target=connect, daemon=True).start()
-    return opened.wait(timeout)
-
-
-def offline_help(hub, repo, filename):
-    """What to do when the hub cannot be reached and the model is not in its cache."""
-    name = filename or (TABBY_LAYOUT if repo.startswith("TabbyML/") else "")
-    fetch = (f"fetch {hub}/{repo}/resolve/main/{name} by hand" if name else
-             f"fetch one of the .gguf files listed at {hub}/{repo}/tree/main by hand")  # fmt: skip
-    return (f"cannot reach the Hugging Face hub ({hub}), and the model is not in its cache: "
-            f"{fetch} and pass its path (--model ./model.gguf); a model downloaded before "
-            "starts without the hub with HF_HUB_OFFLINE=1")  # fmt: skip
 
 
 def load_model(config, path, flag="--model"):
@@ -1105,7 +1147,7 @@ def tokenize_text(llm, text, protected):
     return out
 
 
-def piece(vocab, token):
+def token_bytes(vocab, token):
     """The bytes of one token (llama-cpp-python's detokenize garbles pieces over 32 bytes)."""
     buf = ctypes.create_string_buffer(64)
     n = llama_cpp.llama_token_to_piece(vocab, token, buf, 64, 0, False)
@@ -1161,7 +1203,7 @@ def model_pieces(llm, tokens, temperature, seed):
     for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):
         if is_eog(vocab, token) or is_control(vocab, token):
             return
-        yield piece(vocab, token)
+        yield token_bytes(vocab, token)
 
 
 def chat_formatter(llm, override, flag):
@@ -1226,6 +1268,20 @@ def gpu_name():
     return next((name.lower() for name in gpus if name in backends), "gpu")
 
 
+def repo_tokens(llm):
+    """[(id, text)] of the model's repository-name and file-separator tokens (llama.cpp's, else
+    REPO_TOKENS'), or [] when it has none."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    ids = [llama_cpp.llama_vocab_fim_rep(vocab), llama_cpp.llama_vocab_fim_sep(vocab)]
+    if min(ids) >= 0:  # (-1: no such token)
+        return [(i, llama_cpp.llama_vocab_get_text(vocab, i).decode()) for i in ids]
+    for names in REPO_TOKENS:
+        ids = [special_token(llm, name) for name in names]
+        if None not in ids:
+            return list(zip(ids, names))
+    return []
+
+
 def load_chat_model(config, model_path):
     """(Llama, formatter, name) of --chat-model ('same': the model at model_path once more, a
     context of its own: the weights are memory-mapped, so shared on a CPU)."""
@@ -1253,12 +1309,12 @@ class LocalModel:
         self.tokenize = functools.lru_cache(maxsize=64)(
             lambda text: tuple(tokenize_text(self.llm, text, protected))
         )
-        # repository-level tokens (Qwen2.5-Coder's <|repo_name|> and <|file_sep|>, StarCoder2's
-        # <repo_name> and <file_sep>): then the repository's code goes before the prompt as files
-        ids = llama_cpp.llama_vocab_fim_rep(vocab), llama_cpp.llama_vocab_fim_sep(vocab)
-        self.repo_layout = min(ids) >= 0  # (-1: no such token)
-        text = lambda i: llama_cpp.llama_vocab_get_text(vocab, i).decode()  # noqa: E731
-        self.repo_ids = [(i, text(i)) for i in ids] if self.repo_layout else []
+        # repository-level tokens: then the repository's code goes before the prompt as files,
+        # in a budget of its own (at most half the room for the prompt)
+        self.repo_ids = repo_tokens(self.llm)
+        self.repo_layout = bool(self.repo_ids)
+        room = config["ctx"] - config["max_tokens"]
+        self.repo_budget = min(config["repo_context_tokens"], room // 2)
         model = config["model"]
         self.name = os.path.basename(model) if os.path.exists(model) else model
         self.device = gpu_name() if config["device"] == "gpu" else "cpu"
@@ -1301,22 +1357,32 @@ class LocalModel:
 
     def prompt(self, prefix, suffix, context=None):
         """The template's special tokens as ids, the rest tokenized as plain text; a RepoContext
-        before it as llama.cpp's /infill lays one out: <|repo_name|>name, then for each file
-        <|file_sep|>path and its text, then <|file_sep|> and the current file's path."""
+        before it (see repo_head)."""
         pieces, text = arrange(self.format, prefix, suffix)
-        if context and self.repo_layout:
-            (rep, rep_text), (sep, sep_text) = self.repo_ids
-            head = [rep, context.name + "\n"]
-            for path, body in context.files:
-                head += [sep, f"{path}\n{body}"]
-            head += [sep, context.path + "\n"]
-            pieces = head + pieces
-            names = {rep: rep_text, sep: sep_text}
-            text = "".join(names[p] if isinstance(p, int) else p for p in head) + text
         tokens = list(self.bos)
+        if context and self.repo_layout:
+            head, head_text = self.repo_head(context)
+            tokens, text = tokens + head, head_text + text
         for p in pieces:
             tokens += [p] if isinstance(p, int) else self.tokenize(p)
         return Prompt(tokens, text, len(tokens))
+
+    def repo_head(self, context):
+        """(tokens, text) of a RepoContext as llama.cpp's /infill lays one out: <|repo_name|>name,
+        then for each file <|file_sep|>path and its text, then <|file_sep|> and the current file's
+        path; the last files left out until it fits repo_budget tokens."""
+        (rep, rep_text), (sep, sep_text) = self.repo_ids
+        files = list(context.files)
+        while True:
+            pieces = [rep, context.name + "\n"]
+            for path, body in files:
+                pieces += [sep, f"{path}\n{body}"]
+            pieces += [sep, context.path + "\n"]
+            tokens = [t for p in pieces for t in ([p] if isinstance(p, int) else self.tokenize(p))]
+            if len(tokens) <= self.repo_budget or not files:
+                names = {rep: rep_text, sep: sep_text}
+                return tokens, "".join(names[p] if isinstance(p, int) else p for p in pieces)
+            files.pop()
 
     def raw_prompt(self, text):
         """A prompt as it is, special tokens and all (debug_options.raw_prompt)."""
@@ -1808,7 +1874,8 @@ COMMON = 0.01  # a word in more than this share of a repository's chunks is too 
 DEFINED_MAX = 50  # a name defined in more chunks than this (x, name, data) is not looked up
 PER_NAME = 3  # chunks that define one name, at most, the first found
 MIN_ROOM = 256  # characters of snippet budget left, below which there is no search (Tabby's)
-WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer ones are not words
+HEAD_POLL = 2  # seconds between looks at each checkout's HEAD (a commit: indexed at once)
+WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer ones are not words
 # a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =
 DEFINES = re.compile(
     r"\b(?:def|class|function|func|fn|struct|enum|trait|interface|type|module|object|fun|macro)"
@@ -1836,7 +1903,7 @@ def indexable(text):
     return alphanumeric >= len(text) / 4 and sum(map(str.isdigit, text)) <= len(text) / 2
 
 
-def chunk(text):
+def chunks_of(text):
     """(first line's number, text) of each chunk of a file: whole lines, CHUNK_CHARS at most,
     cut where a chunk half that size meets a blank line or a line at column 0 (a definition
     starts there, more often than not); none starts or ends with blank lines."""
@@ -1889,9 +1956,40 @@ class Repository(typing.NamedTuple):
 
 def git(*args, cwd=None, timeout=600):
     """git's output for args, or CalledProcessError (TimeoutExpired) with what it said."""
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}  # a server cannot type a password
     done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, check=True)  # fmt: skip
+                          timeout=timeout, check=True, env=env)  # fmt: skip
     return done.stdout
+
+
+def head_of(path):
+    """The commit a checkout's HEAD names, or None (no commit yet, git failing)."""
+    try:
+        return git("rev-parse", "-q", "--verify", "HEAD", cwd=path, timeout=10).strip()
+    except (subprocess.SubprocessError, OSError):
+        return None
+
+
+def is_url(spec):
+    """Whether a --repo is a git URL (scheme://..., or scp-like user@host:path), not a path."""
+    return re.match(r"[\w+.-]+://|[^@/\s]+@[^:/\s]+:", spec) is not None
+
+
+def clone(url, folder):
+    """git clone url into folder (a clone cut short there before is removed first); a clone that
+    fails leaves none of the folders it made."""
+    made, parent = [], os.path.dirname(folder)
+    while not os.path.exists(parent):
+        made.append(parent)
+        parent = os.path.dirname(parent)
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        git("clone", "--quiet", url, folder)
+    except BaseException:
+        for path in made:  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+        raise
 
 
 def open_repository(spec, root):
@@ -1899,7 +1997,7 @@ def open_repository(spec, root):
     ROOT/repositories. SystemExit with one line when it cannot be."""
     if shutil.which("git") is None:
         raise SystemExit("error: --repo needs git, which is not installed (apt-get install git)")
-    url = re.match(r"[\w+.-]+://|[^@/\s]+@[^:/\s]+:", spec) is not None
+    url = is_url(spec)
     if url:
         folder = os.path.join(root, "repositories", re.sub(r"[^\w.-]", "_", normal_url(spec)))
     else:
@@ -1907,8 +2005,8 @@ def open_repository(spec, root):
         if not os.path.isdir(folder):
             raise SystemExit(f"error: --repo {spec}: no such folder")
     try:
-        if url and not os.path.isdir(folder):
-            git("clone", "--quiet", spec, folder)
+        if url and not os.path.exists(os.path.join(folder, ".git")):
+            clone(spec, folder)
         top = git("rev-parse", "--show-toplevel", cwd=folder).strip()
     except subprocess.CalledProcessError as e:
         what = "git clone failed" if url else "not a git checkout (git init it, or give its URL)"
@@ -1980,7 +2078,8 @@ class CodeIndex:
         """Index what changed in repo's checkout since last time (files told by mtime and size);
         -> how many files that was. With progress, a large first index shows a progress bar."""
         wanted = {}
-        for name in git("ls-files", "-z", cwd=repo.path).split("\0"):
+        files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=repo.path)
+        for name in set(files.split("\0")):
             if os.path.splitext(name)[1].lower() in EXTENSIONS:
                 try:
                     stat = os.stat(os.path.join(repo.path, name))
@@ -2004,7 +2103,8 @@ class CodeIndex:
                 self.writer.execute("ROLLBACK")
                 raise
             if shown:
-                done, rate = min(n + 200, len(work)), (n + 200) / (time.monotonic() - started)
+                done = min(n + 200, len(work))
+                rate = done / (time.monotonic() - started)
                 bar = f"\rindexing {repo.name}: {done}/{len(work)} files, {rate:.0f} files/s"
                 print(bar, end="\n" if done == len(work) else "", file=sys.stderr, flush=True)
         where = "FROM chunks WHERE repo = ?"
@@ -2035,7 +2135,7 @@ class CodeIndex:
         except (OSError, UnicodeDecodeError):  # gone meanwhile, or not text
             text = ""
         kind = family(EXTENSIONS[os.path.splitext(path)[1].lower()])
-        for line, body in chunk(text) if text and indexable(text) else []:
+        for line, body in chunks_of(text) if text and indexable(text) else []:
             insert = "INSERT INTO chunks (repo, path, family, line, body) VALUES (?, ?, ?, ?, ?)"
             chunk_id = self.writer.execute(insert, (repo, path, kind, line, body)).lastrowid
             self.writer.execute("INSERT INTO search (rowid, body) VALUES (?, ?)", (chunk_id, body))
@@ -2048,15 +2148,21 @@ class CodeIndex:
         self.writer.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (repo, path, *seen))
 
     def keep_up(self):
-        """Every --repo-refresh seconds, index what changed (a new HEAD changes files too); a
-        cloned repository is pulled first, every 60 rounds."""
+        """Index what changed every --repo-refresh seconds, and within HEAD_POLL seconds of a
+        new HEAD (a commit, a checkout, a pull); a cloned repository is pulled first, every 60
+        refreshes."""
+        poll = min(HEAD_POLL, self.refresh)
+        every = max(1, round(self.refresh / poll))  # polls a refresh
+        heads = {repo.path: head_of(repo.path) for repo in self.repositories}
         for n in itertools.count(1):
-            time.sleep(self.refresh)
+            time.sleep(poll)
             for repo in self.repositories:
                 try:
-                    if repo.cloned and n % 60 == 0:
+                    if repo.cloned and n % (every * 60) == 0:
                         git("pull", "--ff-only", "--quiet", cwd=repo.path, timeout=300)
-                    if self.update(repo):
+                    head = head_of(repo.path)
+                    moved, heads[repo.path] = head != heads[repo.path], head
+                    if (moved or n % every == 0) and self.update(repo):
                         self.bm25.cache_clear()
                 except Exception:  # git or the disk failing: tried again next round
                     self.logger.exception("repository %s: cannot index it now", repo.name)
@@ -2086,9 +2192,26 @@ class CodeIndex:
             return None  # the editor is in another repository
         if filepath and os.path.isabs(filepath):
             inside = [r for r in self.repositories if filepath.startswith(r.path + os.sep)]
-            if inside:
-                return inside[0]
+            if inside:  # nested checkouts: the innermost
+                return max(inside, key=lambda r: len(r.path))
         return self.repositories[0] if len(self.repositories) == 1 else None
+
+    def path_in(self, repo, filepath):
+        """A request's filepath as a path in repo: relative to its checkout when inside it; an
+        absolute path elsewhere (the editor's own clone) as its longest tail that is a file here;
+        else as it is."""
+        if not os.path.isabs(filepath):
+            return filepath
+        if filepath.startswith(repo.path + os.sep):
+            return os.path.relpath(filepath, repo.path)
+        parts = filepath.strip(os.sep).split(os.sep)
+        with self.lock:
+            for i in range(len(parts)):
+                tail = "/".join(parts[i:])
+                query = "SELECT 1 FROM files WHERE repo = ? AND path = ?"
+                if self.reader.execute(query, (repo.path, tail)).fetchone():
+                    return tail
+        return filepath
 
     def find(self, repo, language, path, prefix, suffix, budget, known=""):
         """Snippets ({filepath, body, score}) of repo's code for a cursor between prefix and
@@ -2099,7 +2222,8 @@ class CodeIndex:
         is in known (the prompt, the editor's snippets)."""
         kind, path = family(language), os.path.normpath(path or "")
         above, line = prefix[: prefix.rfind("\n") + 1], prefix[prefix.rfind("\n") + 1 :]
-        near = "\n".join(above.splitlines()[-NEAR_LINES:] + [line])
+        line = re.sub(r"\w+$", "", line)  # the word being typed is not a name yet: the snippets
+        near = "\n".join(above.splitlines()[-NEAR_LINES:] + [line])  # change when one is done
         before = WORD.findall(near)[::-1]  # the nearest the cursor first
         after = WORD.findall("\n".join(suffix.splitlines()[:NEAR_LINES]))
         names = list(dict.fromkeys(before + after))
@@ -2161,7 +2285,8 @@ def open_index(config, logger):
     """The CodeIndex of the --repo repositories (cloned first, for a URL), at
     ROOT/index/code.sqlite3; start-up says what it holds."""
     root = os.path.expanduser(config["root"])
-    repositories = [open_repository(spec, root) for spec in config["repo"]]
+    specs = sorted(config["repo"], key=is_url)  # checkouts first: a mistake there costs no clone
+    repositories = [open_repository(spec, root) for spec in specs]
     names = [r.path for r in repositories]
     if len(set(names)) < len(names):
         raise SystemExit("error: --repo: the same repository twice")
@@ -2187,6 +2312,16 @@ class Answer(typing.NamedTuple):
     reused: int = 0  # of them, already in the KV cache
     generated: int = 0  # tokens
     ms: float = 0  # in the model (or engine)
+
+
+class LastAnswer(typing.NamedTuple):
+    """A client's last completion, which it may type through."""
+
+    language: str
+    suffix: str
+    prefix: str  # of the request
+    text: str  # the completion
+    prompt: str  # as logged
 
 
 class Completions:
@@ -2262,8 +2397,7 @@ class Completions:
         repo = self.index.repository_for(seg["git_url"], seg["filepath"]) if self.index else None
         if repo is None or not req.retrieval:
             return snippets, None
-        path = seg["filepath"] or ""
-        path = os.path.relpath(path, repo.path) if os.path.isabs(path) else path
+        path = self.index.path_in(repo, seg["filepath"] or "")
         args = (repo, req.language, path, seg["prefix"], seg["suffix"] or "")
         known = "".join(s["body"] for s in snippets)
         if self.backend.repo_layout:
@@ -2327,25 +2461,18 @@ class Completions:
         start of that completion since, or None."""
         with self.lock:
             last = self.last_answers.get(client)
-        if last is None or (language, suffix) != (last["language"], last["suffix"]):
+        if last is None or (language, suffix) != (last.language, last.suffix):
             return None
-        if not prefix.startswith(last["prefix"]):
+        if not prefix.startswith(last.prefix):
             return None
-        typed, text = prefix[len(last["prefix"]) :], last["text"]
+        typed, text = prefix[len(last.prefix) :], last.text
         if typed and text.startswith(typed) and len(text) > len(typed):
-            return text[len(typed) :], last["prompt"]
+            return text[len(typed) :], last.prompt
         return None
 
     def remember(self, client, language, suffix, prefix, text, prompt):
-        last = {
-            "language": language,
-            "suffix": suffix,
-            "prefix": prefix,
-            "text": text,
-            "prompt": prompt,
-        }
         with self.lock:
-            self.last_answers[client] = last
+            self.last_answers[client] = LastAnswer(language, suffix, prefix, text, prompt)
             self.last_answers.move_to_end(client)
             if len(self.last_answers) > LAST_ANSWERS:
                 self.last_answers.popitem(last=False)
@@ -2355,64 +2482,27 @@ class Completions:
 # The events log: Tabby's layout, so that its analytics read ours.
 
 
-class EventsLog:
-    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, what
-    is kept (--events: all, no code, nothing; --events-days), the lock that keeps lines whole,
-    and the count of events it could not store: a log that fails (the folder gone, the disk
-    full) must not fail the completion that it logs."""
+def without_code(event):
+    """An event with no text of anyone's code (--events meta): a completion's prompt and segments
+    go, its choices' text and a chat's messages become sizes."""
+    kind, fields = next(iter(event.items()))
+    if kind == "completion":
+        choices = [{"index": c["index"], "chars": len(c["text"])} for c in fields["choices"]]
+        fields = {k: v for k, v in fields.items() if k not in ("prompt", "segments")}
+        return {kind: {**fields, "choices": choices, "snippets": len(fields["snippets"])}}
+    if kind == "chat_completion":
+        output = {"role": "assistant", "chars": len(fields["output"]["content"])}
+        return {kind: {"completion_id": fields["completion_id"], "messages": len(fields["input"]),
+                       "output": output}}  # fmt: skip
+    return event  # view, select, dismiss, ...: ids and numbers only
 
-    def __init__(self, config, logger):
-        self.folder = os.path.join(os.path.expanduser(config["root"]), "events")
-        self.mode, self.days = config["events"], config["events_days"]
-        if self.mode != "off":
-            try:
-                os.makedirs(self.folder, exist_ok=True)
-            except OSError as e:
-                error = f"error: --root: cannot create {self.folder}: {e.strerror}"
-                raise SystemExit(error) from None
-        self.lock, self.logger = threading.Lock(), logger
-        self.lost, self.failures = 0, set()  # failures: the kinds already logged
-        self.today = self.prune(time.time())
 
-    def prune(self, now):
-        """Delete the day files older than --events-days; -> today's name, as day files go."""
-        today = time.strftime("%Y-%m-%d", time.gmtime(now))
-        oldest = time.strftime("%Y-%m-%d", time.gmtime(now - (self.days - 1) * 86400))
-        names = os.listdir(self.folder) if self.days and os.path.isdir(self.folder) else []
-        for name in names:
-            if re.fullmatch(r"\d{4}-\d\d-\d\d\.json", name) and name[:10] < oldest:
-                try:
-                    os.remove(os.path.join(self.folder, name))
-                except OSError as e:
-                    self.logger.error("events log: cannot delete %s: %s", name, e.strerror)
-        return today
-
-    def write(self, user, event):
-        """Append one line to today's file, {user, ts, event}; -> None, or why it could not."""
-        if self.mode == "off":
-            return None
-        now = time.time()
-        event = without_code(event) if self.mode == "meta" else event
-        line = json.dumps({"user": user, "ts": int(now * 1000), "event": event}, ensure_ascii=False)
-        # JSON may hold these raw, but readers that split lines on them would break the line
-        for separator in ("\x85", "\u2028", "\u2029"):
-            line = line.replace(separator, f"\\u{ord(separator):04x}")
-        data = (line + "\n").encode()
-        path = os.path.join(self.folder, time.strftime("%Y-%m-%d", time.gmtime(now)) + ".json")
-        with self.lock:
-            if not path.endswith(self.today + ".json"):  # a new day: the oldest one goes
-                self.today = self.prune(now)
-            try:
-                append(path, data)
-                return None
-            except OSError as e:
-                self.lost += 1
-                why = e.strerror or type(e).__name__
-                if why not in self.failures:  # once per kind, not per request
-                    self.failures.add(why)
-                    self.logger.error("events log: cannot write %s: %s (events are lost until "
-                                      "it can; this is said once)", path, why)  # fmt: skip
-                return why
+def can_make(folder):
+    """Whether folder is, or could be made, a folder we can write to (without making it)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
 
 
 def append(path, data):
@@ -2435,6 +2525,71 @@ def append(path, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     finally:
         os.close(fd)
+
+
+class EventsLog:
+    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, what
+    is kept (--events: all, no code, nothing; --events-days), the lock that keeps lines whole,
+    and the count of events it could not store: a log that fails (the folder gone, the disk
+    full) must not fail the completion that it logs."""
+
+    def __init__(self, config, logger):
+        self.folder = os.path.join(os.path.expanduser(config["root"]), "events")
+        self.mode, self.days = config["events"], config["events_days"]
+        if self.mode != "off" and not can_make(self.folder):  # made with the first event
+            raise SystemExit(f"error: --root: cannot write to {self.folder}")
+        self.lock, self.logger = threading.Lock(), logger
+        self.lost, self.failures = 0, set()  # failures: the kinds already logged
+        self.today = self.prune(time.time())
+        if self.days:  # also when no event comes for days
+            threading.Thread(target=self.prune_daily, daemon=True, name="events-days").start()
+
+    def prune(self, now):
+        """Delete the day files older than --events-days; -> today's name, as day files go."""
+        today = time.strftime("%Y-%m-%d", time.gmtime(now))
+        oldest = time.strftime("%Y-%m-%d", time.gmtime(now - (self.days - 1) * 86400))
+        names = os.listdir(self.folder) if self.days and os.path.isdir(self.folder) else []
+        for name in names:
+            if re.fullmatch(r"\d{4}-\d\d-\d\d\.json", name) and name[:10] < oldest:
+                try:
+                    os.remove(os.path.join(self.folder, name))
+                except OSError as e:
+                    self.logger.error("events log: cannot delete %s: %s", name, e.strerror)
+        return today
+
+    def prune_daily(self):
+        while True:
+            time.sleep(86400 - time.time() % 86400 + 1)  # just after midnight, UTC
+            with self.lock:
+                self.today = self.prune(time.time())
+
+    def write(self, user, event):
+        """Append one line to today's file, {user, ts, event}; -> None, or why it could not."""
+        if self.mode == "off":
+            return None
+        now = time.time()
+        event = without_code(event) if self.mode == "meta" else event
+        line = json.dumps({"user": user, "ts": int(now * 1000), "event": event}, ensure_ascii=False)
+        # JSON may hold these raw, but readers that split lines on them would break the line
+        for separator in ("\x85", "\u2028", "\u2029"):
+            line = line.replace(separator, f"\\u{ord(separator):04x}")
+        data = (line + "\n").encode()
+        path = os.path.join(self.folder, time.strftime("%Y-%m-%d", time.gmtime(now)) + ".json")
+        with self.lock:
+            if not path.endswith(self.today + ".json"):  # a new day: the oldest one goes
+                self.today = self.prune(now)
+            try:
+                append(path, data)
+                self.failures.clear()  # it works again: a new failure is worth saying
+                return None
+            except OSError as e:
+                self.lost += 1
+                why = e.strerror or type(e).__name__
+                if why not in self.failures:  # once per kind, not per request
+                    self.failures.add(why)
+                    self.logger.error("events log: cannot write %s: %s (events are lost until "
+                                      "it can; this is said once)", path, why)  # fmt: skip
+                return why
 
 
 def completion_event(completion_id, req, answer, user_agent, ms):
@@ -2461,24 +2616,18 @@ def completion_event(completion_id, req, answer, user_agent, ms):
     }
 
 
-def without_code(event):
-    """An event with no text of anyone's code (--events meta): a completion's prompt and segments
-    go, its choices' text and a chat's messages become sizes."""
-    kind, fields = next(iter(event.items()))
-    if kind == "completion":
-        choices = [{"index": c["index"], "chars": len(c["text"])} for c in fields["choices"]]
-        fields = {k: v for k, v in fields.items() if k not in ("prompt", "segments")}
-        return {kind: {**fields, "choices": choices, "snippets": len(fields["snippets"])}}
-    if kind == "chat_completion":
-        output = {"role": "assistant", "chars": len(fields["output"]["content"])}
-        return {kind: {"completion_id": fields["completion_id"], "messages": len(fields["input"]),
-                       "output": output}}  # fmt: skip
-    return event  # view, select, dismiss, ...: ids and numbers only
-
-
 # -----------------------------------------------------------------------------------------------
 # Routes: create_app() builds the backend, the completion service and the events log from the
 # config; each route parses, calls one of them, and answers.
+
+
+def body_of(request):
+    """The bytes of a request's body. A chunked body (no Content-Length) over --max-body is cut
+    at the limit by Werkzeug without a word; reading on past it raises the 413 it should."""
+    data = request.get_data()
+    if request.content_length is None and len(data) >= (request.max_content_length or math.inf):
+        request.stream.read(1)
+    return data
 
 
 def client_gone(environ):
@@ -2520,34 +2669,38 @@ def system_info(backend):
     return info
 
 
-def create_app(config=None):
-    """The Flask app. flask run calls it with nothing: config from the env."""
-    if config is None:
-        try:
-            config = load_config(environ=os.environ)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    check_config(config)
-    backend = open_backend(config)
-    for line in backend.describe():
-        print(line, file=sys.stderr)
-    if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: serving on {config['host']} without a token: anyone who can reach it "
-            f"can use it (set --token or {ENV_PREFIX}TOKEN)",
-            file=sys.stderr,
-        )
-    app = Flask(__name__)
-    app.logger.setLevel(logging.INFO)  # one line per completion
-    app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
-    app.json.ensure_ascii = False
-    events = EventsLog(config, app.logger)  # once the backend is ready: no files before
-    index = open_index(config, app.logger) if config["repo"] else None
-    add_guards(app, config["token"], config["max_body"])
-    completions = Completions(backend, config, index)
-    add_completion_routes(app, config, backend, completions, events)
-    add_chat_routes(app, config, backend, events)
-    return app
+def chat_chunk(chat_id, created, model, delta, finish_reason=None):
+    """One Server-Sent Event of a streamed chat answer: a chat.completion.chunk."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    chunk = {
+        "id": chat_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
+
+
+def chat_stream(steps, stops, chunk, done, logger):
+    """A chat answer as Server-Sent Events, as Tabby sends them: every event is JSON (no
+    "data: [DONE]"); the role first, then the text as it comes, then the finish reason that
+    done(text, n, reason) gives. An error half way goes in an event of its own."""
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        for delta, end in deltas(steps, stops):
+            if delta:
+                yield chunk({"content": delta})
+            if end:
+                yield chunk({}, done(*end))
+    except HTTPException as e:  # the headers are gone: the error goes in the stream
+        yield "data: " + json.dumps({"error": {"message": e.description, "code": e.code}}) + "\n\n"
+    except Exception as e:
+        logger.exception("unexpected error in a chat stream")
+        error = {"message": f"internal error: {type(e).__name__}", "code": 500}
+        yield "data: " + json.dumps({"error": error}) + "\n\n"
+    finally:
+        steps.close()  # the client left: stop generating
 
 
 def add_guards(app, token, max_body):
@@ -2588,7 +2741,7 @@ def add_completion_routes(app, config, backend, completions, events):
 
     @app.post("/v1/events")
     def events_route():
-        body = json_body(request.get_data())
+        body = json_body(body_of(request))
         event = parse_event(body, request.args.get("select_kind"))
         why = events.write(get(body, "user", str), event)
         if why:
@@ -2598,7 +2751,7 @@ def add_completion_routes(app, config, backend, completions, events):
     @app.post("/v1/completions")
     def completions_route():
         started = time.perf_counter()
-        req = parse_completion(json_body(request.get_data()))
+        req = parse_completion(json_body(body_of(request)))
         client = (request.remote_addr, req.user, req.segments.get("filepath"))
         environ = request.environ
         answer = completions.answer(req, client, lambda: client_gone(environ))
@@ -2634,7 +2787,7 @@ def add_chat_routes(app, config, backend, events):
         if backend.chat_name is None:
             how = "--chat-model (a GGUF file, a Hugging Face repo id, or 'same')"
             abort(501, f"no chat model: start the server with {how}")
-        req = parse_chat(json_body(request.get_data()), stream=request.path.startswith("/v1beta/"))
+        req = parse_chat(json_body(body_of(request)), stream=request.path.startswith("/v1beta/"))
         environ, chat_id, created = request.environ, f"chatcmpl-{uuid.uuid4()}", int(time.time())
         should_stop = lambda: client_gone(environ)  # noqa: E731
         steps, size = backend.chat(req, sampling(req, config["temperature"]), should_stop)
@@ -2668,41 +2821,38 @@ def add_chat_routes(app, config, backend, events):
         )
 
 
-def chat_chunk(chat_id, created, model, delta, finish_reason=None):
-    """One Server-Sent Event of a streamed chat answer: a chat.completion.chunk."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    chunk = {
-        "id": chat_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-    return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
-
-
-def chat_stream(steps, stops, chunk, done, logger):
-    """A chat answer as Server-Sent Events, as Tabby sends them: every event is JSON (no
-    "data: [DONE]"); the role first, then the text as it comes, then the finish reason that
-    done(text, n, reason) gives. An error half way goes in an event of its own."""
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        for delta, end in deltas(steps, stops):
-            if delta:
-                yield chunk({"content": delta})
-            if end:
-                yield chunk({}, done(*end))
-    except HTTPException as e:  # the headers are gone: the error goes in the stream
-        yield "data: " + json.dumps({"error": {"message": e.description, "code": e.code}}) + "\n\n"
-    except Exception as e:
-        logger.exception("unexpected error in a chat stream")
-        error = {"message": f"internal error: {type(e).__name__}", "code": 500}
-        yield "data: " + json.dumps({"error": error}) + "\n\n"
-    finally:
-        steps.close()  # the client left: stop generating
+def create_app(config=None):
+    """The Flask app. flask run calls it with nothing: config from the env."""
+    if config is None:
+        try:
+            config = load_config(environ=os.environ)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    check_config(config)
+    backend = open_backend(config)
+    for line in backend.describe():
+        print(line, file=sys.stderr)
+    if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"warning: serving on {config['host']} without a token: anyone who can reach it "
+            f"can use it (set --token or {ENV_PREFIX}TOKEN)",
+            file=sys.stderr,
+        )
+    app = Flask(__name__)
+    app.logger.setLevel(logging.INFO)  # one line per completion
+    app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
+    app.json.ensure_ascii = False
+    events = EventsLog(config, app.logger)  # once the backend is ready: no files before
+    index = open_index(config, app.logger) if config["repo"] else None
+    add_guards(app, config["token"], config["max_body"])
+    completions = Completions(backend, config, index)
+    add_completion_routes(app, config, backend, completions, events)
+    add_chat_routes(app, config, backend, events)
+    return app
 
 
 # -----------------------------------------------------------------------------------------------
+# Main: python app.py --flags (flask run calls create_app() itself).
 
 
 if __name__ == "__main__":

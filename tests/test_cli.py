@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -111,20 +113,25 @@ def test_hub_id_without_huggingface_hub(tmp_path):
     assert_one_line_failure(result, "TabbyML/StarCoder-1B", "pip install huggingface_hub")
 
 
+OFFLINE = ("HF_HUB_OFFLINE is set", "unset HF_HUB_OFFLINE")
+NO_HUB = ("cannot reach the Hugging Face hub", "HF_HUB_OFFLINE=1")
+
+
 @pytest.mark.parametrize(
-    "model, env, url",
+    "model, env, url, says",
     [
         ("TabbyML/StarCoder-1B", {"HF_HUB_OFFLINE": "1"},
-         "https://huggingface.co/TabbyML/StarCoder-1B/resolve/main/ggml/model-00001-of-00001.gguf"),
+         "https://huggingface.co/TabbyML/StarCoder-1B/resolve/main/ggml/model-00001-of-00001.gguf",
+         OFFLINE),
         ("owner/repo:model-q8_0.gguf", {"HF_HUB_OFFLINE": "1"},
-         "https://huggingface.co/owner/repo/resolve/main/model-q8_0.gguf"),
+         "https://huggingface.co/owner/repo/resolve/main/model-q8_0.gguf", OFFLINE),
         ("owner/repo:model-q8_0.gguf", {"HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens
-         "http://127.0.0.1:9/owner/repo/resolve/main/model-q8_0.gguf"),
+         "http://127.0.0.1:9/owner/repo/resolve/main/model-q8_0.gguf", NO_HUB),
         ("owner/repo", {"HF_ENDPOINT": "https://hub.invalid"},  # no such name
-         "https://hub.invalid/owner/repo/tree/main"),
+         "https://hub.invalid/owner/repo/tree/main", NO_HUB),
     ],
 )  # fmt: skip
-def test_a_hub_id_without_network_fails_fast_and_says_what_to_do(tmp_path, model, env, url):
+def test_a_hub_id_without_network_fails_fast_and_says_what_to_do(tmp_path, model, env, url, says):
     import huggingface_hub  # noqa: F401 (in tests/requirements.txt)
 
     started = time.monotonic()
@@ -132,16 +139,42 @@ def test_a_hub_id_without_network_fails_fast_and_says_what_to_do(tmp_path, model
         ["--model", model], env={"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"), **env}
     )
     assert time.monotonic() - started < 15  # huggingface_hub alone retried for about 30 s
-    assert_one_line_failure(result, model, "cannot reach the Hugging Face hub", url,
-                            "--model ./model.gguf", "HF_HUB_OFFLINE=1")  # fmt: skip
+    assert_one_line_failure(result, model, url, "--model ./model.gguf", *says)
     assert os.listdir(tmp_path) == []  # a failed start leaves nothing behind (no ~/.tabby)
 
 
+def test_a_hub_id_in_the_cache_starts_without_the_hub(tmp_path, model_path):
+    """owner/repo with no file named, already downloaded: its one GGUF file, with no network."""
+    import huggingface_hub  # noqa: F401 (in tests/requirements.txt)
+
+    repo = tmp_path / "hf" / "hub" / "models--owner--repo"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    (repo / "snapshots" / ("0" * 40)).mkdir(parents=True)
+    shutil.copy(model_path(), repo / "snapshots" / ("0" * 40) / "model-q8_0.gguf")
+    env = {"HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf")}
+    for extra in ({"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}):
+        proc, _ = start_server(["--model", "owner/repo", "--events", "off"], env={**env, **extra})
+        assert "model owner/repo: FIM template" in stop(proc)
+
+
 def test_a_failed_start_leaves_no_files(tmp_path, model_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    home = tmp_path / "home"
+    home.mkdir()
     for args in (["--model", str(tmp_path / "nope.gguf")], ["--backend", "http://127.0.0.1:9/v1"],
-                 ["--model", model_path("plain"), "--prompt-template", "<fim_prefix>{prefix}"]):  # fmt: skip
-        assert run(args, env={"HOME": str(tmp_path)}).returncode != 0
-        assert os.listdir(tmp_path) == [], args
+                 ["--model", model_path("plain"), "--prompt-template", "<fim_prefix>{prefix}"],
+                 ["--model", model_path(), "--repo", str(tmp_path / "missing")],
+                 ["--model", model_path(), "--repo", str(plain)],  # not a git checkout
+                 ["--model", model_path(), "--repo", f"file://{tmp_path}/missing.git"],
+                 ["--model", model_path(), "--port", str(taken.getsockname()[1])]):  # fmt: skip
+        assert run(args, env={"HOME": str(home)}).returncode != 0
+        assert os.listdir(home) == [], args
+    taken.close()
 
 
 def test_python_app_py_serves(model_path, tmp_path):

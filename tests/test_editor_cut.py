@@ -251,6 +251,21 @@ CASES = [
         "fn f(a: i32) -> i32 {\n    let b = compute(a, │\n}\n",
         "1,\n        2);\n    b\n}",
     ),  # 2
+    # text after the cursor, and a stop word right after the first line: a Tabby server answers
+    # the first line alone, which the agent shows whole
+    ("python", "def f(a):\n    compute(│, 2)\n", "alpha, 2)\n\n\ndef g():\n    pass"),  # 5
+    ("python", "def f(a):\n    compute(│, 2)\n", "alpha, 2)\ndef g():\n    pass"),  # 5
+    ("javascript", "function f(a) {\n  console.log(│);\n}\n", "value);\n\nfoo();"),  # 5
+    ("go", "func f(a, b int) {\n\tfmt.Println(│, b)\n}\n", "alpha, b)\n\nfunc g() {"),  # 5
+    ("rust", "fn f(x: i32) {\n    g(│, 1);\n}\n", "x, 1);\n\nfn h() {}"),  # 5
+    # a blank line of whitespace inside the completion: the agent's Python rule for a closing
+    # line after a blank line, and none elsewhere
+    ("python", "def f(a):\n    if a:\n        │\n", "x = 1\n        \n    return x\n"),
+    ("javascript", "function f(a) {\n  if (a) {\n    │\n", "x = 1;\n    \n  }\n  y();"),
+    ("go", "func f(a int) {\n\tif a > 0 {\n\t\t│\n", "x := 1\n\t\t\n\t}\n\treturn"),
+    # CRLF in Go and Rust
+    ("go", "func add(a, b int) int {\r\n\t│\r\n}\r\n", "return a + b\r\n}\r\n\r\nfunc g() {"),
+    ("rust", "fn f(a: i32) -> i32 {\r\n    │\r\n}\r\n", "a * 2\r\n}\r\n\r\nfn g() {}"),
 ]
 COMMENT = {"python": "#", "javascript": "//", "typescript": "//", "go": "//", "rust": "//"}
 EXTENSION = {"python": "py", "javascript": "js", "typescript": "ts", "go": "go", "rust": "rs"}
@@ -375,9 +390,24 @@ def shown(agent_cli, tmp_path_factory):
     assert blocked == {"tabby": "", "ours": ""}, "an agent tried to reach beyond loopback"
     pairs = list(zip(results["tabby"], results["ours"]))
     same = sum(a == b for a, b in pairs)
+    early = sum(len(text) < len(tabby_answer(CASES[n][0], CASES[n][2]).replace("\r\n", "\n"))
+                for n, text in answers(folder / "tabby").items())  # fmt: skip
     print(f"\n{len(pairs)} cases: the editor shows the same in {same}, more from ours in "
-          f"{sum(a != b and b.startswith(a) for a, b in pairs)}")  # fmt: skip
+          f"{sum(a != b and b.startswith(a) for a, b in pairs)}; our server stopped before "
+          f"Tabby's stop words in {early}")  # fmt: skip
     return pairs
+
+
+def answers(root):
+    """Case number -> the text our server answered (LF), from its events log."""
+    texts = {}
+    for path in (root / "events").glob("*.json"):
+        for line in path.read_text().splitlines():
+            completion = json.loads(line)["event"].get("completion")
+            if completion:
+                text = completion["choices"][0]["text"].replace("\r\n", "\n")
+                texts[case_of(completion["segments"]["prefix"])] = text
+    return texts
 
 
 @pytest.mark.parametrize("n", range(len(CASES)))
@@ -385,3 +415,11 @@ def test_the_editor_shows_at_least_what_it_would_show_from_tabby(shown, n):
     tabby, ours = shown[n]
     assert tabby is not None and ours is not None, "the agent did not answer"
     assert ours.startswith(tabby), (CASES[n], tabby, ours)
+
+
+def test_the_agent_shows_something(shown):
+    """A test that cannot fail is no test: an agent that showed nothing from either answer (a
+    new version, a broken set-up) would pass every case above."""
+    shown_from_tabby = sum(bool(tabby.strip()) for tabby, _ in shown)
+    blank = sum(not raw.strip() for _, _, raw in CASES)
+    assert shown_from_tabby >= 0.8 * (len(CASES) - blank), shown

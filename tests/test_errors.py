@@ -96,6 +96,9 @@ def test_bad_completion_requests(make_app, data, status, message):
             {"type": "view", "completion_id": "c", "choice_index": 0, "elapsed": "1s"},
             "elapsed must be an integer",
         ),
+        # the server's own records cannot be forged (nor break --events meta, which reads them)
+        ({"type": "completion", "completion_id": "c", "choice_index": 0}, "server's own record"),
+        ({"type": "chat_completion", "completion_id": "c", "choice_index": 0}, "server's own"),
     ],
 )
 def test_bad_events(make_app, body, message):

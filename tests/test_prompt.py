@@ -142,6 +142,11 @@ def test_generation_stops_where_the_editor_is_sure_to_cut(prefix, suffix, langua
         ("a, 2)", None),
         ("a, 2)\n    x = 1", len("a, 2)\n")),  # the newline too: the agent trims ", 2)" only then
         ("a, 2)\n\nfoo", len("a, 2)")),  # a stop word first
+        ("a, 2)\n", None),  # a stop word may begin at the newline: "\n\n", "\ndef", ...
+        ("a, 2)\n    ", len("a, 2)\n")),  # no stop word is "\n    "
+        ("a, 2)\nde", None),  # "\ndef" may come
+        ("a, 2)\ndel x", len("a, 2)\n")),
+        ("a, 2)\ndef g():", len("a, 2)")),  # Tabby's stop word: its answer is the first line
     ],
 )
 def test_text_after_the_cursor_ends_the_completion_after_its_first_line(text, end):

@@ -290,6 +290,8 @@ def test_a_failing_events_log_costs_events_not_completions(make_app, caplog):
     caplog.set_level("INFO")
     app, events = make_app()
     client = app.test_client()
+    assert not events.exists()  # made with the first event
+    assert complete(client, PREFIX, SUFFIX) and len(read_events(events)) == 1
     shutil.rmtree(events)  # the folder removed: it is made again
     assert complete(client, PREFIX, SUFFIX) and len(read_events(events)) == 1
     shutil.rmtree(events)
@@ -300,6 +302,13 @@ def test_a_failing_events_log_costs_events_not_completions(make_app, caplog):
         assert r.status_code == 503 and "the event was not stored" in r.get_json()["error"]
     failures = [r for r in caplog.records if "events log: cannot write" in r.getMessage()]
     assert len(failures) == 1  # said once, not per request
+    events.unlink()  # mended: events are stored again
+    assert client.post("/v1/events", json=EVENT).status_code == 200
+    shutil.rmtree(events)
+    events.write_text("not a folder")  # and broken again: said again
+    assert client.post("/v1/events", json=EVENT).status_code == 503
+    failures = [r for r in caplog.records if "events log: cannot write" in r.getMessage()]
+    assert len(failures) == 2
 
 
 def test_a_body_over_the_limit_names_the_limit_and_the_knob(make_app):
@@ -313,6 +322,26 @@ def test_a_body_over_the_limit_names_the_limit_and_the_knob(make_app):
         and "1000 bytes" in r.get_json()["error"]
         and "--max-body" in r.get_json()["error"]
     )
+
+
+def test_a_chunked_body_over_the_limit_gets_the_413_too(model_path, tmp_path):
+    """Without a Content-Length, Werkzeug cuts a body at the limit without a word: a 400 "not
+    valid JSON" would blame the client's JSON, not the size."""
+    proc, url = start_server(
+        ["--model", model_path(), "--root", str(tmp_path), "--max-body", "1000"]
+    )
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", int(url.rsplit(":", 1)[1]), timeout=30)
+        body = json.dumps({"segments": {"prefix": "x" * 3000}}).encode()
+        chunks = (body[i : i + 500] for i in range(0, len(body), 500))
+        conn.request("POST", "/v1/completions", chunks, {"Content-Type": "application/json"},
+                     encode_chunked=True)  # fmt: skip
+        r = conn.getresponse()
+        status, error = r.status, json.loads(r.read())["error"]
+        conn.close()
+    finally:
+        stop(proc)
+    assert status == 413 and "1000 bytes" in error and "--max-body" in error
 
 
 # -----------------------------------------------------------------------------------------------

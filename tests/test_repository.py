@@ -186,18 +186,94 @@ def test_a_model_with_repository_tokens_gets_the_code_as_files_before_its_prompt
         assert reused >= size - 3, line
 
 
-def test_the_repository_layout_gives_exact_tokens(model_path):
+@pytest.mark.parametrize("family, rep, sep, fim, ids", [
+    ("qwen", "<|repo_name|>", "<|file_sep|>", "<|fim_prefix|>{}<|fim_suffix|>{}<|fim_middle|>",
+     [4, 5, 5, 1, 2, 3]),  # llama.cpp names them (fim_rep, fim_sep in the GGUF)
+    ("starcoder2", "<repo_name>", "<file_sep>", "<fim_prefix>{}<fim_suffix>{}<fim_middle>",
+     [5, 6, 6, 1, 3, 2]),  # found by their text
+])  # fmt: skip
+def test_the_repository_layout_gives_exact_tokens(model_path, family, rep, sep, fim, ids):
     model = server.LocalModel(
-        server.load_config(["--model", model_path("qwen"), "--ctx", "512"], environ={})
+        server.load_config(["--model", model_path(family), "--ctx", "512"], environ={})
     )
     context = server.RepoContext("shop", "calc/main.py", (("calc/ops.py", "def f():\n    pass\n"),))
     tokens, text, size = model.prompt("def run():\n    ", "\n", context)
-    assert text == ("<|repo_name|>shop\n<|file_sep|>calc/ops.py\ndef f():\n    pass\n<|file_sep|>calc/main.py\n"
-                    "<|fim_prefix|>def run():\n    <|fim_suffix|>\n<|fim_middle|>")  # fmt: skip
+    assert text == (f"{rep}shop\n{sep}calc/ops.py\ndef f():\n    pass\n{sep}calc/main.py\n"
+                    + fim.format("def run():\n    ", "\n"))  # fmt: skip
     assert tokens == model.llm.tokenize(text.encode(), add_bos=False, special=True) and size == len(
         tokens
     )
-    assert [t for t in tokens if t < 6] == [4, 5, 5, 1, 2, 3]  # repo_name, file_sep x2, then FIM
+    assert [t for t in tokens if t < 7] == ids  # repo_name, file_sep x2, then FIM
+
+
+def test_the_repository_code_keeps_to_its_budget_and_the_context(make_app, repo, tmp_path):
+    """--repo-context-tokens is a budget in tokens, and never more than half the room the
+    context has: a small --ctx gets less of the repository, not an error."""
+    for n in range(40):  # many definitions of names the prefix uses
+        (repo / "calc" / f"more{n}.py").write_text(f"def run(cart, n={n}):\n" + "    x = 1\n" * 40)
+    git("add", ".", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "more", cwd=repo)
+    for ctx in (256, 512, 4096):
+        client = make_app("qwen", repo=(str(repo),), ctx=ctx, max_tokens=16)[0].test_client()
+        found, prompt = snippets(client)
+        room = (ctx - 16) // 2 if ctx < 4096 else 1024
+        head = prompt[: prompt.index("<|fim_prefix|>")]
+        assert (
+            head.startswith("<|repo_name|>shop\n") and len(head.encode()) <= room
+        )  # a byte a token
+
+
+def test_the_current_file_is_never_its_own_context(make_app, repo):
+    """Called from the file that defines it, a function's definition is already in the file."""
+    client = make_app(repo=(str(repo),))[0].test_client()
+    body = {"language": "python", "segments": {
+        "prefix": "def total_with_tax(items):\n    return compute_total(", "suffix": "\n",
+        "filepath": "calc/ops.py", "git_url": REMOTE}, "debug_options": {"return_snippets": True}}  # fmt: skip
+    assert client.post("/v1/completions", json=body).json["debug_data"].get("snippets") == []
+    # the editor's own clone of the repository, elsewhere: the file is known by its path in it
+    body["segments"]["filepath"] = "/home/alice/src/shop/calc/ops.py"
+    assert client.post("/v1/completions", json=body).json["debug_data"].get("snippets") == []
+    body["segments"]["filepath"] = "/home/alice/src/shop/calc/other.py"
+    found = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
+    assert [s["filepath"] for s in found] == ["calc/ops.py"]
+
+
+def test_a_name_being_typed_brings_no_snippet_until_it_is_done(make_app, repo):
+    """A half-typed word is not a name: the snippets (and the KV cache after them) stay put
+    while it is typed, and change once when it is done."""
+    client = make_app(repo=(str(repo),))[0].test_client()
+    prefix = "def run(cart):\n    from calc.ops import compute_total\n\n    x = "
+    seen = []
+    for typed in ("c", "comp", "compute_tota", "compute_total", "compute_total("):
+        body = {"language": "python", "segments": {"prefix": prefix + typed, "suffix": "\n",
+                "filepath": "calc/main.py", "git_url": REMOTE},
+                "debug_options": {"return_snippets": True}}  # fmt: skip
+        found = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
+        seen.append([s["filepath"] for s in found])
+    # the import line above names compute_total: found from the first keystroke on, and kept
+    assert seen == [["calc/ops.py"]] * 5
+    prefix = "def run(cart):\n    x = "  # no name above: only once it is typed
+    seen = []
+    for typed in ("compute_tota", "compute_total", "compute_total("):
+        body = {"language": "python", "segments": {"prefix": prefix + typed, "suffix": "\n",
+                "filepath": "calc/main.py", "git_url": REMOTE},
+                "debug_options": {"return_snippets": True}}  # fmt: skip
+        found = client.post("/v1/completions", json=body).json["debug_data"].get("snippets", [])
+        seen.append([s["filepath"] for s in found])
+    assert seen == [[], [], ["calc/ops.py"]]
+
+
+def test_a_commit_is_indexed_within_seconds(make_app, repo):
+    """A new HEAD (a commit, a checkout, a pull) is seen within a few seconds, whatever
+    --repo-refresh says."""
+    client = make_app(repo=(str(repo),), repo_refresh=600)[0].test_client()
+    ops = repo / "calc" / "ops.py"
+    ops.write_text(FILES["calc/ops.py"].replace("compute_total", "total_of"))
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "rename", cwd=repo)
+    deadline = time.monotonic() + 15
+    while snippets(client)[0] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert snippets(client)[0] == []
 
 
 def test_the_real_agent_sends_the_git_url_and_gets_the_other_files_code(

@@ -50,6 +50,20 @@ FAMILIES = {
         "middle": "<|fim_middle|>",
         "repo": ("<|repo_name|>", "<|file_sep|>"),
     },  # fmt: skip
+    # StarCoder2's: StarCoder's FIM tokens and repository-level ones that llama.cpp does not name
+    "starcoder2": {
+        "specials": [
+            "<|endoftext|>",
+            "<fim_prefix>",
+            "<fim_middle>",
+            "<fim_suffix>",
+            "<fim_pad>",
+            "<repo_name>",
+            "<file_sep>",
+        ],
+        "fim": ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),
+        "middle": "<fim_middle>",
+    },  # fmt: skip
     "codegemma": {
         "specials": [
             "<|endoftext|>",
