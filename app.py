@@ -1929,8 +1929,16 @@ def words_of(text):
 
 
 def defined(body):
-    """The names a chunk defines."""
-    return {name for match in DEFINES.finditer(body) for name in match.groups() if name}
+    """{name: rank} of the names a chunk defines, the rank telling how likely the definition is
+    the one meant: 0 at the top level (a function, a class), 1 indented (a method), 2 by an
+    assignment. The least rank of each name."""
+    ranks = {}
+    for match in DEFINES.finditer(body):
+        line = body[body.rfind("\n", 0, match.start()) + 1 :]
+        rank = 2 if match[3] else 1 if line[:1] in (" ", "\t") else 0
+        name = match[1] or match[2] or match[3]
+        ranks[name] = min(rank, ranks.get(name, 2))
+    return ranks
 
 
 def normal_url(url):
@@ -2029,7 +2037,7 @@ class RepoContext(typing.NamedTuple):
     files: tuple  # (path, text) of the chunks that may help
 
 
-SCHEMA_VERSION = 1  # an index made with another is made anew
+SCHEMA_VERSION = 2  # an index made with another is made anew
 SCHEMA = """
 PRAGMA journal_mode = WAL;
 CREATE TABLE IF NOT EXISTS files (repo TEXT, path TEXT, mtime REAL, size INTEGER,
@@ -2041,8 +2049,9 @@ CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, content = 'chunks',
     content_rowid = 'id', tokenize = "unicode61 tokenchars '_'");
 CREATE TABLE IF NOT EXISTS words (repo TEXT, word TEXT, chunks INTEGER,
                                   PRIMARY KEY (repo, word)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS names (name TEXT, repo TEXT, family TEXT, chunk INTEGER);
-CREATE INDEX IF NOT EXISTS names_name ON names (name, repo, family, chunk);
+CREATE TABLE IF NOT EXISTS names (name TEXT, repo TEXT, family TEXT, chunk INTEGER,
+                                  rank INTEGER);
+CREATE INDEX IF NOT EXISTS names_name ON names (name, repo, family, rank, chunk);
 CREATE INDEX IF NOT EXISTS names_chunk ON names (chunk);
 """
 
@@ -2070,6 +2079,7 @@ class CodeIndex:
         # on a line (emptied when the index changes)
         self.bm25 = functools.lru_cache(maxsize=64)(self.bm25_search)
         self.chunks = {}  # repository -> chunks in the index, for how COMMON a word is
+        self.heads = {repo.path: head_of(repo.path) for repo in repositories}  # as indexed
         for repo in repositories:
             self.update(repo, progress=True)
         threading.Thread(target=self.keep_up, daemon=True, name="index").start()
@@ -2079,7 +2089,7 @@ class CodeIndex:
         -> how many files that was. With progress, a large first index shows a progress bar."""
         wanted = {}
         files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=repo.path)
-        for name in set(files.split("\0")):
+        for name in sorted(set(files.split("\0"))):  # in order: chunk ids rank definitions
             if os.path.splitext(name)[1].lower() in EXTENSIONS:
                 try:
                     stat = os.stat(os.path.join(repo.path, name))
@@ -2139,8 +2149,8 @@ class CodeIndex:
             insert = "INSERT INTO chunks (repo, path, family, line, body) VALUES (?, ?, ?, ?, ?)"
             chunk_id = self.writer.execute(insert, (repo, path, kind, line, body)).lastrowid
             self.writer.execute("INSERT INTO search (rowid, body) VALUES (?, ?)", (chunk_id, body))
-            names = [(name, repo, kind, chunk_id) for name in defined(body)]
-            self.writer.executemany("INSERT INTO names VALUES (?, ?, ?, ?)", names)
+            names = [(name, repo, kind, chunk_id, rank) for name, rank in defined(body).items()]
+            self.writer.executemany("INSERT INTO names VALUES (?, ?, ?, ?, ?)", names)
             self.writer.executemany(
                 "INSERT INTO words VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET chunks = chunks + 1",
                 [(repo, word) for word in words_of(body)],
@@ -2153,7 +2163,6 @@ class CodeIndex:
         refreshes."""
         poll = min(HEAD_POLL, self.refresh)
         every = max(1, round(self.refresh / poll))  # polls a refresh
-        heads = {repo.path: head_of(repo.path) for repo in self.repositories}
         for n in itertools.count(1):
             time.sleep(poll)
             for repo in self.repositories:
@@ -2161,7 +2170,7 @@ class CodeIndex:
                     if repo.cloned and n % (every * 60) == 0:
                         git("pull", "--ff-only", "--quiet", cwd=repo.path, timeout=300)
                     head = head_of(repo.path)
-                    moved, heads[repo.path] = head != heads[repo.path], head
+                    moved, self.heads[repo.path] = head != self.heads[repo.path], head
                     if (moved or n % every == 0) and self.update(repo):
                         self.bm25.cache_clear()
                 except Exception:  # git or the disk failing: tried again next round
@@ -2246,13 +2255,14 @@ class CodeIndex:
         if not names:
             return []
         marks = ",".join("?" * len(names))
-        query = f"SELECT name, chunk FROM names WHERE repo = ? AND family = ? AND name IN ({marks})"
+        where = f"repo = ? AND family = ? AND name IN ({marks})"
+        query = f"SELECT name, rank, chunk FROM names WHERE {where}"
         rows = self.reader.execute(query, (repo, kind, *names)).fetchall()
         chunks = {}
-        for name, chunk in rows:
-            chunks.setdefault(name, []).append(chunk)
+        for name, rank, chunk in rows:
+            chunks.setdefault(name, []).append((rank, chunk))
         wanted = [c for name in names if len(chunks.get(name, ())) <= DEFINED_MAX
-                  for c in sorted(chunks.get(name, ()))[:PER_NAME]]  # fmt: skip
+                  for _, c in sorted(chunks.get(name, ()))[:PER_NAME]]  # fmt: skip
         if not wanted:
             return []
         bodies = dict((c, (path, body)) for c, path, body in self.reader.execute(

@@ -48,9 +48,10 @@ def checkout(source, folder):
     return server.open_repository(folder, tempfile.mkdtemp())
 
 
-def cases(folder, limit):
+def cases(folder, limit, typed=True):
     """(path, prefix, suffix, name, line of its definition, path of it) for call sites of
-    functions defined once, in another file."""
+    functions defined once, in another file: the cursor after the name and its "(" (typed), or
+    before the name (not typed yet)."""
     defined, sources = {}, {}
     for top, _, files in os.walk(folder):
         for name in files:
@@ -82,6 +83,8 @@ def cases(folder, limit):
             line, column = node.func.end_lineno - 1, node.func.end_col_offset
             if line >= len(lines) or lines[line][column : column + 1] != "(":
                 continue
+            if not typed:  # the cursor where the name begins
+                column -= len(name) + 1
             prefix = "".join(lines[max(0, line - 19) : line]) + lines[line][: column + 1]
             suffix = lines[line][column + 1 :] + "".join(lines[line + 1 : line + 21])
             found.append((path, prefix, suffix, name, where[0][1], where[0][0]))
@@ -145,19 +148,20 @@ def measure(folder, label, limit, log):
     print(f"{label}: {stats['files']} files, {stats['chunks']} chunks; copied in {copied:.1f} s, indexed "
           f"in {built:.1f} s ({stats['files'] / built:.0f} files/s), {size / 2**20:.0f} MB on disk, "
           f"+{memory:.0f} MB of memory at most", flush=True)  # fmt: skip
-    chosen = cases(repo.path, limit)
-    ours_hits = tabby_hits = 0
     times = []
-    for path, prefix, suffix, name, def_line, def_path in chosen:
-        mine = ours_find(index, repo, path, prefix, suffix, times)
-        ours_hits += hit(mine, def_path, def_line)
-        tabby_hits += hit(tabby_find(index, repo, path, prefix), def_path, def_line)
+    for typed in (False, True):
+        chosen = cases(repo.path, limit, typed)
+        ours_hits = tabby_hits = 0
+        for path, prefix, suffix, name, def_line, def_path in chosen:
+            mine = ours_find(index, repo, path, prefix, suffix, times)
+            ours_hits += hit(mine, def_path, def_line)
+            tabby_hits += hit(tabby_find(index, repo, path, prefix), def_path, def_line)
+        n = max(1, len(chosen))
+        where = "after the name and (" if typed else "before the name"
+        print(f"{label}: {len(chosen)} call sites into another file, the cursor {where}; the "
+              f"definition among the snippets: ours {ours_hits} ({100 * ours_hits / n:.0f}%), "
+              f"Tabby's rules {tabby_hits} ({100 * tabby_hits / n:.0f}%)")  # fmt: skip
     times.sort()
-    n = max(1, len(chosen))
-    print(
-        f"{label}: {len(chosen)} call sites into another file; definition among the snippets: ours "
-        f"{ours_hits} ({100 * ours_hits / n:.0f}%), Tabby's rules {tabby_hits} ({100 * tabby_hits / n:.0f}%)"
-    )
     print(
         f"{label}: lookup p50 {statistics.median(times) * 1000:.1f} ms, "
         f"p90 {times[int(0.9 * len(times))] * 1000:.1f} ms",
@@ -181,7 +185,8 @@ def main():
         f"{'PASS' if ours > tabby else 'FAIL'}  hit rate, ours vs Tabby's rules: {ours:.0%} vs {tabby:.0%}"
     )
     print(
-        f"{'PASS' if p50 < 0.005 else 'FAIL'}  lookup p50 on CPython's Lib: {p50 * 1000:.1f} ms (target < 5 ms)"
+        f"{'PASS' if p90 < 0.005 else 'FAIL'}  lookup on CPython's Lib: p50 {p50 * 1000:.1f} ms, "
+        f"p90 {p90 * 1000:.1f} ms (target < 5 ms)"
     )
 
 

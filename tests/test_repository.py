@@ -299,3 +299,9 @@ def test_the_real_agent_sends_the_git_url_and_gets_the_other_files_code(
         event["segments"]["git_url"] == REMOTE and event["segments"]["filepath"] == "calc/main.py"
     )
     assert "# Path: calc/ops.py\n# def compute_total(items, tax):" in event["prompt"]
+
+
+def test_a_top_level_definition_ranks_before_a_method_or_an_assignment():
+    body = "def run(a):\n    pass\n\nclass Cart:\n    def total(self):\n        pass\n\ntotal = 3\n"
+    assert server.defined(body) == {"run": 0, "Cart": 0, "total": 1}  # the method beats total =
+    assert server.defined("x = 1\nfn main() {}\n") == {"x": 2, "main": 0}
