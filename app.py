@@ -1,9 +1,10 @@
 """A Tabby-compatible code-completion server in one file: Flask + llama-cpp-python.
 
 It speaks TabbyML Tabby's HTTP API (/v1/health, /v1/completions, /v1/events,
-/v1beta/server_setting), so the Tabby extensions for VS Code, Vim and IntelliJ (all of
+/v1beta/server_setting, chat), so the Tabby extensions for VS Code, Vim and IntelliJ (all of
 them run the tabby-agent client) get fill-in-the-middle completions from a local GGUF model,
-or from an inference engine elsewhere (llama-server, vLLM, Ollama) that generates for it.
+or from an inference engine elsewhere (llama-server, vLLM, Ollama) that generates for it. A
+status page is at /, Prometheus metrics at /metrics.
 
     python app.py --model ./model.gguf --port 8080
     TABBYPY_MODEL=./model.gguf flask run --port 8080
@@ -12,12 +13,14 @@ or from an inference engine elsewhere (llama-server, vLLM, Ollama) that generate
 `python app.py --help` lists every option with its environment variable. The sections below
 follow a request: config, data tables, prompt building, request parsing, the generation loop,
 the two backends (a local model, an engine), repository context, the completion service, the
-events log, routes, main.
+events log, what the server does summed (the status page's figures, /metrics), the status page,
+who may ask (tokens), routes, main.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import concurrent.futures
 import contextlib
@@ -26,6 +29,7 @@ import dataclasses
 import errno
 import functools
 import hmac
+import html
 import http.client
 import itertools
 import json
@@ -55,7 +59,7 @@ try:
     import llama_cpp
 except ImportError:  # a local model needs it (load_model says so); --backend does not
     llama_cpp = None
-from flask import Flask, abort, jsonify, request  # noqa: E402
+from flask import Flask, abort, g, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
@@ -93,7 +97,10 @@ CONFIG = {
     "temperature": (0.1, "sampling temperature when a request sends none; 0 is greedy"),
     "time_budget": (1000, "ms of generation after which a completion ends at the next line end "
                           "(llama-server's t_max_predict_ms); 0: none"),
-    "token": ("", "bearer token every /v1 and /v1beta request must carry; empty: no auth"),
+    "token": ("", "bearer token every /v1 and /v1beta request (and / and /metrics) must carry; "
+                  "empty: no auth"),
+    "tokens": ("", "file of tokens, one per developer: a 'user token' pair a line (# comments); a "
+                   "request's user is its token's; read again when it changes"),
     "root": ("~/.tabby", "data directory: events go to ROOT/events/YYYY-MM-DD.json, as Tabby "
                          "writes them"),
     "events": ("full", "what the events log keeps: full (Tabby's layout, the code around the "
@@ -734,7 +741,8 @@ def parse_completion(body):
     return req
 
 
-SERVER_EVENTS = ("completion", "chat_completion")  # what the server logs of its own answers
+# what the server logs of its own answers (and of requests that its client abandoned)
+SERVER_EVENTS = ("completion", "completion_cancelled", "chat_completion")
 
 
 def parse_event(body, select_kind=None):
@@ -931,6 +939,7 @@ def deltas(steps, stops):
 #   complete(prompt, sampling, limits)         -> Generated: generate() over its pieces
 #   chat(req, sampling, should_stop)           -> (generate() steps of the answer, prompt size)
 #   health() -> what /v1/health adds now; describe() -> start-up lines
+#   figures() -> (requests waiting, bytes of KV caches kept, {status: engine errors}), for /metrics
 # and the attributes name, device (for /v1/health), format (its PromptFormat), chat_name.
 
 
@@ -1328,6 +1337,7 @@ class LocalModel:
         # calling thread (a new caller pays ~4 ms to start them). Requests queue for it first
         # come first served, so that one editor's stream of requests cannot starve another's.
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.waiting, self.waiting_lock = 0, threading.Lock()  # tasks queued for it, not begun
         # Copies of the KV cache kept when another prompt took its place (least recently used
         # first, --kv-cache-mb in all), so that editors taking turns, and an editor coming back
         # after an abandoned request, get theirs back instead of evaluating their prompts again.
@@ -1432,13 +1442,28 @@ class LocalModel:
     def on_thread(self, should_stop, work, *args):
         """work(*args) run on the model thread when its turn comes, or None when should_stop()
         while it waits (once started, work checks should_stop itself)."""
-        future = self.thread.submit(work, *args)
+
+        def begin():
+            self.count_waiting(-1)
+            return work(*args)
+
+        self.count_waiting(1)
+        future = self.thread.submit(begin)
         while True:
             try:
                 return future.result(timeout=0.01)
             except concurrent.futures.TimeoutError:
                 if should_stop() and future.cancel():
+                    self.count_waiting(-1)
                     return None
+
+    def count_waiting(self, n):
+        with self.waiting_lock:
+            self.waiting += n
+
+    def figures(self):
+        """(requests waiting for the model, bytes of KV caches kept, {}: no engine errors)."""
+        return self.waiting, self.kv_bytes, {}
 
     def use_kv_for(self, tokens):
         """Before a prompt of tokens: if a kept copy holds more of its start than the KV cache
@@ -1692,6 +1717,8 @@ class Engine:
         chat = config["chat_model"]
         self.chat_model = self.model if chat == "same" else chat  # the name sent ("": none)
         self.chat_name = (self.chat_model or "Remote") if chat else None
+        self.lock = threading.Lock()  # for the figures below
+        self.waiting, self.errors = 0, collections.Counter()  # errors: status we answered -> n
 
     def served_model(self):
         """The first model the engine lists, or SystemExit."""
@@ -1759,6 +1786,18 @@ class Engine:
         end_of = lambda text: find_stop(text, req.stop)  # noqa: E731
         return generate(pieces, req.max_tokens or math.inf, end_of, should_stop), 0
 
+    def figures(self):
+        """(requests sent to the engine and not yet answered in full, 0 bytes of KV caches
+        here, {status we answered: failed requests})."""
+        with self.lock:
+            return self.waiting, 0, dict(self.errors)
+
+    def record(self, waiting=0, error=None):
+        with self.lock:
+            self.waiting += waiting
+            if error:
+                self.errors[error] += 1
+
     def connect(self, timeout):
         https = self.url.scheme == "https"
         connection = http.client.HTTPSConnection if https else http.client.HTTPConnection
@@ -1807,6 +1846,7 @@ class Engine:
                 return None, None, None
             if status != 503:
                 break
+        self.record(error=504 if status == 504 else 502)
         abort(504 if status == 504 else 502, f"engine at {self.base}: {error}")
 
     def stream(self, path, kind, body, should_stop):
@@ -1814,8 +1854,14 @@ class Engine:
         iterator. The request is made here, so that an engine that fails at once gets its 502 or
         504 before anything is answered. Closing the iterator, or should_stop() (see watch),
         drops the connection at once: the engine stops generating and frees its slot."""
-        sock, response, watching = self.open(path, body, should_stop)
+        self.record(waiting=1)
+        try:
+            sock, response, watching = self.open(path, body, should_stop)
+        except BaseException:
+            self.record(waiting=-1)
+            raise
         if response is None:
+            self.record(waiting=-1)
             return (piece for piece in ())  # generate() closes it
         return self.read(kind, sock, response, watching, should_stop)
 
@@ -1832,13 +1878,19 @@ class Engine:
                     yield text
                 if finished:
                     return
+        except HTTPException as e:  # engine_event's, and those above
+            self.record(error=e.code)
+            raise
         except TimeoutError:
+            self.record(error=504)
             abort(504, f"engine at {self.base} sent nothing for {self.timeout:g} s")
         except (OSError, ValueError, http.client.HTTPException) as e:
             if should_stop():
                 return
+            self.record(error=502)
             abort(502, f"engine at {self.base}: the stream broke off ({e or type(e).__name__})")
         finally:
+            self.record(waiting=-1)
             watching.set()
             hang_up(sock)
             response.close()
@@ -2250,8 +2302,8 @@ class CodeIndex:
 
     def definitions(self, repo, kind, names):
         """(chunk, path, body, score) of the chunks that define names, in the names' order, at
-        most PER_NAME for each; none for a name defined in more than DEFINED_MAX chunks (x,
-        name, data: too common to tell)."""
+        most PER_NAME for each (top-level definitions first: see defined); none for a name
+        defined in more than DEFINED_MAX chunks (x, name, data: too common to tell)."""
         if not names:
             return []
         marks = ",".join("?" * len(names))
@@ -2541,9 +2593,11 @@ class EventsLog:
     """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, what
     is kept (--events: all, no code, nothing; --events-days), the lock that keeps lines whole,
     and the count of events it could not store: a log that fails (the folder gone, the disk
-    full) must not fail the completion that it logs."""
+    full) must not fail the completion that it logs. Each record also goes to its readers (the
+    usage figures and the metrics), whatever is kept."""
 
-    def __init__(self, config, logger):
+    def __init__(self, config, logger, readers=()):
+        self.readers = readers  # each has add(record)
         self.folder = os.path.join(os.path.expanduser(config["root"]), "events")
         self.mode, self.days = config["events"], config["events_days"]
         if self.mode != "off" and not can_make(self.folder):  # made with the first event
@@ -2575,11 +2629,14 @@ class EventsLog:
 
     def write(self, user, event):
         """Append one line to today's file, {user, ts, event}; -> None, or why it could not."""
-        if self.mode == "off":
-            return None
         now = time.time()
         event = without_code(event) if self.mode == "meta" else event
-        line = json.dumps({"user": user, "ts": int(now * 1000), "event": event}, ensure_ascii=False)
+        record = {"user": user, "ts": int(now * 1000), "event": event}
+        for reader in self.readers:
+            reader.add(record)
+        if self.mode == "off":
+            return None
+        line = json.dumps(record, ensure_ascii=False)
         # JSON may hold these raw, but readers that split lines on them would break the line
         for separator in ("\x85", "\u2028", "\u2029"):
             line = line.replace(separator, f"\\u{ord(separator):04x}")
@@ -2593,13 +2650,32 @@ class EventsLog:
                 self.failures.clear()  # it works again: a new failure is worth saying
                 return None
             except OSError as e:
-                self.lost += 1
+                self.lost += 1  # (read without the lock: an int)
                 why = e.strerror or type(e).__name__
                 if why not in self.failures:  # once per kind, not per request
                     self.failures.add(why)
                     self.logger.error("events log: cannot write %s: %s (events are lost until "
                                       "it can; this is said once)", path, why)  # fmt: skip
                 return why
+
+
+def day_files(folder, days, now):
+    """The paths of the day files of the last days days (today's too) in folder, oldest first."""
+    names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in range(days, -1, -1)]
+    paths = (os.path.join(folder, name + ".json") for name in names)
+    return [path for path in paths if os.path.isfile(path)]
+
+
+def records(path):
+    """The records of a day file, one JSON line each; lines that are not one are skipped."""
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # another tool's line, or a torn one
+                continue
+            if isinstance(record, dict) and isinstance(record.get("event"), dict):
+                yield record
 
 
 def completion_event(completion_id, req, answer, user_agent, ms):
@@ -2624,6 +2700,451 @@ def completion_event(completion_id, req, answer, user_agent, ms):
             "total_ms": round(ms, 1),
         }
     }
+
+
+# -----------------------------------------------------------------------------------------------
+# What the server does, summed: the usage figures of the status page (from the events, so that
+# a restart keeps them) and the counters of /metrics (since start-up, as Prometheus wants them).
+
+HISTORY_DAYS = 14  # days of figures on the status page, read from the events log at start-up
+RECENT_IDS = 10_000  # completions whose views and selects are matched to their language
+BUCKET = math.log(1.02)  # latencies are kept in buckets 2 % wide: percentiles within 1 %
+# Prometheus histogram buckets, in seconds
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+# name: (type, help). Each is tabbypy_ + name; labels are added where they are counted.
+# fmt: off
+METRICS = {
+    "completions_total": ("counter", "Completion requests answered, by finish reason and language"),
+    "completion_seconds": ("histogram", "Time to answer a completion request, in all"),
+    "completion_model_seconds": ("histogram", "Time a completion spent in the model or engine"),
+    "prompt_tokens_total": ("counter", "Prompt tokens of the completions"),
+    "reused_tokens_total": ("counter", "Prompt tokens that the KV cache already held"),
+    "generated_tokens_total": ("counter", "Tokens generated for completions"),
+    "events_total": ("counter", "Events logged, by type"),
+    "events_lost_total": ("counter", "Events that could not be written to the events log"),
+    "chat_answers_total": ("counter", "Chat answers"),
+    "engine_errors_total": ("counter", "Failed requests to the engine, by the status we answered"),
+    "requests_waiting": ("gauge", "Requests waiting for the model (local) or for the engine"),
+    "kv_cache_bytes": ("gauge", "Bytes of KV caches kept for editors taking turns"),
+    "start_time_seconds": ("gauge", "When the server started, in seconds since the epoch"),
+}
+# fmt: on
+
+
+def bucket(ms):
+    """The latency bucket of ms milliseconds (see BUCKET)."""
+    return round(math.log(max(ms, 0.01)) / BUCKET)
+
+
+def percentile(buckets, share):
+    """The latency (ms) below which share of those counted in buckets (bucket -> count) fall."""
+    total = sum(buckets.values())
+    if not total:
+        return None
+    seen = 0
+    for b in sorted(buckets):
+        seen += buckets[b]
+        if seen >= share * total:
+            return math.exp(b * BUCKET)
+
+
+@dataclasses.dataclass
+class Tally:
+    """What happened in a minute or a day, as the status page sums it."""
+
+    served: int = 0  # completions answered (not cancelled)
+    cancelled: int = 0  # their clients hung up first
+    typed: int = 0  # answered from a completion typed through
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    total_ms: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    model_ms: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # ("view" or "select", language, user) -> completions viewed, or selected
+    accepted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def accepted_totals(self):
+        """(completions viewed, completions selected)."""
+        viewed = sum(n for key, n in self.accepted.items() if key[0] == "view")
+        return viewed, sum(self.accepted.values()) - viewed
+
+    def merge(self, other):
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+        return self
+
+
+class Usage:
+    """The status page's figures: a Tally for each of the last HISTORY_DAYS days and of the last
+    hour's minutes, fed every record of the events log (at start-up from its files, then as
+    records are written). Views and selects count each completion once, under the language of
+    the completion (matched by id among the last RECENT_IDS)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.days, self.minutes = {}, {}  # "YYYY-MM-DD" or minute number -> Tally
+        self.recent = collections.OrderedDict()  # completion id -> [language, viewed, selected]
+
+    def add(self, record):
+        try:
+            kind, fields = next(iter(record["event"].items()))
+            ts, user = record["ts"] / 1000, record.get("user")
+            with self.lock:
+                self.count(kind, fields, ts, user if isinstance(user, str) else None)
+        except (KeyError, TypeError, AttributeError, ValueError, StopIteration):
+            pass  # not a record this server writes: nothing to count
+
+    def count(self, kind, fields, ts, user):
+        tallies = [self.tally(self.days, time.strftime("%Y-%m-%d", time.gmtime(ts)))]
+        if ts > time.time() - 3600:
+            tallies.append(self.tally(self.minutes, int(ts // 60)))
+        if kind == "completion":
+            self.remember(fields["completion_id"], fields.get("language") or "unknown")
+        for tally in tallies:
+            if kind == "completion":
+                tally.served += 1
+                tally.typed += fields.get("finish_reason") == "typed through"
+                tally.prompt_tokens += fields.get("prompt_tokens", 0)
+                tally.reused_tokens += fields.get("reused_tokens", 0)
+                tally.total_ms[bucket(fields["total_ms"])] += 1
+                if fields.get("finish_reason") != "typed through":
+                    tally.model_ms[bucket(fields["model_ms"])] += 1
+            elif kind == "completion_cancelled":
+                tally.cancelled += 1
+        if kind in ("view", "select"):
+            self.accept(kind, fields["completion_id"], user, tallies[0])
+
+    def accept(self, kind, completion_id, user, tally):
+        """A view or select of a completion, counted once for it (a select is a view too)."""
+        language, viewed, selected = self.remember(completion_id, "unknown")
+        if not viewed:
+            tally.accepted["view", language, user] += 1
+        if kind == "select" and not selected:
+            tally.accepted["select", language, user] += 1
+        self.recent[completion_id] = [language, True, selected or kind == "select"]
+
+    def remember(self, completion_id, language):
+        """[language, viewed, selected] of a recent completion (made for one not seen)."""
+        if completion_id not in self.recent:
+            self.recent[completion_id] = [language, False, False]
+            if len(self.recent) > RECENT_IDS:
+                self.recent.popitem(last=False)
+        return self.recent[completion_id]
+
+    def tally(self, table, key):
+        """table's Tally for key, made if new; the oldest go (days and minutes alike)."""
+        if key not in table:
+            table[key] = Tally()
+            for old in sorted(table)[: -(HISTORY_DAYS + 1 if table is self.days else 61)]:
+                del table[old]
+        return table[key]
+
+    def summary(self, now=None):
+        """(the last hour's Tally, the last HISTORY_DAYS days', [(day, its Tally)] oldest first)."""
+        now = time.time() if now is None else now
+        ago = range(HISTORY_DAYS - 1, -1, -1)  # days ago, oldest first
+        names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in ago]
+        with self.lock:  # copies: the tallies go on changing
+            hour = [t for minute, t in self.minutes.items() if minute > now // 60 - 60]
+            hour = functools.reduce(Tally.merge, hour, Tally())
+            days = [(day, Tally().merge(self.days.get(day, Tally()))) for day in names]
+        return hour, functools.reduce(Tally.merge, [t for _, t in days], Tally()), days
+
+
+def sample_value(value):
+    """A sample's value as Prometheus reads it: integers whole, floats in full."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def label_text(labels):
+    """{a="x",b="y"} of (name, value) pairs, values escaped as Prometheus' format asks."""
+    if not labels:
+        return ""
+    quoted = (
+        str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in labels
+    )
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(labels, quoted)) + "}"
+
+
+def histogram_lines(name, counts, total):
+    """The _bucket (cumulative), _sum and _count lines of a histogram."""
+    lines, seen = [], 0
+    for bound in (*SECONDS, math.inf):
+        seen += counts.get(bound, 0)
+        le = "+Inf" if bound == math.inf else f"{bound:g}"
+        lines.append(f'{name}_bucket{{le="{le}"}} {seen}')
+    return lines + [f"{name}_sum {sample_value(total)}", f"{name}_count {seen}"]
+
+
+class Metrics:
+    """The counters and histograms of /metrics since start-up, fed the events log's records as
+    they are written; the gauges are asked for when it is read (see text)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.counts = collections.Counter()  # (name, labels) -> value
+        self.histograms = {}  # name -> (Counter of buckets' upper bounds, [sum])
+        self.started = time.time()
+
+    def add(self, record):
+        event = record["event"]
+        kind, fields = next(iter(event.items()))
+        with self.lock:
+            self.counts["events_total", (("type", kind),)] += 1
+            if kind == "completion":
+                self.completion(fields)
+            elif kind == "completion_cancelled":
+                labels = (("reason", "cancelled"), ("language", fields["language"]))
+                self.counts["completions_total", labels] += 1
+                self.observe("completion_seconds", fields["total_ms"] / 1000)
+            elif kind == "chat_completion":
+                self.counts["chat_answers_total", ()] += 1
+
+    def completion(self, fields):
+        labels = (("reason", fields["finish_reason"]), ("language", fields["language"]))
+        self.counts["completions_total", labels] += 1
+        for name in ("prompt_tokens_total", "reused_tokens_total", "generated_tokens_total"):
+            self.counts[name, ()] += fields[name.replace("_total", "")]
+        self.observe("completion_seconds", fields["total_ms"] / 1000)
+        if fields["finish_reason"] != "typed through":
+            self.observe("completion_model_seconds", fields["model_ms"] / 1000)
+
+    def observe(self, name, seconds):
+        counts, total = self.histograms.setdefault(name, (collections.Counter(), [0.0]))
+        counts[next((b for b in SECONDS if seconds <= b), math.inf)] += 1
+        total[0] += seconds
+
+    def text(self, gauges):
+        """Prometheus' text format (0.0.4) of all, with the values that others own and count
+        (gauges: {name: {labels: value}}, labels being (name, value) pairs)."""
+        with self.lock:
+            values = {}
+            for (name, labels), value in self.counts.items():
+                values.setdefault(name, {})[labels] = value
+            histograms = {
+                name: (collections.Counter(c), t[0]) for name, (c, t) in self.histograms.items()
+            }
+        values.update(gauges, start_time_seconds={(): self.started})
+        lines = []
+        for name, (kind, help) in METRICS.items():
+            lines += [f"# HELP tabbypy_{name} {help}", f"# TYPE tabbypy_{name} {kind}"]
+            if kind == "histogram":
+                lines += histogram_lines("tabbypy_" + name, *histograms.get(name, ({}, 0.0)))
+            for labels, value in sorted(values.get(name, {}).items()):
+                lines.append(f"tabbypy_{name}{label_text(labels)} {sample_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------------------------
+# The status page (GET /): HTML made here from the figures, with inline CSS and SVG, no scripts.
+# Aggregates only: nothing of anyone's code.
+
+PAGE_STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; color: #1d2430; background: #f6f7f9; margin: 0; }
+main { max-width: 860px; margin: 0 auto; padding: 16px; }
+h1 { font-size: 22px; margin: 8px 0 2px; } h2 { font-size: 17px; margin: 22px 0 8px; }
+section { background: #fff; border: 1px solid #dde1e7; border-radius: 8px; padding: 4px 14px 12px;
+          margin-bottom: 14px; overflow-x: auto; }
+table { border-collapse: collapse; width: 100%; } td, th { padding: 5px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; } tr + tr td { border-top: 1px solid #eef0f3; }
+th { font-weight: 600; color: #5a6372; font-size: 13px; }
+.ok { color: #19753a; } .bad { color: #b3261e; } .note { color: #5a6372; font-size: 13px; }
+.big { font-size: 28px; font-weight: 600; } svg { width: 100%; height: auto; }
+.about td { text-align: left; } .about td:first-child { color: #5a6372; width: 7em; }
+"""
+
+
+def ms_text(ms):
+    """A latency as the page shows it."""
+    if ms is None:
+        return "–"
+    return f"{ms:.0f} ms" if ms < 1000 else f"{ms / 1000:.2f} s"
+
+
+def share_text(part, whole):
+    return f"{100 * part / whole:.0f}%" if whole else "–"
+
+
+def served_rows(windows):
+    """The rows of the completions table: (label, key, {window id: text}) for each figure."""
+    figures = [
+        ("Completions served", "served", lambda t: str(t.served)),
+        ("Latency p50, in all", "p50", lambda t: ms_text(percentile(t.total_ms, 0.5))),
+        ("Latency p90, in all", "p90", lambda t: ms_text(percentile(t.total_ms, 0.9))),
+        ("Latency p50, in the model", "model-p50", lambda t: ms_text(percentile(t.model_ms, 0.5))),
+        ("Latency p90, in the model", "model-p90", lambda t: ms_text(percentile(t.model_ms, 0.9))),
+        ("Cancelled (the editor moved on)", "cancelled",
+         lambda t: share_text(t.cancelled, t.served + t.cancelled)),
+        ("Typed through (no model)", "typed", lambda t: share_text(t.typed, t.served)),
+        ("Prompt tokens reused", "reused", lambda t: share_text(t.reused_tokens, t.prompt_tokens)),
+    ]  # fmt: skip
+    return [(label, key, {w: text(t) for w, t in windows.items()}) for label, key, text in figures]
+
+
+def accepted_by(tally, index):
+    """{name: (viewed, selected)} of a Tally's acceptance by language (index 1) or user (2)."""
+    out = {}
+    for key, n in tally.accepted.items():
+        name = key[index] if key[index] is not None else "(none)"
+        viewed, selected = out.get(name, (0, 0))
+        out[name] = (viewed + n, selected) if key[0] == "view" else (viewed, selected + n)
+    return out
+
+
+def acceptance_table(title, kind, rows):
+    """A table of acceptance by language or user, most viewed first; data-KIND names each row."""
+    out = [f"<h2>{title}</h2><table><tr><th>{kind}</th><th>viewed</th><th>selected</th>"
+           "<th>rate</th></tr>"]  # fmt: skip
+    for name, (viewed, selected) in sorted(rows.items(), key=lambda r: (-r[1][0], r[0])):
+        out.append(f'<tr data-{kind}="{html.escape(name)}"><td>{html.escape(name)}</td>'
+                   f'<td class="viewed">{viewed}</td><td class="selected">{selected}</td>'
+                   f"<td>{share_text(selected, viewed)}</td></tr>")  # fmt: skip
+    return "".join(out) + "</table>"
+
+
+def day_chart(days):
+    """An inline SVG of the acceptance rate of each day, a bar each, oldest first."""
+    width, height, gap = 40, 120, 6
+    bars = []
+    for i, (day, tally) in enumerate(days):
+        viewed, selected = tally.accepted_totals()
+        rate = selected / viewed if viewed else 0
+        x, h = i * (width + gap), round(rate * height)
+        title = f"{day}: {selected} selected of {viewed} viewed ({share_text(selected, viewed)})"
+        bars.append(
+            f'<g data-day="{day}" data-viewed="{viewed}" data-selected="{selected}">'
+            f"<title>{title}</title>"
+            f'<rect x="{x}" y="{height - h}" width="{width}" height="{h}" fill="#3b6fd4"/>'
+            f'<rect x="{x}" y="{height}" width="{width}" height="2" fill="#c9ced6"/>'
+            f'<text x="{x + width / 2}" y="{height + 16}" font-size="11" text-anchor="middle">'
+            f"{day[5:]}</text>"
+            f'<text x="{x + width / 2}" y="{height - h - 4}" font-size="11" text-anchor="middle">'
+            f"{share_text(selected, viewed) if viewed else ''}</text></g>"
+        )
+    size = f'viewBox="0 -14 {max(1, len(days)) * (width + gap)} {height + 34}"'
+    return f'<svg {size} role="img" aria-label="acceptance rate by day">{"".join(bars)}</svg>'
+
+
+def status_page(about, hour, fortnight, days):
+    """The HTML of the status page: about ([(label, text, ok: None, True or False)]), then the
+    figures of the last hour and of the last HISTORY_DAYS days (Usage.summary())."""
+    mark = {None: "", True: " class=ok", False: " class=bad"}
+    rows = "".join(
+        f"<tr><td>{html.escape(label)}</td><td{mark[ok]}>{html.escape(text)}</td></tr>"
+        for label, text, ok in about
+    )
+    served = "".join(
+        f"<tr><td>{label}</td>" + "".join(f'<td id="{w}-{key}">{t}</td>' for w, t in texts.items())
+        + "</tr>"
+        for label, key, texts in served_rows({"hour": hour, "days": fortnight})
+    )  # fmt: skip
+    viewed, selected = fortnight.accepted_totals()
+    users = accepted_by(fortnight, 2)
+    parts = [
+        "<!doctype html><html lang=en><head><meta charset=utf-8>",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>tabbypy</title><style>{PAGE_STYLE}</style></head><body><main>",
+        "<h1>tabbypy</h1><p class=note>A Tabby-compatible completion server</p>",
+        f"<section><h2>What serves</h2><table class=about>{rows}</table></section>",
+        f"<section><h2>Completions</h2><table><tr><th></th><th>last hour</th>"
+        f"<th>last {HISTORY_DAYS} days</th></tr>{served}</table></section>",
+        f'<section><h2>Accepted, last {HISTORY_DAYS} days</h2><p><span class=big id="rate">'
+        f"{share_text(selected, viewed)}</span> of the completions the editors showed were "
+        f'taken (<span id="selected">{selected}</span> of <span id="viewed">{viewed}</span>)</p>',
+        day_chart(days),
+        acceptance_table("By language", "language", accepted_by(fortnight, 1)),
+        acceptance_table("By user", "user", users) if set(users) - {"(none)"} else "",
+        "</section><p class=note>Figures from the events log and this process; "
+        '<a href="/metrics">/metrics</a> has them for Prometheus.</p></main></body></html>',
+    ]
+    return "".join(parts)
+
+
+# -----------------------------------------------------------------------------------------------
+# Who may ask: --token, and a token per developer (--tokens FILE), whose user the events name.
+
+
+def read_tokens(path):
+    """{token: user} of a --tokens file: a "user token" pair a line, # comments; ValueError
+    naming a line that is not one."""
+    users = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            fields = line.split("#", 1)[0].split()
+            if not fields:
+                continue
+            if len(fields) != 2:
+                raise ValueError(f"line {n}: not a user name and a token")
+            user, token = fields
+            if users.get(token, user) != user:
+                raise ValueError(f"line {n}: that token is {users[token]}'s already")
+            users[token] = user
+    return users
+
+
+def file_state(path):
+    """What tells that a file changed (or None: there is none)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+def given_token(header):
+    """The token an Authorization header carries: Bearer TOKEN (or any scheme), or HTTP Basic
+    with the token as the password (any user name), which is what a browser sends."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "basic":
+        return value.strip()
+    try:
+        return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+    except ValueError:  # (binascii.Error, UnicodeDecodeError)
+        return ""
+
+
+class Tokens:
+    """Who may ask: the one --token (no user name) and the users of --tokens FILE. The file is
+    read again when it changes (a thread looks every second), so that a token is revoked
+    without a restart; a file that cannot be read keeps the tokens it had, one that is gone
+    keeps none. The table is replaced whole, never changed, so readers need no lock."""
+
+    def __init__(self, token, path, logger):
+        self.token, self.path, self.logger = token, path, logger
+        self.users, self.seen = {}, None
+        if path:
+            try:
+                self.users, self.seen = read_tokens(path), file_state(path)
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: --tokens {path}: {getattr(e, 'strerror', None) or e}")
+            threading.Thread(target=self.watch, daemon=True, name="tokens").start()
+
+    @property
+    def required(self):
+        return bool(self.token or self.path)
+
+    def user_of(self, given):
+        """(True, its user or None) for a valid token; (False, None) for any other."""
+        if self.token and hmac.compare_digest(given.encode(), self.token.encode()):
+            return True, None
+        for token, user in self.users.items():
+            if hmac.compare_digest(given.encode(), token.encode()):
+                return True, user
+        return False, None
+
+    def watch(self):
+        while True:
+            time.sleep(1)
+            state = file_state(self.path)
+            if state == self.seen:
+                continue
+            self.seen = state
+            try:
+                self.users = read_tokens(self.path) if state else {}
+            except (OSError, ValueError) as e:
+                self.logger.error("--tokens %s: %s; the tokens read before still hold", self.path,
+                                  getattr(e, "strerror", None) or e)  # fmt: skip
+                continue
+            self.logger.info("--tokens %s: read again, %d users", self.path, len(self.users))
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2713,15 +3234,58 @@ def chat_stream(steps, stops, chunk, done, logger):
         steps.close()  # the client left: stop generating
 
 
-def add_guards(app, token, max_body):
-    """The token check, and one error shape for everything: {"error": "..."}."""
+def status_about(config, backend, index, tokens, started):
+    """What the status page says serves: [(label, text, ok: True, False or None)]."""
+    about = [("Serves", line, None) for line in backend.describe()]
+    engine = backend.health().get("backend")
+    if engine:
+        answers = "answers" if engine["answers"] else f"does not answer: {engine.get('error')}"
+        about.append(("Engine", f"{engine['url']} {answers}", engine["answers"]))
+    about.append(("Chat", backend.chat_name or "no chat model (chat answers 501)", None))
+    for r in index.stats() if index else []:
+        about.append(("Repository", f"{r['name']}: {r['files']} files, {r['chunks']} chunks", None))
+    up = int(time.time() - started)
+    days, hours, minutes = up // 86400, up // 3600 % 24, up // 60 % 60
+    kept = f" for {config['events_days']} days" if config["events_days"] else ""
+    settings = (
+        f"--max-tokens {config['max_tokens']}, --time-budget {config['time_budget']} ms, "
+        f"--kv-cache-mb {config['kv_cache_mb']}, --events {config['events']}{kept}"
+    )
+    access = (f"{len(tokens.users)} users' tokens" if tokens.path else "one token" if tokens.token
+              else "open: no token")  # fmt: skip
+    return about + [
+        ("Version", f"Tabby API {TABBY_VERSION}, Python {platform.python_version()}", None),
+        (
+            "Up for",
+            f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min",
+            None,
+        ),
+        ("Settings", settings, None),
+        ("Access", access, None),
+    ]
+
+
+GUARDED = ("/", "/metrics")  # besides /v1/* and /v1beta/*, what needs the token when one is set
+
+
+def add_guards(app, tokens, max_body):
+    """The token check, which names the request's user (flask.g.user: a --tokens user, or None),
+    and one error shape for everything: {"error": "..."}."""
 
     @app.before_request
     def check_token():
-        if token and request.path.startswith(("/v1/", "/v1beta/")):
-            given = request.headers.get("Authorization", "").partition(" ")[2]  # any scheme
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                abort(401, "missing or wrong token: send Authorization: Bearer <token>")
+        g.user = None
+        path = request.path
+        if not tokens.required or not (path.startswith(("/v1/", "/v1beta/")) or path in GUARDED):
+            return None
+        ok, g.user = tokens.user_of(given_token(request.headers.get("Authorization", "")))
+        if ok:
+            return None
+        if path == "/":  # a browser asks for a user name (any) and a password (the token)
+            response = jsonify(error="missing or wrong token: give it as the password")
+            response.headers["WWW-Authenticate"] = 'Basic realm="tabbypy", charset="UTF-8"'
+            return response, 401
+        abort(401, "missing or wrong token: send Authorization: Bearer <token>")
 
     @app.errorhandler(HTTPException)
     def http_error(e):
@@ -2735,6 +3299,18 @@ def add_guards(app, token, max_body):
     def server_error(e):
         app.logger.exception("unexpected error on %s", request.path)
         return jsonify(error=f"internal error: {type(e).__name__}"), 500
+
+
+def completion_response(completion_id, req, answer):
+    """The JSON answer to a completion request (debug_data when it asked for it)."""
+    response = {"id": completion_id, "choices": [{"index": 0, "text": answer.text}]}
+    if req.debug_data:
+        response["debug_data"] = {}
+        if req.return_snippets:
+            response["debug_data"]["snippets"] = answer.snippets
+        if req.return_prompt:
+            response["debug_data"]["prompt"] = answer.prompt
+    return response
 
 
 def add_completion_routes(app, config, backend, completions, events):
@@ -2753,7 +3329,7 @@ def add_completion_routes(app, config, backend, completions, events):
     def events_route():
         body = json_body(body_of(request))
         event = parse_event(body, request.args.get("select_kind"))
-        why = events.write(get(body, "user", str), event)
+        why = events.write(g.user or get(body, "user", str), event)
         if why:
             abort(503, f"the event was not stored: {why}")
         return "", 200
@@ -2762,6 +3338,7 @@ def add_completion_routes(app, config, backend, completions, events):
     def completions_route():
         started = time.perf_counter()
         req = parse_completion(json_body(body_of(request)))
+        req.user = g.user or req.user
         client = (request.remote_addr, req.user, req.segments.get("filepath"))
         environ = request.environ
         answer = completions.answer(req, client, lambda: client_gone(environ))
@@ -2769,25 +3346,37 @@ def add_completion_routes(app, config, backend, completions, events):
         if answer.reason != "cancelled":
             user_agent = request.headers.get("User-Agent")
             events.write(req.user, completion_event(completion_id, req, answer, user_agent, ms))
+        else:  # a count, for the status page and /metrics: nothing was shown
+            cancelled = {"completion_id": completion_id, "language": req.language}
+            events.write(
+                req.user, {"completion_cancelled": {**cancelled, "total_ms": round(ms, 1)}}
+            )
         app.logger.info(
             "%s: %d prompt tokens (%d reused), %d generated, %s; %.1f ms in the model, "
             "%.1f ms in all",
-            completion_id,
-            answer.size,
-            answer.reused,
-            answer.generated,
-            answer.reason,
-            answer.ms,
-            ms,
+            *(completion_id, answer.size, answer.reused, answer.generated, answer.reason),
+            *(answer.ms, ms),
         )
-        response = {"id": completion_id, "choices": [{"index": 0, "text": answer.text}]}
-        if req.debug_data:
-            response["debug_data"] = {}
-            if req.return_snippets:
-                response["debug_data"]["snippets"] = answer.snippets
-            if req.return_prompt:
-                response["debug_data"]["prompt"] = answer.prompt
-        return jsonify(response)
+        return jsonify(completion_response(completion_id, req, answer))
+
+
+def add_status_routes(app, config, backend, index, tokens, usage, metrics, events):
+    @app.get("/")
+    def status_route():
+        about = status_about(config, backend, index, tokens, metrics.started)
+        return app.response_class(status_page(about, *usage.summary()), mimetype="text/html")
+
+    @app.get("/metrics")
+    def metrics_route():
+        waiting, kv_bytes, errors = backend.figures()
+        gauges = {
+            "requests_waiting": {(): waiting},
+            "kv_cache_bytes": {(): kv_bytes},
+            "engine_errors_total": {(("status", str(k)),): n for k, n in errors.items()},
+            "events_lost_total": {(): events.lost},
+        }
+        text = metrics.text(gauges)
+        return app.response_class(text, mimetype="text/plain; version=0.0.4; charset=utf-8")
 
 
 def add_chat_routes(app, config, backend, events):
@@ -2798,6 +3387,7 @@ def add_chat_routes(app, config, backend, events):
             how = "--chat-model (a GGUF file, a Hugging Face repo id, or 'same')"
             abort(501, f"no chat model: start the server with {how}")
         req = parse_chat(json_body(body_of(request)), stream=request.path.startswith("/v1beta/"))
+        req.user = g.user or req.user
         environ, chat_id, created = request.environ, f"chatcmpl-{uuid.uuid4()}", int(time.time())
         should_stop = lambda: client_gone(environ)  # noqa: E731
         steps, size = backend.chat(req, sampling(req, config["temperature"]), should_stop)
@@ -2852,11 +3442,17 @@ def create_app(config=None):
     app.logger.setLevel(logging.INFO)  # one line per completion
     app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
     app.json.ensure_ascii = False
-    events = EventsLog(config, app.logger)  # once the backend is ready: no files before
+    tokens = Tokens(config["token"], config["tokens"], app.logger)
+    usage, metrics = Usage(), Metrics()
+    events = EventsLog(config, app.logger, readers=(usage, metrics))  # no files made yet
+    for path in day_files(events.folder, HISTORY_DAYS - 1, time.time()):
+        for record in records(path):  # the status page's history (not /metrics': since now)
+            usage.add(record)
     index = open_index(config, app.logger) if config["repo"] else None
-    add_guards(app, config["token"], config["max_body"])
+    add_guards(app, tokens, config["max_body"])
     completions = Completions(backend, config, index)
     add_completion_routes(app, config, backend, completions, events)
+    add_status_routes(app, config, backend, index, tokens, usage, metrics, events)
     add_chat_routes(app, config, backend, events)
     return app
 

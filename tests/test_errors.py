@@ -172,5 +172,5 @@ def test_right_token_passes(make_app, method, path):
 
 
 def test_unknown_paths_need_no_token_but_still_answer_json(make_app):
-    r = make_app(token="s3cret")[0].test_client().get("/")
+    r = make_app(token="s3cret")[0].test_client().get("/nowhere")
     assert r.status_code == 404 and r.is_json
