@@ -338,7 +338,7 @@ SNIPPET_LISTS = [  # the request's snippets, in the order they get the budget
 ]
 PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and the KV cache) stays
 SAMPLE_CHARS = 1024  # a longer line's tokens are estimated from those of its start
-EVAL_CHUNK = 64  # prompt tokens evaluated between two checks for a cancelled request
+EVAL_CHUNK = 64  # prompt tokens a chat evaluates at a time, letting completions go between
 KV_KEPT = 32  # tokens of the KV cache that a new prompt must drop for a copy to be kept
 LAST_ANSWERS = 64  # clients whose last answer is kept, for typed-through answers
 
@@ -1196,23 +1196,59 @@ def keep_kv(llm, tokens):
     return reused
 
 
-def model_pieces(llm, tokens, temperature, seed):
-    """The bytes of each token the model generates after tokens, until an end-of-generation or
-    other special token. What keep_kv() did not keep is evaluated a chunk at a time, with an
-    empty piece after each chunk: there the consumer may stop, or let other work run first."""
+def eval_prompt(llm, tokens, should_stop):
+    """Evaluate tokens after what the KV cache holds, in full batches (as fast as llama.cpp goes:
+    64-token chunks cost a quarter more), asking should_stop() every few ms from inside llama.cpp
+    (its abort callback), so that a client that hangs up stops even a long batch; -> whether it
+    evaluated them all. (Not during generation: the callback runs for each step of the graph.)"""
+    asked = [time.monotonic()]
+
+    def abort(_):
+        if time.monotonic() - asked[0] < 0.005:
+            return False
+        asked[0] = time.monotonic()
+        return bool(should_stop())
+
+    callback = llama_cpp.ggml_abort_callback(abort)  # kept alive until it is unset
+    llama_cpp.llama_set_abort_callback(llm.ctx, callback, None)
+    try:
+        llm.eval(tokens)
+        return True
+    except RuntimeError:  # "llama_decode returned 2": aborted; llama.cpp drops that batch
+        return False
+    finally:
+        llama_cpp.llama_set_abort_callback(llm.ctx, llama_cpp.ggml_abort_callback(), None)
+
+
+def model_tokens(llm, tokens, temperature, seed, should_stop=None):
+    """The ids of the tokens the model generates after tokens, until an end-of-generation or
+    other special token. What keep_kv() did not keep is evaluated first: with should_stop, in
+    full batches that should_stop() cuts short (nothing comes then: see eval_prompt); without,
+    a chunk at a time, with a None after each: there the consumer may let other work run."""
     if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
         return
+    todo = tokens[llm.n_tokens : -1]  # generate() evaluates the last prompt token
+    if should_stop is not None:
+        if todo and not eval_prompt(llm, todo, should_stop):
+            return
+    else:
+        for i in range(0, len(todo), EVAL_CHUNK):
+            llm.eval(todo[i : i + EVAL_CHUNK])
+            yield None
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     is_eog, is_control = llama_cpp.llama_vocab_is_eog, llama_cpp.llama_vocab_is_control
-    for i in range(llm.n_tokens, len(tokens) - 1, EVAL_CHUNK):
-        llm.eval(tokens[i : min(i + EVAL_CHUNK, len(tokens) - 1)])
-        yield b""
     llm.set_seed(seed)
-    # generate() evaluates the last prompt token
     for token in llm.generate(tokens, temp=temperature, repeat_penalty=1.0):
         if is_eog(vocab, token) or is_control(vocab, token):
             return
-        yield token_bytes(vocab, token)
+        yield token
+
+
+def model_pieces(llm, tokens, temperature, seed, should_stop=None):
+    """The bytes of each token that model_tokens() gives (b"" for a chunk of the prompt)."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    for token in model_tokens(llm, tokens, temperature, seed, should_stop):
+        yield b"" if token is None else token_bytes(vocab, token)
 
 
 def chat_formatter(llm, override, flag):
@@ -1413,7 +1449,7 @@ class LocalModel:
             t = time.perf_counter()
             self.use_kv_for(prompt.tokens)
             reused = keep_kv(self.llm, prompt.tokens)
-            pieces = model_pieces(self.llm, prompt.tokens, *sampling)
+            pieces = model_pieces(self.llm, prompt.tokens, *sampling, limits.should_stop)
             text, n, reason = finish(generate(pieces, *limits))
             return Generated(text, n, reason, reused, (time.perf_counter() - t) * 1000)
 

@@ -203,3 +203,33 @@ def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog):
     assert reused >= prompt - 8  # a's prompt came back from its kept copy, not evaluated again
     prompt, reused = ask(b + "y = ")
     assert reused >= prompt - 8
+
+
+def test_a_client_that_hangs_up_stops_a_long_prompt_in_the_middle_of_a_batch(model_path, tmp_path):
+    """A prompt is evaluated in 512-token batches (as fast as llama.cpp goes); llama.cpp's abort
+    callback asks whether the client is still there every few milliseconds inside a batch."""
+    proc, url = start_server(["--model", model_path("starcoder", **SLOW), "--root", str(tmp_path)])
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        prefix = "".join(f"value_{i} = compute(value_{i - 1}, {i})\n" for i in range(120))
+        body = json.dumps({"language": "python", "segments": {"prefix": prefix}}).encode()
+        started = time.monotonic()  # first the whole prompt, to know how long it takes
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        conn.getresponse().read()
+        whole = time.monotonic() - started
+        body = body.replace(b"value_", b"other_")  # a prompt the KV cache does not hold
+        conn = socket.create_connection(("127.0.0.1", port))
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
+        time.sleep(0.15)
+        closed = time.monotonic()
+        conn.close()
+        while output(proc).count("prompt tokens") < 2 and time.monotonic() < closed + 30:
+            time.sleep(0.01)
+        noticed = time.monotonic() - closed
+    finally:
+        log = stop(proc)
+    tokens, generated, reason = re.findall(r"(\d+) prompt tokens.*?(\d+) generated, (\w+);", log)[1]
+    assert reason == "cancelled" and generated == "0" and int(tokens) > 1000
+    assert whole > 1 and noticed < 0.1, (whole, noticed)  # within its first 512-token batch
