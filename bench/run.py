@@ -13,11 +13,15 @@ the first 20 after it. Scenarios:
   burst       once the first word is answered, every further word 80 ms apart, each closing the
               previous connection as the client does; from the last keystroke to its answer
   typed       after an answer, the user types its first word: the rest should come back at once
+  accept      the user accepts each line's first completion (after --accept-wait seconds, time for
+              the server to speculate), then types on: the request after the accept
+  revisit     type a word, delete it, type it again: the requests after the first time
   concurrent  2 and 4 editors typing at once (type; each types every line, from its own first line)
 Standard library only, plus the test models' generator for --model fim.
 """
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -83,21 +87,38 @@ def sessions(language, path, count, skip=0):
 # HTTP: one request per connection, as tabby-agent's aborts leave it.
 
 
-def post(port, body, conns=None, conn=None):
-    """(seconds, completion id, text) of one POST /v1/completions, on conn (kept alive, as
-    tabby-agent keeps its connection between requests it did not abort) or a new connection;
-    conns gets the connection, to abort it."""
+@dataclasses.dataclass
+class Tabby:
+    """A server that speaks Tabby's API (ours, the baseline): what a keystroke sends it, and what
+    its answer says (an id, the text). bench/peer.py has another kind: llama-server's /infill."""
+
+    port: int
+    path: str = "/v1/completions"
+
+    def payload(self, body):
+        return body
+
+    def read(self, data):
+        return data["id"], data["choices"][0]["text"]
+
+
+def post(server, body, conns=None, conn=None):
+    """(seconds, id, text) of one keystroke's request to server (a Tabby, or a port of one), on
+    conn (kept alive, as tabby-agent keeps its connection between requests it did not abort)
+    or a new connection; conns gets the connection, to abort it."""
+    server = Tabby(server) if isinstance(server, int) else server
     if conn is None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     if conns is not None:
         conns.append(conn)
     started = time.perf_counter()
-    conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    payload = json.dumps(server.payload(body))
+    conn.request("POST", server.path, payload, {"Content-Type": "application/json"})
     response = conn.getresponse()
     data = json.loads(response.read())
     if response.status != 200:
         raise RuntimeError(f"HTTP {response.status}: {data}")
-    return time.perf_counter() - started, data["id"], data["choices"][0]["text"]
+    return (time.perf_counter() - started, *server.read(data))
 
 
 def abort(conn):
@@ -109,17 +130,23 @@ def abort(conn):
         pass
 
 
-def start(command, port, log):
+def start(command, port, log, path="/v1/health"):
+    """Start a server (command, with --port) and wait until path answers 200."""
     proc = subprocess.Popen(
         command + ["--port", str(port)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
-            http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/v1/health")
-            return proc
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+            conn.request("GET", path)
+            if conn.getresponse().status == 200:
+                return proc
         except OSError:
-            time.sleep(0.2)
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"{command} exited")
+        time.sleep(0.2)
     raise RuntimeError(f"{command} did not start")
 
 
@@ -133,25 +160,25 @@ def free_port():
 # Scenarios: each returns latencies in seconds (and records ids, to match the server's log).
 
 
-def type_lines(port, lines, filepath=None):
+def type_lines(server, lines, filepath=None):
     """One record per request, each sent after the previous answer: {word: its number in the
     line, last: whether it ends the line, seconds, id: the completion's}."""
-    out, conn = [], http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    out, conn = [], http.client.HTTPConnection("127.0.0.1", server.port, timeout=600)
     for words in lines:
         for k, body in enumerate(words):
             if filepath:
                 body = dict(body, segments=dict(body["segments"], filepath=filepath))
-            seconds, cid, _ = post(port, body, conn=conn)
+            seconds, cid, _ = post(server, body, conn=conn)
             out.append({"word": k, "last": k == len(words) - 1, "seconds": seconds, "id": cid})
     return out
 
 
-def burst(port, lines):
+def burst(server, lines):
     """The cursor comes to the line and gets its completion; then the rest of the words come 80 ms
     apart: the time from the last keystroke to its answer, against the same keystroke sent alone."""
     last = []
     for words in lines:
-        post(port, words[0])
+        post(server, words[0])
         conns, threads, done = [], [], {}
         for k, body in enumerate(words[1:], 1):
             if conns:
@@ -159,7 +186,7 @@ def burst(port, lines):
 
             def run(k=k, body=body):
                 try:
-                    done[k] = post(port, body, conns)[0]
+                    done[k] = post(server, body, conns)[0]
                 except (OSError, http.client.HTTPException, ValueError):
                     pass  # aborted
 
@@ -172,26 +199,51 @@ def burst(port, lines):
     return last
 
 
-def typed_through(port, lines):
+def with_prefix(body, prefix):
+    return dict(body, segments=dict(body["segments"], prefix=prefix))
+
+
+def typed_through(server, lines):
     out = []
     for words in lines:
-        _, _, text = post(port, words[0])
+        _, _, text = post(server, words[0])
         typed = re.match(r"\s*\S+", text)
         if not typed or typed.end() == len(text):
             continue
-        body = dict(
-            words[0],
-            segments=dict(
-                words[0]["segments"], prefix=words[0]["segments"]["prefix"] + typed.group()
-            ),
-        )
-        seconds, _, rest = post(port, body)
+        body = with_prefix(words[0], words[0]["segments"]["prefix"] + typed.group())
+        seconds, _, rest = post(server, body)
         if rest == text[typed.end() :]:
             out.append(seconds)
     return out
 
 
-def concurrent(port, editors, lines):
+def accept(server, lines, wait):
+    """The user accepts each line's first completion as soon as it is shown, and types on (the
+    editor asks again where the completion ends); after wait seconds, the time the server had
+    to speculate. -> the seconds of each request after an accept."""
+    out = []
+    for words in lines:
+        _, _, text = post(server, words[0])
+        if text.strip():
+            time.sleep(wait)
+            out.append(
+                post(server, with_prefix(words[0], words[0]["segments"]["prefix"] + text))[0]
+            )
+    return out
+
+
+def revisit(server, lines):
+    """Type a word, delete it, type it again (backspace, undo): the seconds of the requests
+    after the first time, for the prefix without the word and with it."""
+    out = []
+    for words in lines:
+        for body in (words[1], words[2], words[1], words[2])[: 2 + 2 * (len(words) > 2)]:
+            out.append(post(server, body)[0])
+        out[-4:-2] = []  # the first time of each: not a revisit
+    return out
+
+
+def concurrent(server, editors, lines):
     """Editors typing at once. Each types all the lines, each from its own starting line, so
     that they do the same work but never the same line at the same time."""
     per_editor, errors = [[] for _ in range(editors)], []
@@ -199,7 +251,7 @@ def concurrent(port, editors, lines):
     def editor(e):
         try:
             start = e * len(lines) // editors
-            typed = type_lines(port, lines[start:] + lines[:start], filepath=f"editor{e}.src")
+            typed = type_lines(server, lines[start:] + lines[:start], filepath=f"editor{e}.src")
             per_editor[e] = [r["seconds"] for r in typed if r["word"]]
         except Exception as error:  # counted, not raised: the figure is how many
             errors.append(repr(error))
@@ -213,6 +265,34 @@ def concurrent(port, editors, lines):
 
 
 # -----------------------------------------------------------------------------
+
+
+SCENARIOS = ("type", "burst", "typed", "accept", "revisit")
+
+
+def scenarios(name, server, lines, which, editors=(), wait=2.0):
+    """{scenario: seconds of each measured request} of the scenarios which (in SCENARIOS: type
+    gives cold, type, type last and requests too) and concurrent ones with editors at once."""
+    r = {}
+    post(server, lines[0][0])  # one request to warm up whatever the server keeps
+    if "type" in which:
+        r["requests"] = type_lines(server, lines)
+        r["cold"] = [x["seconds"] for x in r["requests"] if x["word"] == 0]
+        r["type"] = [x["seconds"] for x in r["requests"] if x["word"]]
+        r["type last"] = [x["seconds"] for x in r["requests"] if x["last"]]
+    measures = {"burst": burst, "typed": typed_through, "revisit": revisit,
+                "accept": lambda server, lines: accept(server, lines, wait)}  # fmt: skip
+    for scenario in which:
+        if scenario in measures:
+            r[scenario] = measures[scenario](server, lines)
+        print(f"{name}: {scenario} done", flush=True)
+    for n in editors:
+        per_editor, errors = concurrent(server, n, lines)
+        r[f"concurrent{n}"] = [x for xs in per_editor for x in xs]
+        r[f"concurrent{n}_p50s"] = [stats(xs)["p50"] for xs in per_editor]
+        r[f"concurrent{n}_errors"] = errors
+        print(f"{name}: {n} editors done", flush=True)
+    return r
 
 
 def stats(xs):
@@ -264,6 +344,9 @@ def main():
     parser.add_argument(
         "--editors", default="2,4", help="editors typing at once, e.g. 2,4; empty: none"
     )
+    parser.add_argument(
+        "--accept-wait", type=float, default=2.0, help="seconds from a completion to its accept"
+    )
     args = parser.parse_args()
     model = model_path(args.model)
     sources = [(lang, path) for lang, path in SOURCES if os.path.exists(path)]
@@ -284,23 +367,10 @@ def main():
         port = free_port()
         proc = start(command, port, logs[name])
         try:
-            r = {}
-            post(port, lines[0][0])  # one request to warm up whatever the server keeps
-            r["requests"] = type_lines(port, lines)
-            r["cold"] = [x["seconds"] for x in r["requests"] if x["word"] == 0]
-            r["type"] = [x["seconds"] for x in r["requests"] if x["word"]]
-            r["type last"] = [x["seconds"] for x in r["requests"] if x["last"]]
-            print(f"{name}: type done", flush=True)
-            r["burst"] = burst(port, lines)
-            print(f"{name}: burst done", flush=True)
-            r["typed"] = typed_through(port, lines)
-            for editors in [int(e) for e in args.editors.split(",") if e]:
-                per_editor, errors = concurrent(port, editors, lines)
-                r[f"concurrent{editors}"] = [x for xs in per_editor for x in xs]
-                r[f"concurrent{editors}_p50s"] = [stats(xs)["p50"] for xs in per_editor]
-                r[f"concurrent{editors}_errors"] = errors
-                print(f"{name}: {editors} editors done", flush=True)
-            results[name] = r
+            editors = [int(e) for e in args.editors.split(",") if e]
+            results[name] = scenarios(
+                name, Tabby(port), lines, SCENARIOS, editors, args.accept_wait
+            )
         finally:
             proc.terminate()
             proc.wait(30)
@@ -318,7 +388,17 @@ def main():
     print(f"\n{'scenario':<14}{'server':<10}{'n':>4}{'p50 ms':>10}{'p90 ms':>10}{'max ms':>10}")
     for scenario in [
         s
-        for s in ("cold", "type", "type last", "burst", "typed", "concurrent2", "concurrent4")
+        for s in (
+            "cold",
+            "type",
+            "type last",
+            "burst",
+            "typed",
+            "accept",
+            "revisit",
+            "concurrent2",
+            "concurrent4",
+        )
         if s in ours
     ]:
         for name in ("ours", "baseline"):
@@ -373,6 +453,9 @@ def main():
     check(
         "typed-through p50", f"{typed50:.1f} ms over {len(ours['typed'])}", "< 10 ms", typed50 < 10
     )
+    for scenario in ("accept", "revisit"):
+        p50 = stats(ours[scenario])["p50"] * 1000
+        check(f"{scenario} p50", f"{p50:.1f} ms over {len(ours[scenario])}", "< 10 ms", p50 < 10)
     overhead = stats([x["seconds"] * 1000 - timing[x["id"]][2] for x in ours["requests"]])["p50"]
     check("HTTP + validation + prompt building, p50", f"{overhead:.1f} ms", "< 3 ms", overhead < 3)
     if "concurrent4" not in ours:

