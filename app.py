@@ -1823,7 +1823,7 @@ class Engine:
         return generate(pieces, req.max_tokens or math.inf, end_of, should_stop), 0
 
     def figures(self):
-        """(requests sent to the engine and not yet answered in full, 0 bytes of KV caches
+        """(requests sent to the engine that it has not begun to answer, 0 bytes of KV caches
         here, {status we answered: failed requests})."""
         with self.lock:
             return self.waiting, 0, dict(self.errors)
@@ -1890,14 +1890,12 @@ class Engine:
         iterator. The request is made here, so that an engine that fails at once gets its 502 or
         504 before anything is answered. Closing the iterator, or should_stop() (see watch),
         drops the connection at once: the engine stops generating and frees its slot."""
-        self.record(waiting=1)
+        self.record(waiting=1)  # until the engine begins to answer
         try:
             sock, response, watching = self.open(path, body, should_stop)
-        except BaseException:
+        finally:
             self.record(waiting=-1)
-            raise
         if response is None:
-            self.record(waiting=-1)
             return (piece for piece in ())  # generate() closes it
         return self.read(kind, sock, response, watching, should_stop)
 
@@ -1926,7 +1924,6 @@ class Engine:
             self.record(error=502)
             abort(502, f"engine at {self.base}: the stream broke off ({e or type(e).__name__})")
         finally:
-            self.record(waiting=-1)
             watching.set()
             hang_up(sock)
             response.close()
@@ -2167,6 +2164,7 @@ class CodeIndex:
         # on a line (emptied when the index changes)
         self.bm25 = functools.lru_cache(maxsize=64)(self.bm25_search)
         self.chunks = {}  # repository -> chunks in the index, for how COMMON a word is
+        self.counts = {}  # repository -> (files, chunks) in the index
         self.heads = {repo.path: head_of(repo.path) for repo in repositories}  # as indexed
         for repo in repositories:
             self.update(repo, progress=True)
@@ -2205,10 +2203,9 @@ class CodeIndex:
                 rate = done / (time.monotonic() - started)
                 bar = f"\rindexing {repo.name}: {done}/{len(work)} files, {rate:.0f} files/s"
                 print(bar, end="\n" if done == len(work) else "", file=sys.stderr, flush=True)
-        where = "FROM chunks WHERE repo = ?"
-        self.chunks[repo.path] = self.writer.execute(
-            f"SELECT COUNT(*) {where}", (repo.path,)
-        ).fetchone()[0]
+        query = "SELECT COUNT(DISTINCT path), COUNT(*) FROM chunks WHERE repo = ?"
+        files, self.chunks[repo.path] = self.writer.execute(query, (repo.path,)).fetchone()
+        self.counts[repo.path] = files, self.chunks[repo.path]  # for stats(), read without a query
         return len(work)
 
     def forget(self, repo, path):
@@ -2265,14 +2262,10 @@ class CodeIndex:
                     self.logger.exception("repository %s: cannot index it now", repo.name)
 
     def stats(self):
-        """What /v1/health and start-up say of each repository."""
-        with self.lock:
-            rows = self.reader.execute(
-                "SELECT repo, COUNT(DISTINCT path), COUNT(*) FROM chunks GROUP BY repo"
-            ).fetchall()  # fmt: skip
-        counts = {repo: (files, chunks) for repo, files, chunks in rows}
+        """What /v1/health, the status page and start-up say of each repository (as of the last
+        time it was indexed: no query on the request path)."""
         return [{"name": r.name, "path": r.path, "urls": list(r.urls),
-                 "files": counts.get(r.path, (0, 0))[0], "chunks": counts.get(r.path, (0, 0))[1]}
+                 "files": self.counts[r.path][0], "chunks": self.counts[r.path][1]}
                 for r in self.repositories]  # fmt: skip
 
     def repository_for(self, git_url, filepath):
@@ -2743,6 +2736,8 @@ def completion_event(completion_id, req, answer, user_agent, ms):
 # a restart keeps them) and the counters of /metrics (since start-up, as Prometheus wants them).
 
 HISTORY_DAYS = 14  # days of figures on the status page, read from the events log at start-up
+CLIENT_EVENTS = ("view", "select", "dismiss")  # what tabby-agent sends; others count as "other"
+FINISH_REASONS = ("stop", "eos", "length", "time", "typed through", "cancelled")
 RECENT_IDS = 10_000  # completions whose views and selects are matched to their language
 BUCKET = math.log(1.02)  # latencies are kept in buckets 2 % wide: percentiles within 1 %
 # Prometheus histogram buckets, in seconds
@@ -2760,7 +2755,7 @@ METRICS = {
     "events_lost_total": ("counter", "Events that could not be written to the events log"),
     "chat_answers_total": ("counter", "Chat answers"),
     "engine_errors_total": ("counter", "Failed requests to the engine, by the status we answered"),
-    "requests_waiting": ("gauge", "Requests waiting for the model (local) or for the engine"),
+    "requests_waiting": ("gauge", "Requests waiting for the model (local) or the engine's answer"),
     "kv_cache_bytes": ("gauge", "Bytes of KV caches kept for editors taking turns"),
     "start_time_seconds": ("gauge", "When the server started, in seconds since the epoch"),
 }
@@ -2803,65 +2798,121 @@ class Tally:
         viewed = sum(n for key, n in self.accepted.items() if key[0] == "view")
         return viewed, sum(self.accepted.values()) - viewed
 
-    def merge(self, other):
-        for field in dataclasses.fields(self):
-            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
-        return self
+    def count(self, f):
+        """Count a Fact of a completion (or of one cancelled)."""
+        if f.kind == "completion_cancelled":
+            self.cancelled += 1
+        elif f.kind == "completion":
+            self.served += 1
+            self.typed += f.reason == "typed through"
+            self.prompt_tokens += f.prompt_tokens
+            self.reused_tokens += f.reused_tokens
+            self.total_ms[bucket(f.total_ms)] += 1
+            if f.reason != "typed through":
+                self.model_ms[bucket(f.model_ms)] += 1
+
+    @staticmethod
+    def sum(tallies):
+        """A new Tally that adds up tallies."""
+        total = Tally()
+        for tally in tallies:
+            for field in dataclasses.fields(Tally):
+                value = getattr(total, field.name) + getattr(tally, field.name)
+                setattr(total, field.name, value)
+        return total
+
+
+class Fact(typing.NamedTuple):
+    """What the figures take from one record of the events log (see fact)."""
+
+    kind: str  # the event's type: completion, completion_cancelled, view, select, ...
+    ts: float  # seconds since the epoch
+    user: str | None  # a user that a --tokens file names, else None
+    completion_id: str | None
+    language: str  # a language of LANGUAGES, "unknown", or "other"
+    reason: str  # a completion's finish reason
+    total_ms: float
+    model_ms: float
+    prompt_tokens: int
+    reused_tokens: int
+
+
+def count_of(value, most=1e12):
+    """value if it is a number from 0 to most (not a bool), else 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value if ok and 0 <= value <= most else 0  # (NaN fails both)
+
+
+def fact(record, named=lambda user: False):
+    """The Fact of a record of the events log, or None for one this server did not write (the
+    log is a file anyone may edit). Only users that named(user) keeps, and only known languages
+    and event types, count apart: what clients send cannot grow the figures without bound."""
+    event = record.get("event") if isinstance(record, dict) else None
+    if not isinstance(event, dict) or not event:
+        return None
+    kind, fields = next(iter(event.items()))
+    ts = count_of(record.get("ts"), 4e12) / 1000  # (4e12 ms: the year 2096)
+    if not isinstance(fields, dict) or not ts:
+        return None
+    user, cid = record.get("user"), fields.get("completion_id")
+    language = fields.get("language")
+    known = language in LANGUAGE or language == "unknown"
+    reason = fields.get("finish_reason")
+    return Fact(
+        kind if kind in SERVER_EVENTS + CLIENT_EVENTS else "other",
+        ts,
+        user if isinstance(user, str) and named(user) else None,
+        cid if isinstance(cid, str) else None,
+        language if known else "unknown" if language is None else "other",
+        reason if reason in FINISH_REASONS else "other",
+        *(count_of(fields.get(key)) for key in ("total_ms", "model_ms")),
+        *(int(count_of(fields.get(key))) for key in ("prompt_tokens", "reused_tokens")),
+    )
 
 
 class Usage:
     """The status page's figures: a Tally for each of the last HISTORY_DAYS days and of the last
     hour's minutes, fed every record of the events log (at start-up from its files, then as
-    records are written). Views and selects count each completion once, under the language of
-    the completion (matched by id among the last RECENT_IDS)."""
+    records are written). Views and selects count each completion once, on the day and under
+    the language of the completion (matched by id among the last RECENT_IDS); users by name
+    only where named(user) (a --tokens file names them)."""
 
-    def __init__(self):
-        self.lock = threading.Lock()
+    def __init__(self, named=lambda user: False):
+        self.named, self.lock = named, threading.Lock()
         self.days, self.minutes = {}, {}  # "YYYY-MM-DD" or minute number -> Tally
-        self.recent = collections.OrderedDict()  # completion id -> [language, viewed, selected]
+        # completion id -> [language, day, viewed, selected]
+        self.recent = collections.OrderedDict()
 
     def add(self, record):
-        try:
-            kind, fields = next(iter(record["event"].items()))
-            ts, user = record["ts"] / 1000, record.get("user")
-            with self.lock:
-                self.count(kind, fields, ts, user if isinstance(user, str) else None)
-        except (KeyError, TypeError, AttributeError, ValueError, StopIteration):
-            pass  # not a record this server writes: nothing to count
+        f = fact(record, self.named)
+        if f is None:
+            return
+        day = time.strftime("%Y-%m-%d", time.gmtime(f.ts))
+        with self.lock:
+            if f.kind in ("view", "select") and f.completion_id:
+                return self.accept(f, day)
+            if f.kind == "completion" and f.completion_id:
+                self.remember(f.completion_id, f.language, day)
+            tallies = [self.tally(self.days, day)]
+            if f.ts > time.time() - 3600:
+                tallies.append(self.tally(self.minutes, int(f.ts // 60)))
+            for tally in tallies:
+                tally.count(f)
 
-    def count(self, kind, fields, ts, user):
-        tallies = [self.tally(self.days, time.strftime("%Y-%m-%d", time.gmtime(ts)))]
-        if ts > time.time() - 3600:
-            tallies.append(self.tally(self.minutes, int(ts // 60)))
-        if kind == "completion":
-            self.remember(fields["completion_id"], fields.get("language") or "unknown")
-        for tally in tallies:
-            if kind == "completion":
-                tally.served += 1
-                tally.typed += fields.get("finish_reason") == "typed through"
-                tally.prompt_tokens += fields.get("prompt_tokens", 0)
-                tally.reused_tokens += fields.get("reused_tokens", 0)
-                tally.total_ms[bucket(fields["total_ms"])] += 1
-                if fields.get("finish_reason") != "typed through":
-                    tally.model_ms[bucket(fields["model_ms"])] += 1
-            elif kind == "completion_cancelled":
-                tally.cancelled += 1
-        if kind in ("view", "select"):
-            self.accept(kind, fields["completion_id"], user, tallies[0])
-
-    def accept(self, kind, completion_id, user, tally):
+    def accept(self, f, day):
         """A view or select of a completion, counted once for it (a select is a view too)."""
-        language, viewed, selected = self.remember(completion_id, "unknown")
+        language, day, viewed, selected = self.remember(f.completion_id, f.language, day)
+        tally = self.tally(self.days, day)
         if not viewed:
-            tally.accepted["view", language, user] += 1
-        if kind == "select" and not selected:
-            tally.accepted["select", language, user] += 1
-        self.recent[completion_id] = [language, True, selected or kind == "select"]
+            tally.accepted["view", language, f.user] += 1
+        if f.kind == "select" and not selected:
+            tally.accepted["select", language, f.user] += 1
+        self.recent[f.completion_id][2:] = [True, selected or f.kind == "select"]
 
-    def remember(self, completion_id, language):
-        """[language, viewed, selected] of a recent completion (made for one not seen)."""
+    def remember(self, completion_id, language, day):
+        """[language, day, viewed, selected] of a recent completion (made for one not seen)."""
         if completion_id not in self.recent:
-            self.recent[completion_id] = [language, False, False]
+            self.recent[completion_id] = [language, day, False, False]
             if len(self.recent) > RECENT_IDS:
                 self.recent.popitem(last=False)
         return self.recent[completion_id]
@@ -2879,11 +2930,10 @@ class Usage:
         now = time.time() if now is None else now
         ago = range(HISTORY_DAYS - 1, -1, -1)  # days ago, oldest first
         names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in ago]
-        with self.lock:  # copies: the tallies go on changing
-            hour = [t for minute, t in self.minutes.items() if minute > now // 60 - 60]
-            hour = functools.reduce(Tally.merge, hour, Tally())
-            days = [(day, Tally().merge(self.days.get(day, Tally()))) for day in names]
-        return hour, functools.reduce(Tally.merge, [t for _, t in days], Tally()), days
+        with self.lock:  # sums made here are copies: the tallies go on changing
+            hour = Tally.sum(t for minute, t in self.minutes.items() if minute > now // 60 - 60)
+            days = [(day, Tally.sum([self.days.get(day, Tally())])) for day in names]
+        return hour, Tally.sum(t for _, t in days), days
 
 
 def sample_value(value):
@@ -2922,27 +2972,26 @@ class Metrics:
         self.started = time.time()
 
     def add(self, record):
-        event = record["event"]
-        kind, fields = next(iter(event.items()))
+        f = fact(record)
+        if f is None:
+            return
         with self.lock:
-            self.counts["events_total", (("type", kind),)] += 1
-            if kind == "completion":
-                self.completion(fields)
-            elif kind == "completion_cancelled":
-                labels = (("reason", "cancelled"), ("language", fields["language"]))
-                self.counts["completions_total", labels] += 1
-                self.observe("completion_seconds", fields["total_ms"] / 1000)
-            elif kind == "chat_completion":
+            self.counts["events_total", (("type", f.kind),)] += 1
+            if f.kind in ("completion", "completion_cancelled"):
+                reason = f.reason if f.kind == "completion" else "cancelled"
+                self.counts[
+                    "completions_total", (("reason", reason), ("language", f.language))
+                ] += 1
+                self.observe("completion_seconds", f.total_ms / 1000)
+            if f.kind == "completion":
+                self.counts["prompt_tokens_total", ()] += f.prompt_tokens
+                self.counts["reused_tokens_total", ()] += f.reused_tokens
+                generated = record["event"]["completion"].get("generated_tokens")
+                self.counts["generated_tokens_total", ()] += int(count_of(generated))
+                if f.reason != "typed through":
+                    self.observe("completion_model_seconds", f.model_ms / 1000)
+            elif f.kind == "chat_completion":
                 self.counts["chat_answers_total", ()] += 1
-
-    def completion(self, fields):
-        labels = (("reason", fields["finish_reason"]), ("language", fields["language"]))
-        self.counts["completions_total", labels] += 1
-        for name in ("prompt_tokens_total", "reused_tokens_total", "generated_tokens_total"):
-            self.counts[name, ()] += fields[name.replace("_total", "")]
-        self.observe("completion_seconds", fields["total_ms"] / 1000)
-        if fields["finish_reason"] != "typed through":
-            self.observe("completion_model_seconds", fields["model_ms"] / 1000)
 
     def observe(self, name, seconds):
         counts, total = self.histograms.setdefault(name, (collections.Counter(), [0.0]))
@@ -2961,8 +3010,8 @@ class Metrics:
             }
         values.update(gauges, start_time_seconds={(): self.started})
         lines = []
-        for name, (kind, help) in METRICS.items():
-            lines += [f"# HELP tabbypy_{name} {help}", f"# TYPE tabbypy_{name} {kind}"]
+        for name, (kind, about) in METRICS.items():
+            lines += [f"# HELP tabbypy_{name} {about}", f"# TYPE tabbypy_{name} {kind}"]
             if kind == "histogram":
                 lines += histogram_lines("tabbypy_" + name, *histograms.get(name, ({}, 0.0)))
             for labels, value in sorted(values.get(name, {}).items()):
@@ -3095,25 +3144,64 @@ def status_page(about, hour, fortnight, days):
     return "".join(parts)
 
 
+def status_about(config, backend, index, tokens, started):
+    """What the status page says serves: [(label, text, ok: True, False or None)]."""
+    about = [("Serves", line, None) for line in backend.describe()]
+    engine = backend.health().get("backend")
+    if engine:
+        answers = "answers" if engine["answers"] else f"does not answer: {engine.get('error')}"
+        about.append(("Engine", f"{engine['url']} {answers}", engine["answers"]))
+    else:
+        about.append(("Model", "loaded, in this process", True))
+    about.append(("Chat", backend.chat_name or "no chat model (chat answers 501)", None))
+    for r in index.stats() if index else []:
+        about.append(("Repository", f"{r['name']}: {r['files']} files, {r['chunks']} chunks", None))
+    up = int(time.time() - started)
+    days, hours, minutes = up // 86400, up // 3600 % 24, up // 60 % 60
+    kept = f" for {config['events_days']} days" if config["events_days"] else ""
+    settings = (
+        f"--max-tokens {config['max_tokens']}, --time-budget {config['time_budget']} ms, "
+        f"--kv-cache-mb {config['kv_cache_mb']}, --events {config['events']}{kept}"
+    )
+    access = (f"{len(tokens.users)} users' tokens" if tokens.path else "one token" if tokens.token
+              else "open: no token")  # fmt: skip
+    return about + [
+        ("Version", f"Tabby API {TABBY_VERSION}, Python {platform.python_version()}", None),
+        (
+            "Up for",
+            f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min",
+            None,
+        ),
+        ("Settings", settings, None),
+        ("Access", access, None),
+    ]
+
+
 # -----------------------------------------------------------------------------------------------
 # Who may ask: --token, and a token per developer (--tokens FILE), whose user the events name.
 
 
-def read_tokens(path):
-    """{token: user} of a --tokens file: a "user token" pair a line, # comments; ValueError
-    naming a line that is not one."""
-    users = {}
-    with open(path, encoding="utf-8") as f:
+def read_tokens(path, bad=None):
+    """{token: user} of a --tokens file: a "user token" pair a line, # comments. A line that is
+    not one raises ValueError naming it, or with bad(error) is left out (so that a mistake made
+    while revoking a token does not keep it)."""
+    users, taken = {}, set()
+    with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             fields = line.split("#", 1)[0].split()
-            if not fields:
-                continue
-            if len(fields) != 2:
-                raise ValueError(f"line {n}: not a user name and a token")
-            user, token = fields
-            if users.get(token, user) != user:
-                raise ValueError(f"line {n}: that token is {users[token]}'s already")
-            users[token] = user
+            error = None
+            if fields and len(fields) != 2:
+                error = f"line {n}: not a user name and a token"
+            elif fields and fields[1] in taken:
+                error = f"line {n}: a token given twice"
+                users.pop(fields[1], None)  # whose is it? nobody's
+            if error and bad is None:
+                raise ValueError(error)
+            if error:
+                bad(error)
+            elif fields:
+                users[fields[1]] = fields[0]
+            taken.update(fields[1:2])
     return users
 
 
@@ -3132,8 +3220,8 @@ def given_token(header):
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "basic":
         return value.strip()
-    try:
-        return base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+    try:  # the user name is any bytes; the password must be UTF-8
+        return base64.b64decode(value.strip(), validate=True).partition(b":")[2].decode()
     except ValueError:  # (binascii.Error, UnicodeDecodeError)
         return ""
 
@@ -3146,13 +3234,17 @@ class Tokens:
 
     def __init__(self, token, path, logger):
         self.token, self.path, self.logger = token, path, logger
-        self.users, self.seen = {}, None
+        self.users, self.names, self.seen = {}, frozenset(), None
         if path:
             try:
-                self.users, self.seen = read_tokens(path), file_state(path)
+                self.use(read_tokens(path))
+                self.seen = file_state(path)
             except (OSError, ValueError) as e:
                 raise SystemExit(f"error: --tokens {path}: {getattr(e, 'strerror', None) or e}")
             threading.Thread(target=self.watch, daemon=True, name="tokens").start()
+
+    def use(self, users):
+        self.users, self.names = users, frozenset(users.values())
 
     @property
     def required(self):
@@ -3174,11 +3266,12 @@ class Tokens:
             if state == self.seen:
                 continue
             self.seen = state
+            bad = functools.partial(self.logger.error, "--tokens %s: %s: left out", self.path)
             try:
-                self.users = read_tokens(self.path) if state else {}
-            except (OSError, ValueError) as e:
+                self.use(read_tokens(self.path, bad) if state else {})
+            except OSError as e:
                 self.logger.error("--tokens %s: %s; the tokens read before still hold", self.path,
-                                  getattr(e, "strerror", None) or e)  # fmt: skip
+                                  e.strerror)  # fmt: skip
                 continue
             self.logger.info("--tokens %s: read again, %d users", self.path, len(self.users))
 
@@ -3268,37 +3361,6 @@ def chat_stream(steps, stops, chunk, done, logger):
         yield "data: " + json.dumps({"error": error}) + "\n\n"
     finally:
         steps.close()  # the client left: stop generating
-
-
-def status_about(config, backend, index, tokens, started):
-    """What the status page says serves: [(label, text, ok: True, False or None)]."""
-    about = [("Serves", line, None) for line in backend.describe()]
-    engine = backend.health().get("backend")
-    if engine:
-        answers = "answers" if engine["answers"] else f"does not answer: {engine.get('error')}"
-        about.append(("Engine", f"{engine['url']} {answers}", engine["answers"]))
-    about.append(("Chat", backend.chat_name or "no chat model (chat answers 501)", None))
-    for r in index.stats() if index else []:
-        about.append(("Repository", f"{r['name']}: {r['files']} files, {r['chunks']} chunks", None))
-    up = int(time.time() - started)
-    days, hours, minutes = up // 86400, up // 3600 % 24, up // 60 % 60
-    kept = f" for {config['events_days']} days" if config["events_days"] else ""
-    settings = (
-        f"--max-tokens {config['max_tokens']}, --time-budget {config['time_budget']} ms, "
-        f"--kv-cache-mb {config['kv_cache_mb']}, --events {config['events']}{kept}"
-    )
-    access = (f"{len(tokens.users)} users' tokens" if tokens.path else "one token" if tokens.token
-              else "open: no token")  # fmt: skip
-    return about + [
-        ("Version", f"Tabby API {TABBY_VERSION}, Python {platform.python_version()}", None),
-        (
-            "Up for",
-            f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min",
-            None,
-        ),
-        ("Settings", settings, None),
-        ("Access", access, None),
-    ]
 
 
 GUARDED = ("/", "/metrics")  # besides /v1/* and /v1beta/*, what needs the token when one is set
@@ -3479,7 +3541,7 @@ def create_app(config=None):
     app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
     app.json.ensure_ascii = False
     tokens = Tokens(config["token"], config["tokens"], app.logger)
-    usage, metrics = Usage(), Metrics()
+    usage, metrics = Usage(named=lambda user: user in tokens.names), Metrics()
     events = EventsLog(config, app.logger, readers=(usage, metrics))  # no files made yet
     for path in day_files(events.folder, HISTORY_DAYS - 1, time.time()):
         for record in records(path):  # the status page's history (not /metrics': since now)

@@ -281,12 +281,14 @@ def test_a_token_per_developer_names_the_user_and_can_be_revoked(make_app, tmp_p
     users = [(r["user"], next(iter(r["event"]))) for r in read_events(events)]
     assert users == [("alice", "completion"), ("bob", "completion"), ("carol", "completion"),
                      ("bob", "view")]  # fmt: skip
-    # bob's token revoked while the server runs: refused from then on, without a restart
-    tokens.write_text("alice a-s3cret\n")
+    # bob's token revoked while the server runs, by an edit with a mistake in it: refused from
+    # then on, without a restart (the broken line is left out, not the edit)
+    tokens.write_text("alice a-s3cret\ncarol c-s3cret extra\n")
     deadline = time.monotonic() + 10
     while ask("b-s3cret").status_code != 401 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert ask("b-s3cret").status_code == 401 and ask("a-s3cret").status_code == 200
+    assert ask("c-s3cret").status_code == 401
     # a page for people: a browser's Basic auth, the token as the password; /metrics: a bearer
     assert client.get("/").status_code == 401
     assert client.get("/").headers["WWW-Authenticate"].startswith("Basic")
@@ -298,7 +300,7 @@ def test_a_token_per_developer_names_the_user_and_can_be_revoked(make_app, tmp_p
 @pytest.mark.parametrize("text, error", [
     ("alice\n", "line 1: not a user name and a token"),
     ("alice a\nbob b c\n", "line 2: not a user name and a token"),
-    ("alice a\nbob a\n", "line 2: that token is alice's already"),
+    ("alice a\nbob a\n", "line 2: a token given twice"),
 ])  # fmt: skip
 def test_a_bad_tokens_file_stops_start_up(tmp_path, text, error):
     path = tmp_path / "tokens"
@@ -348,3 +350,34 @@ def test_the_screenshot_in_the_readme_is_the_pages():
 def test_the_page_and_metrics_are_open_without_a_token(make_app):
     client = make_app()[0].test_client()
     assert client.get("/").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+def test_odd_lines_in_the_history_are_skipped_and_cannot_grow_the_figures(make_app, tmp_path):
+    """The events log is a file anyone may edit, and clients name their own languages, event
+    types and users: none of that may stop the server, break the page or grow without bound."""
+    folder = tmp_path / "tabby" / "events"
+    folder.mkdir(parents=True)
+    now = time.time()
+    odd = [{"user": "x", "ts": 1e300, "event": {"view": {"completion_id": "a"}}},
+           {"user": "x", "ts": float("inf"), "event": {"view": {"completion_id": "a"}}},
+           {"user": "x", "ts": 10**400, "event": {"view": {"completion_id": "a"}}},
+           record("x", now, "completion", completion_id="c1", language=5, total_ms=1e400,
+                  model_ms=float("nan"), prompt_tokens="many", finish_reason=[]),
+           record(None, now, "view", completion_id="c1", choice_index=0)]  # fmt: skip
+    with open(folder / time.strftime("%Y-%m-%d.json", time.gmtime(now)), "w") as f:
+        for r in odd:
+            f.write(json.dumps(r) + "\n")
+    app, _ = make_app()
+    client = app.test_client()
+    for n in range(50):  # the client's own languages and types, and users the body names
+        body = {"language": f"lang{n}", "user": f"user{n}", "segments": {"prefix": PREFIX}}
+        completion_id = client.post("/v1/completions", json=body).json["id"]
+        body = {"type": f"type{n}", "completion_id": completion_id, "choice_index": 0}
+        assert client.post("/v1/events", json=body, query_string={"u": n}).status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200
+    shown = Figures(page.get_data(as_text=True))
+    assert shown.ids["days-served"] == "51"  # the odd completion counts, with no latency
+    assert set(shown.rows) == {("language", "other")}  # no user by name: no tokens name them
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'type="other"' in metrics and "lang7" not in metrics and "type7" not in metrics
