@@ -94,6 +94,11 @@ CONFIG = {
     "kv_cache_mb": (1024, "MB of KV caches kept for editors taking turns, so that each gets its "
                           "own back (least recently used dropped first); 0: none"),
     "max_tokens": (64, "most tokens generated per completion (Tabby's max_decoding_tokens)"),
+    "completion_cache": (256, "completions kept by prompt, so that a request seen before "
+                              "(backspace, undo) is answered without the model; not those that "
+                              "ask for their own temperature or seed; 0: none"),
+    "speculate": (True, "when the model is idle, compute the completion the editor will ask for "
+                        "if the user accepts the one shown (needs --completion-cache)"),
     "temperature": (0.1, "sampling temperature when a request sends none; 0 is greedy"),
     "time_budget": (1000, "ms of generation after which a completion ends at the next line end "
                           "(llama-server's t_max_predict_ms); 0: none"),
@@ -179,6 +184,8 @@ def check_config(config):
         raise SystemExit("error: --events-days must be 0 (keep all) or more")
     if config["kv_cache_mb"] < 0:
         raise SystemExit("error: --kv-cache-mb must be 0 or more")
+    if config["completion_cache"] < 0:
+        raise SystemExit("error: --completion-cache must be 0 or more")
     if not 0 < config["max_tokens"] < config["ctx"]:
         raise SystemExit(
             f"error: --max-tokens must be at least 1 and less than --ctx ({config['ctx']})"
@@ -937,6 +944,7 @@ def deltas(steps, stops):
 #   prompt(prefix, suffix), raw_prompt(text)   -> Prompt (its tokens, text and size)
 #   count(text)                                -> about how many tokens text is in a prompt
 #   complete(prompt, sampling, limits)         -> Generated: generate() over its pieces
+#   speculate(prompt, sampling, limits)        -> the same in idle time, or None (see Completions)
 #   chat(req, sampling, should_stop)           -> (generate() steps of the answer, prompt size)
 #   health() -> what /v1/health adds now; describe() -> start-up lines
 #   figures() -> (requests waiting, bytes of KV caches kept, {status: engine errors}), for /metrics
@@ -1244,6 +1252,9 @@ def model_tokens(llm, tokens, temperature, seed, should_stop=None):
         yield token
 
 
+END = object()  # what next(steps, END) gives when the steps have ended
+
+
 def model_pieces(llm, tokens, temperature, seed, should_stop=None):
     """The bytes of each token that model_tokens() gives (b"" for a chunk of the prompt)."""
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
@@ -1381,6 +1392,10 @@ class LocalModel:
         # the model thread only.
         self.kv_saved, self.kv_bytes, self.kv_ids = collections.OrderedDict(), 0, itertools.count()
         self.kv_limit = config["kv_cache_mb"] << 20
+        # prompt tokens -> the tokens a speculation has generated for them so far (one at a time:
+        # a newer one replaces it), for a request of that prompt; and how many requests the
+        # model has served (a speculation stops for good once one has); on the model thread
+        self.partial, self.served = {}, 0
         warm_up = self.prompt("def main():\n    ", "\n").tokens  # pages in the weights,
         self.thread.submit(  # and starts the OpenMP workers
             lambda: finish(generate(model_pieces(self.llm, warm_up, 0, 0), 2))
@@ -1446,14 +1461,70 @@ class LocalModel:
         def run():
             if limits.should_stop():  # gone while it waited: the KV cache stays as it is
                 return Generated("", 0, "cancelled")
-            t = time.perf_counter()
-            self.use_kv_for(prompt.tokens)
-            reused = keep_kv(self.llm, prompt.tokens)
-            pieces = model_pieces(self.llm, prompt.tokens, *sampling, limits.should_stop)
-            text, n, reason = finish(generate(pieces, *limits))
+            t, self.served = time.perf_counter(), self.served + 1
+            done = self.partial.get(tuple(prompt.tokens), [])  # a speculation's tokens so far
+            tokens = prompt.tokens + done  # (a new list: done may be a speculation's own)
+            self.use_kv_for(tokens)
+            reused = min(keep_kv(self.llm, tokens), prompt.size)
+            vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+
+            def pieces():  # (yield from: closing it closes model_pieces)
+                yield from (token_bytes(vocab, token) for token in done)
+                yield from model_pieces(self.llm, tokens, *sampling, limits.should_stop)
+
+            text, n, reason = finish(generate(pieces(), *limits))
             return Generated(text, n, reason, reused, (time.perf_counter() - t) * 1000)
 
         return self.on_thread(limits.should_stop, run) or Generated("", 0, "cancelled")
+
+    def speculate(self, prompt, sampling, limits):
+        """Generated for prompt in the model's idle time, or None: a step at a time (the prompt,
+        then a token), each run on the model thread only while no request waits for it. When
+        one comes (or limits.should_stop()) it stops, within the prompt's batch too: its tokens
+        so far stay in partial, so that complete() goes on from there if the request is for
+        this prompt, and the editor's KV cache in a copy, for its next keystroke."""
+        key, done, t = tuple(prompt.tokens), [], time.perf_counter()
+        vocab, interrupted = llama_cpp.llama_model_get_vocab(self.llm.model), []
+
+        def begin():
+            if self.waiting:  # a busy model does not speculate
+                return None
+            self.partial = {key: done}  # one at a time: an older one goes
+            self.use_kv_for(prompt.tokens, worth=1)  # the editor's next keystroke gets it back
+            keep_kv(self.llm, prompt.tokens)
+            busy = lambda: self.waiting > 0  # noqa: E731  (asked inside the prompt's batches)
+            return self.served, model_tokens(self.llm, prompt.tokens, *sampling, busy)
+
+        def step():  # the next token, or END
+            if self.served != served:  # a request came first (just after pieces() looked)
+                interrupted.append(True)  # and the KV cache is no longer the speculation's
+                return END
+            token = next(steps, END)
+            if token is END and self.waiting:  # the prompt was cut short for it
+                interrupted.append(True)
+            elif token is not END:
+                done.append(token)
+            return token
+
+        def pieces():
+            while not (self.waiting or limits.should_stop()):
+                token = self.thread.submit(step).result()
+                if token is END:
+                    return
+                yield token_bytes(vocab, token)
+            interrupted.append(True)
+
+        begun = None if self.waiting else self.thread.submit(begin).result()
+        if begun is None:
+            return None
+        served, steps = begun
+        quiet = limits._replace(should_stop=lambda: False)  # pieces() asks, and stops there
+        text, n, reason = finish(generate(pieces(), *quiet))
+        self.thread.submit(steps.close)  # on the model thread too: it may be half way
+        if interrupted:
+            return None
+        self.thread.submit(self.partial.pop, key, None)
+        return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
 
     def chat(self, req, sampling, should_stop):
         try:
@@ -1501,9 +1572,9 @@ class LocalModel:
         """(requests waiting for the model, bytes of KV caches kept, {}: no engine errors)."""
         return self.waiting, self.kv_bytes, {}
 
-    def use_kv_for(self, tokens):
+    def use_kv_for(self, tokens, worth=KV_KEPT):
         """Before a prompt of tokens: if a kept copy holds more of its start than the KV cache
-        does, put that copy back; if the KV cache would lose KV_KEPT tokens or more to it, keep
+        does, put that copy back; if the KV cache would lose worth tokens or more to it, keep
         a copy of it first. On the model thread."""
         held = self.llm.input_ids[: self.llm.n_tokens].tolist()
         here = common_prefix(held, tokens)
@@ -1512,7 +1583,7 @@ class LocalModel:
         mine = self.kv_saved.pop(best) if best is not None and holds[best] > here else None
         self.kv_bytes -= len(mine[1]) if mine else 0
         size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, 0) if self.llm.n_tokens else 0
-        if len(held) - here >= KV_KEPT and 0 < size <= self.kv_limit:
+        if len(held) - here >= worth and 0 < size <= self.kv_limit:
             for key in [k for k, (kept, _) in self.kv_saved.items() if held[: len(kept)] == kept]:
                 self.kv_bytes -= len(self.kv_saved.pop(key)[1])  # held holds all that one did
             self.kv_saved[next(self.kv_ids)] = save_kv(self.llm)
@@ -1808,6 +1879,10 @@ class Engine:
         pieces = self.stream(ENGINES[self.kind][0], self.kind, body, limits.should_stop)
         text, n, reason = finish(generate(pieces, *limits))
         return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
+
+    def speculate(self, prompt, sampling, limits):
+        """None: an engine's idle time is not ours to know (it may serve others)."""
+        return None
 
     def chat(self, req, sampling, should_stop):
         body = {
@@ -2415,20 +2490,44 @@ class LastAnswer(typing.NamedTuple):
     prompt: str  # as logged
 
 
+class Job(typing.NamedTuple):
+    """A completion request made ready for a backend."""
+
+    prompt: Prompt
+    doc: Document
+    end_of: typing.Callable  # the text -> where it ends (stop words, the editor's cut), or None
+    snippets: list  # in the prompt: the editor's and the repository's
+
+
+class Cached(typing.NamedTuple):
+    """A completion kept for its prompt (see Completions.keep)."""
+
+    out: Generated
+    speculated: bool  # a speculation made it, and no request has used it yet
+
+
 class Completions:
     """Completions for clients, a client being one (address, user, file): several editors may be
     one client (tabby-agent sends no identity, a team's proxy one address), so a client's state
     only ever saves work. Under a lock it owns the last answers of the last few clients, for
-    typed-through answers."""
+    typed-through answers, and the completions kept by prompt, which speculations add to."""
 
-    def __init__(self, backend, config, index=None):
-        self.backend, self.index = backend, index
+    def __init__(self, backend, config, index=None, logger=logging.getLogger(__name__)):
+        self.backend, self.index, self.logger = backend, index, logger
         self.context_chars = config["repo_context_tokens"] * 3  # a token is 3 characters or more
         self.max_tokens, self.temperature = config["max_tokens"], config["temperature"]
         self.budget = config["time_budget"] / 1000
         self.room = config["ctx"] - config["max_tokens"]  # for the prompt, in tokens
         self.lock = threading.Lock()
         self.last_answers = collections.OrderedDict()
+        self.cache, self.cache_size = collections.OrderedDict(), config["completion_cache"]
+        self.speculations = collections.Counter()  # "used", "wasted"
+        # one speculation at a time, for the newest answer (a number each: an older one stops),
+        # on a thread of its own (a daemon: it does not hold up the server's exit)
+        self.speculating = config["speculate"] and self.cache_size > 0
+        self.newest, self.wanted, self.wake = 0, None, threading.Event()
+        if self.speculating:
+            threading.Thread(target=self.speculate_forever, daemon=True, name="speculation").start()
         # tokens in a line of text, while the prompt is fitted to the context (see fit): lines
         # far from the cursor stay the same while the user types
         self.line_tokens = functools.lru_cache(maxsize=4096)(backend.count)
@@ -2436,16 +2535,39 @@ class Completions:
     def answer(self, req, client, should_stop):
         """The Answer to req, a CompletionRequest, from client. should_stop() says that its HTTP
         client hung up (as tabby-agent does on the next keystroke): the answer is then empty,
-        "cancelled", and the model does no more for it. Nothing else cancels a request."""
-        seg = req.segments
-        if req.raw_prompt is None and not req.wants_variety:
+        "cancelled", and the model does no more for it. Nothing else cancels a request. An
+        earlier answer will do unless the request asks for variety (a temperature, a seed)."""
+        seg, reuse = req.segments, req.raw_prompt is None and not req.wants_variety
+        if reuse:
             typed = self.typed_through(client, req.language, seg["prefix"], seg["suffix"])
             if typed is not None:
                 self.remember(client, req.language, seg["suffix"], seg["prefix"], *typed)
                 return Answer(*typed, "typed through")
+        job = self.prepare(req, should_stop)
+        if job is None:
+            return Answer("", "", "cancelled")
+        key = (req.language, job.prompt.text)  # what the model sees, and how its text ends
+        out = self.cached(key) if reuse else None
+        if out is None:
+            limits = Limits(self.max_tokens, job.end_of, should_stop, self.budget)
+            out = self.backend.complete(job.prompt, sampling(req, self.temperature), limits)
+            if reuse and out.reason != "cancelled":
+                self.keep(key, out)
+        text = re.sub(r"(?<!\r)\n", "\r\n", out.text) if job.doc.crlf else out.text
+        if text and req.raw_prompt is None:
+            self.remember(client, req.language, seg["suffix"], seg["prefix"], text, job.prompt.text)
+        if text and reuse and self.speculating:
+            self.speculate(req, text)
+        reused = job.prompt.size if out.reason in ("cached", "speculated") else out.reused
+        return Answer(text, job.prompt.text, out.reason, job.snippets, job.prompt.size, reused,
+                      out.generated, out.ms)  # fmt: skip
+
+    def prepare(self, req, should_stop):
+        """The Job of a request: its snippets, its document, its prompt fitted to the context;
+        or None when should_stop() first."""
         if req.raw_prompt is None:
             snippets, context = self.context(req)
-            doc = document(req.language, seg, self.backend.format.fim, snippets)
+            doc = document(req.language, req.segments, self.backend.format.fim, snippets)
             make = functools.partial(self.backend.prompt, context=context)
             prompt = self.fit(doc.prefix, doc.suffix, should_stop, make)
         else:  # a debugging aid: used verbatim, special tokens and all
@@ -2453,31 +2575,72 @@ class Completions:
             raw = lambda text, _: self.backend.raw_prompt(text)  # noqa: E731
             prompt = self.fit(doc.prefix, "", should_stop, raw)
         if prompt is None:
-            return Answer("", "", "cancelled")
+            return None
         stops = stop_words(req.language)
         tail = prompt.text[-max(map(len, stops)) :]  # a stop word may begin in the prompt
-
-        def end_of(text):
-            return text_end(text, stops, tail, doc.cursor)
-
-        limits = Limits(self.max_tokens, end_of, should_stop, self.budget)
-        out = self.backend.complete(prompt, sampling(req, self.temperature), limits)
-        text = re.sub(r"(?<!\r)\n", "\r\n", out.text) if doc.crlf else out.text
-        if text and req.raw_prompt is None:
-            self.remember(client, req.language, seg["suffix"], seg["prefix"], text, prompt.text)
         files = (
             [{"filepath": p, "body": b, "score": 1.0} for p, b in context.files] if context else []
         )
-        return Answer(
-            text,
-            prompt.text,
-            out.reason,
-            snippets=doc.snippets + files,
-            size=prompt.size,
-            reused=out.reused,
-            generated=out.generated,
-            ms=out.ms,
-        )
+        return Job(prompt, doc, lambda text: text_end(text, stops, tail, doc.cursor),
+                   doc.snippets + files)  # fmt: skip
+
+    def cached(self, key):
+        """The Generated kept for key, as an answer made without the model ("cached", or
+        "speculated" the first time a speculation's is used), or None."""
+        with self.lock:
+            kept = self.cache.get(key)
+            if kept is None:
+                return None
+            self.cache[key] = kept._replace(speculated=False)
+            self.cache.move_to_end(key)
+            self.speculations["used"] += kept.speculated
+        reason = "speculated" if kept.speculated else "cached"
+        return kept.out._replace(reason=reason, generated=0, ms=0)
+
+    def keep(self, key, out, speculated=False):
+        """Keep out for key, the least recently used going first (a speculation never used:
+        wasted)."""
+        with self.lock:
+            self.cache[key] = Cached(out, speculated)
+            self.cache.move_to_end(key)
+            while len(self.cache) > self.cache_size:
+                self.speculations["wasted"] += self.cache.popitem(last=False)[1].speculated
+
+    def speculate(self, req, text):
+        """Ask, in the model's idle time, what the editor will ask if the user accepts text: the
+        same request, text added to its prefix (llama.vim's speculative FIM). Its answer is
+        kept, for when that request comes; a newer answer's speculation stops this one."""
+        segments = dict(req.segments, prefix=req.segments["prefix"] + text)
+        with self.lock:
+            self.newest += 1
+            self.wanted = (dataclasses.replace(req, segments=segments), self.newest)
+        self.wake.set()
+
+    def speculate_forever(self):
+        while True:
+            self.wake.wait()
+            with self.lock:
+                wanted, self.wanted = self.wanted, None
+                self.wake.clear()
+            if wanted:
+                self.run_speculation(*wanted)
+
+    def run_speculation(self, req, ticket):
+        stale = lambda: self.newest != ticket  # noqa: E731
+        job = None if stale() else self.prepare(req, stale)
+        key = job and (req.language, job.prompt.text)
+        with self.lock:
+            if job is None or key in self.cache:
+                return
+        limits = Limits(self.max_tokens, job.end_of, stale, self.budget)
+        try:
+            out = self.backend.speculate(job.prompt, sampling(req, self.temperature), limits)
+        except Exception as e:  # a speculation that fails (the server stops) is worth a line
+            return self.logger.warning("a speculation failed: %s", e)
+        if out is not None:
+            self.keep(key, out, speculated=True)
+            self.logger.info("speculation: %d prompt tokens, %d generated, %s; %.1f ms",
+                             job.prompt.size, out.generated, out.reason, out.ms)  # fmt: skip
 
     def context(self, req):
         """(snippets, RepoContext or None) of a request: the editor's snippets, then those of the
@@ -2737,7 +2900,16 @@ def completion_event(completion_id, req, answer, user_agent, ms):
 
 HISTORY_DAYS = 14  # days of figures on the status page, read from the events log at start-up
 CLIENT_EVENTS = ("view", "select", "dismiss")  # what tabby-agent sends; others count as "other"
-FINISH_REASONS = ("stop", "eos", "length", "time", "typed through", "cancelled")
+FINISH_REASONS = (
+    "stop",
+    "eos",
+    "length",
+    "time",
+    "typed through",
+    "cached",
+    "speculated",
+    "cancelled",
+)
 RECENT_IDS = 10_000  # completions whose views and selects are matched to their language
 BUCKET = math.log(1.02)  # latencies are kept in buckets 2 % wide: percentiles within 1 %
 # Prometheus histogram buckets, in seconds
@@ -2755,6 +2927,7 @@ METRICS = {
     "events_lost_total": ("counter", "Events that could not be written to the events log"),
     "chat_answers_total": ("counter", "Chat answers"),
     "engine_errors_total": ("counter", "Failed requests to the engine, by the status we answered"),
+    "speculations_total": ("counter", "Completions computed ahead in idle time, used or wasted"),
     "requests_waiting": ("gauge", "Requests waiting for the model (local) or the engine's answer"),
     "kv_cache_bytes": ("gauge", "Bytes of KV caches kept for editors taking turns"),
     "start_time_seconds": ("gauge", "When the server started, in seconds since the epoch"),
@@ -3458,10 +3631,10 @@ def add_completion_routes(app, config, backend, completions, events):
         return jsonify(completion_response(completion_id, req, answer))
 
 
-def add_status_routes(app, config, backend, index, tokens, usage, metrics, events):
+def add_status_routes(app, config, backend, completions, tokens, usage, metrics, events):
     @app.get("/")
     def status_route():
-        about = status_about(config, backend, index, tokens, metrics.started)
+        about = status_about(config, backend, completions.index, tokens, metrics.started)
         return app.response_class(status_page(about, *usage.summary()), mimetype="text/html")
 
     @app.get("/metrics")
@@ -3472,6 +3645,9 @@ def add_status_routes(app, config, backend, index, tokens, usage, metrics, event
             "kv_cache_bytes": {(): kv_bytes},
             "engine_errors_total": {(("status", str(k)),): n for k, n in errors.items()},
             "events_lost_total": {(): events.lost},
+            "speculations_total": {
+                (("outcome", k),): n for k, n in completions.speculations.items()
+            },
         }
         text = metrics.text(gauges)
         return app.response_class(text, mimetype="text/plain; version=0.0.4; charset=utf-8")
@@ -3548,9 +3724,9 @@ def create_app(config=None):
             usage.add(record)
     index = open_index(config, app.logger) if config["repo"] else None
     add_guards(app, tokens, config["max_body"])
-    completions = Completions(backend, config, index)
+    completions = Completions(backend, config, index, app.logger)
     add_completion_routes(app, config, backend, completions, events)
-    add_status_routes(app, config, backend, index, tokens, usage, metrics, events)
+    add_status_routes(app, config, backend, completions, tokens, usage, metrics, events)
     add_chat_routes(app, config, backend, events)
     return app
 

@@ -16,8 +16,9 @@ def test_fim_completion_is_cut_at_the_stop_word(client):
     assert complete(client, PREFIX, SUFFIX) == "total = a + b\n    return total"
 
 
-def test_each_completion_logs_one_line_with_its_counts(client, caplog):
+def test_each_completion_logs_one_line_with_its_counts(make_app, caplog):
     caplog.set_level("INFO")
+    client = make_app(completion_cache=0)[0].test_client()  # the model answers each time
     complete(client, PREFIX, SUFFIX)
     complete(client, PREFIX, SUFFIX)
     counts = [
@@ -38,6 +39,17 @@ def test_each_completion_logs_one_line_with_its_counts(client, caplog):
         "9",
         "stop",
     )  # the same prompt again: all but the last token cached
+
+
+def test_a_request_seen_before_is_answered_from_the_completion_cache(make_app, caplog):
+    caplog.set_level("INFO")
+    client = make_app()[0].test_client()
+    first = complete(client, PREFIX, SUFFIX)
+    assert complete(client, PREFIX + "x", SUFFIX) != first  # another request in between
+    assert complete(client, PREFIX, SUFFIX) == first  # backspace: the first one again
+    line = caplog.records[-1].getMessage()
+    n = re.search(r"(\d+) prompt tokens", line).group(1)
+    assert f"{n} prompt tokens ({n} reused), 0 generated, cached; 0.0 ms in the model" in line
 
 
 def test_unknown_language_stops_at_the_first_newline(client):

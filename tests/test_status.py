@@ -230,7 +230,8 @@ def test_metrics_are_read_by_prometheus_parser_and_count_what_happened(make_app)
         assert family.name.startswith("tabbypy_")
         for s in family.samples:
             samples[s.name, tuple(sorted(s.labels.items()))] = s.value
-    assert samples["tabbypy_completions_total", (("language", "python"), ("reason", "stop"))] == 2
+    assert samples["tabbypy_completions_total", (("language", "python"), ("reason", "stop"))] == 1
+    assert samples["tabbypy_completions_total", (("language", "python"), ("reason", "cached"))] == 1
     assert samples["tabbypy_completions_total", (("language", "go"), ("reason", "stop"))] == 1
     for name in ("prompt_tokens", "reused_tokens", "generated_tokens"):
         assert samples[f"tabbypy_{name}_total", ()] == sum(c[name] for c in completions)

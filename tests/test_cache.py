@@ -1,0 +1,119 @@
+"""Answers without the model: completions kept by prompt (revisits), and speculation (the
+completion the editor will ask for if the user accepts the one shown, made in idle time)."""
+
+import re
+import threading
+import time
+
+from conftest import complete
+from test_latency import SLOW
+
+import app as server
+
+PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\n\ndef main():\n    print(add(1, 2))\n"
+
+
+def reasons(caplog):
+    """The finish reason of each completion logged so far."""
+    return re.findall(r"\d+ generated, ([\w ]+);", caplog.text)
+
+
+def wait_for(caplog, text, timeout=30):
+    deadline = time.monotonic() + timeout
+    while text not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert text in caplog.text, caplog.text
+
+
+def test_an_accepted_completion_is_answered_from_its_speculation(make_app, caplog):
+    caplog.set_level("INFO")
+    client = make_app(temperature=0.0, time_budget=0)[0].test_client()
+    shown = complete(client, PREFIX, SUFFIX)
+    wait_for(caplog, "speculation:")  # the model was idle: it went on as if shown were accepted
+    accepted = complete(client, PREFIX + shown, SUFFIX)
+    assert reasons(caplog)[-1] == "speculated"
+    fresh = make_app(temperature=0.0, time_budget=0, speculate=False, completion_cache=0)
+    assert complete(fresh[0].test_client(), PREFIX + shown, SUFFIX) == accepted  # the same text
+    assert complete(client, PREFIX + shown, SUFFIX) == accepted
+    assert reasons(caplog)[-1] == "cached"  # used once: the second time it is a revisit
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'tabbypy_speculations_total{outcome="used"} 1' in metrics
+
+
+def test_a_request_during_a_speculation_waits_a_token_and_takes_over_its_tokens(model_path):
+    """The model stops speculating at the next token when a request comes; when the request is
+    the one speculated, it goes on from the tokens the speculation made."""
+    args = ["--model", model_path("starcoder", **SLOW), "--temperature", "0", "--time-budget",
+            "0", "--max-tokens", "600", "--events", "off"]  # fmt: skip
+    config = server.load_config(args, environ={})  # (1 ms a token, and it never stops by itself)
+    model = server.LocalModel(config)
+    completions = server.Completions(model, config)
+
+    def ask(prefix):
+        started = time.perf_counter()
+        body = {"language": "css", "segments": {"prefix": prefix, "suffix": "\n"}}
+        answer = completions.answer(server.parse_completion(body), ("me", None, None), bool)
+        return answer, (time.perf_counter() - started) * 1000
+
+    shown, _ = ask("a {\n")
+    deadline = time.monotonic() + 30  # the speculation of "a {" + shown is under way
+    while sum(map(len, model.partial.values())) < 50 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    other, wall = ask("b {\n")  # another editor asks
+    assert wall - other.ms < 50  # building the prompt, and one token (a millisecond) at most
+    [(key, done)] = model.partial.items()  # where the speculation was
+    assert 0 < len(done) < 600 and len(key) > 600  # (key: the accepted prompt, long)
+    accepted, _ = ask("a {\n" + shown.text)
+    completions.speculating, completions.newest = False, -1  # no more, and b's stops: it would
+    # go on in this process for seconds
+    assert (accepted.generated, accepted.reason) == (600, "length")
+    assert accepted.text.startswith(model.llm.detokenize(done).decode(errors="ignore")[:20])
+    assert accepted.reused == accepted.size  # its prompt was not evaluated again
+
+
+def test_the_cache_never_answers_a_request_that_asks_for_variety(make_app, caplog):
+    caplog.set_level("INFO")
+    client = make_app(speculate=False)[0].test_client()
+    for extra in ({"temperature": 0.0}, {"seed": 7}, {"temperature": 0.8, "seed": 1}):
+        complete(client, PREFIX, SUFFIX, **extra)
+        complete(client, PREFIX, SUFFIX, **extra)
+    assert "cached" not in reasons(caplog)
+    complete(client, PREFIX, SUFFIX)
+    complete(client, PREFIX, SUFFIX)
+    assert reasons(caplog)[-2:] == ["stop", "cached"]
+
+
+def test_what_is_kept_is_bounded(make_app, caplog):
+    caplog.set_level("INFO")
+    client = make_app(completion_cache=2, speculate=False)[0].test_client()
+    for k in range(3):
+        complete(client, PREFIX + " " * k, SUFFIX)
+    complete(client, PREFIX + "  ", SUFFIX)  # the newest: kept
+    complete(client, PREFIX, SUFFIX)  # the oldest: gone
+    assert reasons(caplog)[-2:] == ["cached", "stop"]
+
+
+def test_a_speculation_nobody_asks_for_is_counted_wasted(make_app, caplog):
+    caplog.set_level("INFO")
+    app = make_app(completion_cache=1, temperature=0.0)[0]
+    client = app.test_client()
+    complete(client, PREFIX, SUFFIX)
+    wait_for(caplog, "speculation:")
+    complete(client, PREFIX + "  ", SUFFIX)  # pushes the speculation's answer out of the cache
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert 'tabbypy_speculations_total{outcome="wasted"} 1' in metrics
+
+
+def test_speculations_never_pile_up(make_app, caplog):
+    """One at a time, the newest answer's: older ones stop, and a busy model gets none."""
+    caplog.set_level("INFO")
+    client = make_app(temperature=0.0)[0].test_client()
+    threads = [
+        threading.Thread(target=complete, args=(client, PREFIX + " " * k, SUFFIX)) for k in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    time.sleep(0.5)
+    assert caplog.text.count("speculation:") <= 2
