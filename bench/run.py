@@ -226,9 +226,9 @@ def accept(server, lines, wait):
         _, _, text = post(server, words[0])
         if text.strip():
             time.sleep(wait)
-            out.append(
-                post(server, with_prefix(words[0], words[0]["segments"]["prefix"] + text))[0]
-            )
+            both = (words[0]["segments"]["prefix"] + text).split("\n")
+            accepted = "\n".join(both[-20:])  # tabby-agent sends the last 20 lines
+            out.append(post(server, with_prefix(words[0], accepted))[0])
     return out
 
 

@@ -2,6 +2,7 @@
 
 import os
 import re
+import time
 
 import pytest
 from conftest import ROOT, read_events, start_engine, start_server, stop
@@ -108,3 +109,24 @@ def test_the_readmes_agent_config_keeps_the_agent_on_loopback(serve, agent_cli, 
         runs[name] = shown, client.close()
     assert runs["readme"] == (["total = a + b\n    return total"], "")
     assert "tabbyml.com" in runs["without"][1], runs["without"]  # the guard caught its reports
+
+
+def test_what_the_agent_asks_after_an_accept_was_computed_ahead(serve, agent):
+    """The user accepts the completion shown; the editor asks again where it ends, and the agent
+    sends its 20-line window, moved down by the lines accepted: the server's speculation made
+    that very request, so its answer comes without the model."""
+    url, events = serve()
+    above = "".join(f"x{i} = {i}\n" for i in range(30))  # more than the agent's window
+    doc = above + DOC
+    line = doc[: doc.index("def add")].count("\n") + 1
+    client = agent(url)
+    [shown] = client.complete(doc, {"line": line, "character": 4})
+    time.sleep(1)  # the model is idle: time to speculate (a few milliseconds here)
+    cursor = doc.index("    \n\n\ndef main") + 4
+    accepted = doc[:cursor] + shown + doc[cursor:]
+    end = accepted[: cursor + len(shown)]
+    position = {"line": end.count("\n"), "character": len(end) - end.rfind("\n") - 1}
+    client.complete(accepted, position, uri="file:///project/accepted.py")
+    reasons = [e["event"]["completion"]["finish_reason"] for e in read_events(events)
+               if "completion" in e["event"]]  # fmt: skip
+    assert reasons == ["stop", "speculated"]

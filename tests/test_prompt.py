@@ -274,3 +274,11 @@ def test_fit_prompt_gives_a_short_prefix_room_to_a_long_suffix():
 def test_clean_replaces_lone_surrogates():
     assert server.clean("a\ud800b") == "a\ufffdb"
     assert server.clean("ok 😀") == "ok 😀"
+
+
+def test_an_accepted_completion_moves_the_agents_window_of_lines():
+    twenty = "".join(f"x{i}\n" for i in range(19)) + "    y = "  # 20 lines, the cursor's too
+    assert server.accepted_prefix(twenty, "1\n    z = 2") == twenty[3:] + "1\n    z = 2"
+    assert server.accepted_prefix("a\nb", "c\nd") == "a\nbc\nd"  # the start of a file
+    longer = "".join(f"x{i}\n" for i in range(30))  # another client's: all of it
+    assert server.accepted_prefix(longer, "z\n") == longer + "z\n"
