@@ -43,8 +43,9 @@ def start(command, url, log, path="/v1/models"):
         try:
             conn = http.client.HTTPConnection(*url, timeout=1)
             conn.request("GET", path)
-            conn.getresponse().read()
-            return proc
+            if conn.getresponse().status == 200:  # (llama-server: 503 while it loads)
+                return proc
+            time.sleep(0.2)
         except OSError:
             assert proc.poll() is None, f"{command} exited"
             time.sleep(0.2)

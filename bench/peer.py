@@ -34,6 +34,7 @@ from run import (  # noqa: E402
     SOURCES,
     Tabby,
     free_port,
+    idle,
     model_path,
     post,
     scenarios,
@@ -138,7 +139,7 @@ def main():
     ports = {name: free_port() for name in logs}
     commands = {
         "ours": [sys.executable, "app.py", "--model", model, "--threads", threads, "--root", tempfile.mkdtemp()],
-        "ours1": [sys.executable, "app.py", "--model", model, "--threads", threads, "--events", "off", "--max-tokens", "1"],
+        "ours1": [sys.executable, "app.py", "--model", model, "--threads", threads, "--events", "off", "--max-tokens", "1", "--speculate", "false"],
         "peer": [llama_cpp("llama-server"), "-m", model, "-c", "4096", "-t", threads, "-np", "1", "--host", "127.0.0.1"],
     }  # fmt: skip
     procs = {}
@@ -153,13 +154,14 @@ def main():
         for turn, (which, editors) in enumerate([(("type",), ()), (("burst",), ()), ((), (4,))]):
             for name in ("ours", "peer") if turn % 2 == 0 else ("peer", "ours"):
                 results[name].update(scenarios(name, servers[name], lines, which, editors))
-                # the next server's turn begins once this one is idle: a request queues behind
-                # the work that is left (llama-server goes on with abandoned requests)
-                post(servers[name], lines[0][0])
+                # the next server's turn begins once this one is idle (llama-server goes on
+                # with the requests its client abandoned, ours speculates)
+                idle(procs[name].pid)
         for turn in range(2):  # the same prompts for both, in turn
             for name in ("ours", "peer") if turn == 0 else ("peer", "ours"):
                 server = Tabby(ports["ours1"]) if name == "ours" else LlamaVim(ports["peer"], 1)
                 done = long_cold(server, args.long // 2, 20 + 300 * turn)
+                idle(procs["ours1" if name == "ours" else "peer"].pid)
                 results[name].setdefault("long cold", []).extend(s for s, _ in done)
                 results[name].setdefault("long ids", []).extend(i for _, i in done)
     finally:

@@ -150,6 +150,23 @@ def start(command, port, log, path="/v1/health"):
     raise RuntimeError(f"{command} did not start")
 
 
+def idle(pid, quiet=0.5, timeout=120):
+    """Wait until the process pid has used no CPU for quiet seconds (a server finishing the work
+    its clients abandoned, or its own in idle time, before another server's turn)."""
+
+    def ticks():
+        with open(f"/proc/{pid}/stat") as f:
+            return sum(map(int, f.read().rsplit(")", 1)[1].split()[11:13]))  # utime, stime
+
+    deadline, last = time.monotonic() + timeout, ticks()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = ticks()
+        if now - last <= 1:  # a tick is 10 ms: at most that, in quiet seconds
+            return
+        last = now
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
