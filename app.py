@@ -347,6 +347,7 @@ PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and t
 SAMPLE_CHARS = 1024  # a longer line's tokens are estimated from those of its start
 EVAL_CHUNK = 64  # prompt tokens a chat evaluates at a time, letting completions go between
 KV_KEPT = 32  # tokens of the KV cache that a new prompt must drop for a copy to be kept
+SPECULATOR_IDLE = 10  # seconds without a speculation to make, after which its thread ends
 LAST_ANSWERS = 64  # clients whose last answer is kept, for typed-through answers
 
 # -----------------------------------------------------------------------------------------------
@@ -410,9 +411,8 @@ def build_prefix(language, prefix, snippets):
 # server stops generating where the agent is sure to cut, so that nothing it would show is lost.
 
 CLOSING = re.compile(r"(?:[)\]}>\"'`]|/>)*")  # the agent's "only closing characters" (fill-in-line)
-AGENT_LINES = (
-    20  # lines before the cursor that the agent sends, the cursor's own too (maxPrefixLines)
-)
+# lines before the cursor that the agent sends, the cursor's own too (maxPrefixLines)
+AGENT_LINES = 20
 
 
 class Cursor(typing.NamedTuple):
@@ -955,7 +955,7 @@ def deltas(steps, stops):
 # Both have the same methods:
 #   prompt(prefix, suffix), raw_prompt(text)   -> Prompt (its tokens, text and size)
 #   count(text)                                -> about how many tokens text is in a prompt
-#   complete(prompt, sampling, limits)         -> Generated: generate() over its pieces
+#   complete(prompt, sampling, limits, reuse)  -> Generated: generate() over its pieces
 #   speculate(prompt, sampling, limits)        -> the same in idle time, or None (see Completions)
 #   chat(req, sampling, should_stop)           -> (generate() steps of the answer, prompt size)
 #   health() -> what /v1/health adds now; describe() -> start-up lines
@@ -1221,12 +1221,12 @@ def eval_prompt(llm, tokens, should_stop):
     64-token chunks cost a quarter more), asking should_stop() every few ms from inside llama.cpp
     (its abort callback), so that a client that hangs up stops even a long batch; -> whether it
     evaluated them all. (Not during generation: the callback runs for each step of the graph.)"""
-    asked = [time.monotonic()]
+    last = [time.monotonic()]  # when should_stop() was last asked (a list: abort sets it)
 
-    def abort(_):
-        if time.monotonic() - asked[0] < 0.005:
+    def abort(_):  # runs with the GIL, for each node of the graph: a clock first, cheap
+        if time.monotonic() - last[0] < 0.005:
             return False
-        asked[0] = time.monotonic()
+        last[0] = time.monotonic()
         return bool(should_stop())
 
     callback = llama_cpp.ggml_abort_callback(abort)  # kept alive until it is unset
@@ -1234,7 +1234,9 @@ def eval_prompt(llm, tokens, should_stop):
     try:
         llm.eval(tokens)
         return True
-    except RuntimeError:  # "llama_decode returned 2": aborted; llama.cpp drops that batch
+    except RuntimeError as e:  # 2: aborted (llama.cpp drops that batch); others are failures
+        if str(e) != "llama_decode returned 2":
+            raise
         return False
     finally:
         llama_cpp.llama_set_abort_callback(llm.ctx, llama_cpp.ggml_abort_callback(), None)
@@ -1466,15 +1468,16 @@ class LocalModel:
         """Tokens in text, as a part of a prompt (about: text is tokenized on its own)."""
         return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
 
-    def complete(self, prompt, sampling, limits):
+    def complete(self, prompt, sampling, limits, reuse=False):
         """Generated for prompt, on the model thread when its turn comes (or "cancelled" while it
-        waits, without touching the model)."""
+        waits, without touching the model); with reuse (no temperature or seed of the request's
+        own), going on from the tokens a speculation of this prompt made, if any."""
 
         def run():
             if limits.should_stop():  # gone while it waited: the KV cache stays as it is
                 return Generated("", 0, "cancelled")
             t, self.served = time.perf_counter(), self.served + 1
-            done = self.partial.get(tuple(prompt.tokens), [])  # a speculation's tokens so far
+            done = self.partial.get(tuple(prompt.tokens), []) if reuse else []
             tokens = prompt.tokens + done  # (a new list: done may be a speculation's own)
             self.use_kv_for(tokens)
             reused = min(keep_kv(self.llm, tokens), prompt.size)
@@ -1496,44 +1499,44 @@ class LocalModel:
         so far stay in partial, so that complete() goes on from there if the request is for
         this prompt, and the editor's KV cache in a copy, for its next keystroke."""
         key, done, t = tuple(prompt.tokens), [], time.perf_counter()
-        vocab, interrupted = llama_cpp.llama_model_get_vocab(self.llm.model), []
+        vocab, interrupted = llama_cpp.llama_model_get_vocab(self.llm.model), threading.Event()
+
+        def yielding():  # asked between tokens, and inside the prompt's batches
+            if self.waiting or limits.should_stop():
+                interrupted.set()
+            return interrupted.is_set()
 
         def begin():
-            if self.waiting:  # a busy model does not speculate
+            if yielding():  # a request came meanwhile: the KV cache stays the editor's
                 return None
             self.partial = {key: done}  # one at a time: an older one goes
             self.use_kv_for(prompt.tokens, worth=1)  # the editor's next keystroke gets it back
             keep_kv(self.llm, prompt.tokens)
-            busy = lambda: self.waiting > 0  # noqa: E731  (asked inside the prompt's batches)
-            return self.served, model_tokens(self.llm, prompt.tokens, *sampling, busy)
+            return self.served, model_tokens(self.llm, prompt.tokens, *sampling, yielding)
 
-        def step():  # the next token, or END
-            if self.served != served:  # a request came first (just after pieces() looked)
-                interrupted.append(True)  # and the KV cache is no longer the speculation's
+        def step():  # on the model thread: the next token, or END
+            if self.served != served:  # a request came first (just after pieces() asked)
+                interrupted.set()  # and the KV cache is no longer the speculation's
                 return END
             token = next(steps, END)
-            if token is END and self.waiting:  # the prompt was cut short for it
-                interrupted.append(True)
-            elif token is not END:
-                done.append(token)
+            done.extend([] if token is END else [token])
             return token
 
         def pieces():
-            while not (self.waiting or limits.should_stop()):
+            while not yielding():
                 token = self.thread.submit(step).result()
                 if token is END:
                     return
                 yield token_bytes(vocab, token)
-            interrupted.append(True)
 
-        begun = None if self.waiting else self.thread.submit(begin).result()
+        begun = self.thread.submit(begin).result()
         if begun is None:
             return None
         served, steps = begun
         quiet = limits._replace(should_stop=lambda: False)  # pieces() asks, and stops there
         text, n, reason = finish(generate(pieces(), *quiet))
         self.thread.submit(steps.close)  # on the model thread too: it may be half way
-        if interrupted:
+        if interrupted.is_set():
             return None
         self.thread.submit(self.partial.pop, key, None)
         return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
@@ -1884,8 +1887,9 @@ class Engine:
     def count(self, text):
         return len(text.encode()) / BYTES_PER_TOKEN
 
-    def complete(self, prompt, sampling, limits):
-        """Generated for prompt, on this thread: the engine serves several at once (or queues)."""
+    def complete(self, prompt, sampling, limits, reuse=False):
+        """Generated for prompt, on this thread: the engine serves several at once (or queues).
+        (reuse: see LocalModel.complete; nothing is kept here to reuse.)"""
         t = time.perf_counter()
         body = engine_body(self.kind, self.model, prompt.text, limits.max_tokens, sampling)
         pieces = self.stream(ENGINES[self.kind][0], self.kind, body, limits.should_stop)
@@ -2510,6 +2514,17 @@ class Job(typing.NamedTuple):
     end_of: typing.Callable  # the text -> where it ends (stop words, the editor's cut), or None
     snippets: list  # in the prompt: the editor's and the repository's
 
+    def key(self, language):
+        """What a completion depends on, for the completion cache: what the model sees (its
+        tokens, or an engine's text), and where its text ends (the language's stop words, the
+        cursor that the editor's cut depends on: a prefix-only prompt does not show it)."""
+        return language, self.doc.cursor, tuple(self.prompt.tokens or ()) or self.prompt.text
+
+
+# finish reasons of completions that are not kept: no answer, or one cut short by the time
+# budget (a busy moment: asked again, the model may write more)
+UNKEPT = ("cancelled", "time")
+
 
 class Cached(typing.NamedTuple):
     """A completion kept for its prompt (see Completions.keep)."""
@@ -2535,11 +2550,9 @@ class Completions:
         self.cache, self.cache_size = collections.OrderedDict(), config["completion_cache"]
         self.speculations = collections.Counter()  # "used", "wasted"
         # one speculation at a time, for the newest answer (a number each: an older one stops),
-        # on a thread of its own (a daemon: it does not hold up the server's exit)
+        # on a thread of its own that ends when idle (it holds this object while it runs)
         self.speculating = config["speculate"] and self.cache_size > 0
-        self.newest, self.wanted, self.wake = 0, None, threading.Event()
-        if self.speculating:
-            threading.Thread(target=self.speculate_forever, daemon=True, name="speculation").start()
+        self.newest, self.wanted, self.wake, self.speculator = 0, None, threading.Event(), None
         # tokens in a line of text, while the prompt is fitted to the context (see fit): lines
         # far from the cursor stay the same while the user types
         self.line_tokens = functools.lru_cache(maxsize=4096)(backend.count)
@@ -2558,18 +2571,18 @@ class Completions:
         job = self.prepare(req, should_stop)
         if job is None:
             return Answer("", "", "cancelled")
-        key = (req.language, job.prompt.text)  # what the model sees, and how its text ends
+        key = job.key(req.language)
         out = self.cached(key) if reuse else None
         if out is None:
             limits = Limits(self.max_tokens, job.end_of, should_stop, self.budget)
-            out = self.backend.complete(job.prompt, sampling(req, self.temperature), limits)
-            if reuse and out.reason != "cancelled":
+            out = self.backend.complete(job.prompt, sampling(req, self.temperature), limits, reuse)
+            if reuse and out.reason not in UNKEPT:
                 self.keep(key, out)
         text = re.sub(r"(?<!\r)\n", "\r\n", out.text) if job.doc.crlf else out.text
         if text and req.raw_prompt is None:
             self.remember(client, req.language, seg["suffix"], seg["prefix"], text, job.prompt.text)
         if text and reuse and self.speculating:
-            self.speculate(req, text)
+            self.look_ahead(req, text)
         reused = job.prompt.size if out.reason in ("cached", "speculated") else out.reused
         return Answer(text, job.prompt.text, out.reason, job.snippets, job.prompt.size, reused,
                       out.generated, out.ms)  # fmt: skip
@@ -2622,7 +2635,7 @@ class Completions:
         if wasted:
             self.logger.info("speculation wasted: nobody asked for it")
 
-    def speculate(self, req, text):
+    def look_ahead(self, req, text):
         """Ask, in the model's idle time, what the editor will ask if the user accepts text: the
         same request, text added to its prefix (see accepted_prefix; llama.vim's speculative
         FIM). Its answer is kept, for when that request comes; a newer answer's speculation
@@ -2631,30 +2644,39 @@ class Completions:
         with self.lock:
             self.newest += 1
             self.wanted = (dataclasses.replace(req, segments=segments), self.newest)
+            if self.speculator is None:
+                self.speculator = threading.Thread(target=self.run_speculations, daemon=True)
+                self.speculator.start()
         self.wake.set()
 
-    def speculate_forever(self):
+    def run_speculations(self):
+        """The speculation thread: the newest wanted speculation, then the next; it ends after
+        SPECULATOR_IDLE seconds with none (look_ahead starts another)."""
         while True:
-            self.wake.wait()
+            self.wake.wait(SPECULATOR_IDLE)
             with self.lock:
                 wanted, self.wanted = self.wanted, None
                 self.wake.clear()
-            if wanted:
-                self.run_speculation(*wanted)
+                if wanted is None:
+                    self.speculator = None
+                    return
+            try:
+                self.speculation(*wanted)
+            except Exception:  # (the server stopping, say): this one is lost, not the thread
+                self.logger.exception("a speculation failed")
 
-    def run_speculation(self, req, ticket):
+    def speculation(self, req, ticket):
+        """Make and keep the answer to req (a request expected), unless a newer one is wanted
+        first (ticket: its number) or the answer is kept already."""
         stale = lambda: self.newest != ticket  # noqa: E731
         job = None if stale() else self.prepare(req, stale)
-        key = job and (req.language, job.prompt.text)
+        key = job.key(req.language) if job else None
         with self.lock:
             if job is None or key in self.cache:
                 return
         limits = Limits(self.max_tokens, job.end_of, stale, self.budget)
-        try:
-            out = self.backend.speculate(job.prompt, sampling(req, self.temperature), limits)
-        except Exception as e:  # a speculation that fails (the server stops) is worth a line
-            return self.logger.warning("a speculation failed: %s", e)
-        if out is not None:
+        out = self.backend.speculate(job.prompt, sampling(req, self.temperature), limits)
+        if out is not None and out.reason not in UNKEPT:
             self.keep(key, out, speculated=True)
             self.logger.info("speculation: %d prompt tokens, %d generated, %s; %.1f ms",
                              job.prompt.size, out.generated, out.reason, out.ms)  # fmt: skip

@@ -177,6 +177,20 @@ def free_port():
 # Scenarios: each returns latencies in seconds (and records ids, to match the server's log).
 
 
+def tagged(lines, tag):
+    """The lines' requests with their prefix's first line a comment naming tag: a scenario (or
+    an editor) of its own, whose requests no other one has asked (so none is a revisit, which
+    the server answers from its cache). Their prompts are as long as before."""
+    comment = {"python": "#"}
+
+    def mark(body):
+        prefix = body["segments"]["prefix"]
+        first = f"{comment.get(body['language'], '//')} {tag}\n"
+        return with_prefix(body, first + prefix[prefix.find("\n") + 1 :])
+
+    return [[mark(body) for body in words] for words in lines]
+
+
 def type_lines(server, lines, filepath=None):
     """One record per request, each sent after the previous answer: {word: its number in the
     line, last: whether it ends the line, seconds, id: the completion's}."""
@@ -268,7 +282,8 @@ def concurrent(server, editors, lines):
     def editor(e):
         try:
             start = e * len(lines) // editors
-            typed = type_lines(server, lines[start:] + lines[:start], filepath=f"editor{e}.src")
+            mine = tagged(lines[start:] + lines[:start], f"editor {e}")
+            typed = type_lines(server, mine, filepath=f"editor{e}.src")
             per_editor[e] = [r["seconds"] for r in typed if r["word"]]
         except Exception as error:  # counted, not raised: the figure is how many
             errors.append(repr(error))
@@ -293,7 +308,7 @@ def scenarios(name, server, lines, which, editors=(), wait=2.0):
     r = {}
     post(server, lines[0][0])  # one request to warm up whatever the server keeps
     if "type" in which:
-        r["requests"] = type_lines(server, lines)
+        r["requests"] = type_lines(server, tagged(lines, "type"))
         r["cold"] = [x["seconds"] for x in r["requests"] if x["word"] == 0]
         r["type"] = [x["seconds"] for x in r["requests"] if x["word"]]
         r["type last"] = [x["seconds"] for x in r["requests"] if x["last"]]
@@ -301,7 +316,7 @@ def scenarios(name, server, lines, which, editors=(), wait=2.0):
                 "accept": lambda server, lines: accept(server, lines, wait)}  # fmt: skip
     for scenario in which:
         if scenario in measures:
-            r[scenario] = measures[scenario](server, lines)
+            r[scenario] = measures[scenario](server, tagged(lines, scenario))
         print(f"{name}: {scenario} done", flush=True)
     for n in editors:
         per_editor, errors = concurrent(server, n, lines)

@@ -117,3 +117,14 @@ def test_speculations_never_pile_up(make_app, caplog):
         thread.join(30)
     time.sleep(0.5)
     assert caplog.text.count("speculation:") <= 2
+
+
+def test_a_prefix_only_prompt_is_kept_with_the_cursor_it_was_cut_for(make_app, caplog):
+    """A prefix-only prompt does not show the suffix, but where the editor cuts depends on it
+    (the middle of a line, or its end): the same prompt with another cursor is not a revisit."""
+    caplog.set_level("INFO")
+    client = make_app("plain", speculate=False)[0].test_client()
+    complete(client, "def f():\n    ", "\n")
+    complete(client, "def f():\n    ", ", 2)\n")  # text after the cursor: another cut
+    complete(client, "def f():\n    ", "\n")
+    assert [r == "cached" for r in reasons(caplog)] == [False, False, True]
