@@ -40,4 +40,9 @@ def completions():
     return jsonify(id=f"cmpl-{uuid.uuid4()}", choices=[{"index": 0, "text": text}])
 
 
+@app.get("/v1/health")
+def health():  # ready once the model is loaded (bench/run.py waits for it)
+    return jsonify(model=os.path.basename(args.model))
+
+
 app.run(host="127.0.0.1", port=args.port, threaded=True)
