@@ -282,7 +282,7 @@ def concurrent(server, editors, lines):
     def editor(e):
         try:
             start = e * len(lines) // editors
-            mine = tagged(lines[start:] + lines[:start], f"editor {e}")
+            mine = tagged(lines[start:] + lines[:start], f"editor {e} of {editors}")
             typed = type_lines(server, mine, filepath=f"editor{e}.src")
             per_editor[e] = [r["seconds"] for r in typed if r["word"]]
         except Exception as error:  # counted, not raised: the figure is how many
