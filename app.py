@@ -1216,42 +1216,61 @@ def keep_kv(llm, tokens):
     return reused
 
 
-def eval_prompt(llm, tokens, should_stop):
-    """Evaluate tokens after what the KV cache holds, in full batches (as fast as llama.cpp goes:
-    64-token chunks cost a quarter more), asking should_stop() every few ms from inside llama.cpp
-    (its abort callback), so that a client that hangs up stops even a long batch; -> whether it
-    evaluated them all. (Not during generation: the callback runs for each step of the graph.)"""
+@contextlib.contextmanager
+def abortable(llm, should_stop, every=0.005):
+    """Within it, a decode of llm asks should_stop() (at most once in every seconds: a clock
+    first, cheap) from inside llama.cpp, through its abort callback, which runs with the GIL
+    after each step of the graph; on a yes llm.eval raises aborted (llama.cpp drops that
+    batch). The callback set before, if any, comes back after."""
     last = [time.monotonic()]  # when should_stop() was last asked (a list: abort sets it)
 
-    def abort(_):  # runs with the GIL, for each node of the graph: a clock first, cheap
-        if time.monotonic() - last[0] < 0.005:
+    def abort(_):
+        if every and time.monotonic() - last[0] < every:
             return False
         last[0] = time.monotonic()
         return bool(should_stop())
 
-    callback = llama_cpp.ggml_abort_callback(abort)  # kept alive until it is unset
-    llama_cpp.llama_set_abort_callback(llm.ctx, callback, None)
+    before = getattr(llm, "abort_callback", None)
+    llm.abort_callback = llama_cpp.ggml_abort_callback(abort)  # kept alive while it is set
+    llama_cpp.llama_set_abort_callback(llm.ctx, llm.abort_callback, None)
     try:
-        llm.eval(tokens)
+        yield
+    finally:
+        llm.abort_callback = before
+        llama_cpp.llama_set_abort_callback(llm.ctx, before or llama_cpp.ggml_abort_callback(), None)
+
+
+def aborted(error):
+    """Whether error is llm.eval's when an abortable() decode stopped (others are failures)."""
+    return isinstance(error, RuntimeError) and str(error) == "llama_decode returned 2"
+
+
+def eval_prompt(llm, tokens, should_stop, every=0.005):
+    """Evaluate tokens after what the KV cache holds, in full batches (as fast as llama.cpp goes:
+    64-token chunks cost a quarter more), abortable() by should_stop, so that a client that
+    hangs up stops even a long batch; -> whether it evaluated them all. (Not during generation:
+    the callback costs a call with the GIL for each step of the graph.)"""
+    try:
+        with abortable(llm, should_stop, every):
+            llm.eval(tokens)
         return True
-    except RuntimeError as e:  # 2: aborted (llama.cpp drops that batch); others are failures
-        if str(e) != "llama_decode returned 2":
+    except RuntimeError as e:
+        if not aborted(e):
             raise
         return False
-    finally:
-        llama_cpp.llama_set_abort_callback(llm.ctx, llama_cpp.ggml_abort_callback(), None)
 
 
-def model_tokens(llm, tokens, temperature, seed, should_stop=None):
+def model_tokens(llm, tokens, temperature, seed, should_stop=None, every=0.005):
     """The ids of the tokens the model generates after tokens, until an end-of-generation or
     other special token. What keep_kv() did not keep is evaluated first: with should_stop, in
-    full batches that should_stop() cuts short (nothing comes then: see eval_prompt); without,
+    full batches that should_stop() (asked once in every seconds at most) cuts short (nothing
+    comes then: see eval_prompt); without,
     a chunk at a time, with a None after each: there the consumer may let other work run."""
     if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
         return
     todo = tokens[llm.n_tokens : -1]  # generate() evaluates the last prompt token
     if should_stop is not None:
-        if todo and not eval_prompt(llm, todo, should_stop):
+        if todo and not eval_prompt(llm, todo, should_stop, every):
             return
     else:
         for i in range(0, len(todo), EVAL_CHUNK):
@@ -1512,13 +1531,19 @@ class LocalModel:
             self.partial = {key: done}  # one at a time: an older one goes
             self.use_kv_for(prompt.tokens, worth=1)  # the editor's next keystroke gets it back
             keep_kv(self.llm, prompt.tokens)
-            return self.served, model_tokens(self.llm, prompt.tokens, *sampling, yielding)
+            return self.served, model_tokens(self.llm, prompt.tokens, *sampling, yielding, 0)
 
         def step():  # on the model thread: the next token, or END
             if self.served != served:  # a request came first (just after pieces() asked)
                 interrupted.set()  # and the KV cache is no longer the speculation's
                 return END
-            token = next(steps, END)
+            try:  # a request that comes stops even a token's decode: it waits for no step
+                with abortable(self.llm, yielding, every=0):  # (yielding() is cheap)
+                    token = next(steps, END)
+            except RuntimeError as e:
+                if not aborted(e):
+                    raise
+                return END  # (yielding() said so: interrupted is set)
             done.extend([] if token is END else [token])
             return token
 
@@ -2563,6 +2588,8 @@ class Completions:
         "cancelled", and the model does no more for it. Nothing else cancels a request. An
         earlier answer will do unless the request asks for variety (a temperature, a seed)."""
         seg, reuse = req.segments, req.raw_prompt is None and not req.wants_variety
+        with self.lock:  # a speculation stops for any request, at once: the CPU is the request's
+            self.newest += 1
         if reuse:
             typed = self.typed_through(client, req.language, seg["prefix"], seg["suffix"])
             if typed is not None:

@@ -5,6 +5,8 @@ import re
 import threading
 import time
 
+import llama_cpp
+import pytest
 from conftest import complete
 from test_latency import SLOW
 
@@ -40,9 +42,10 @@ def test_an_accepted_completion_is_answered_from_its_speculation(make_app, caplo
     assert 'tabbypy_speculations_total{outcome="used"} 1' in metrics
 
 
-def test_a_request_during_a_speculation_waits_a_token_and_takes_over_its_tokens(model_path):
-    """The model stops speculating at the next token when a request comes; when the request is
-    the one speculated, it goes on from the tokens the speculation made."""
+def test_a_request_during_a_speculation_stops_it_and_takes_over_its_tokens(model_path):
+    """The model stops speculating when a request comes (inside a token's decode: see the next
+    test); when the request is the one speculated, it goes on from the tokens the speculation
+    made."""
     args = ["--model", model_path("starcoder", **SLOW), "--temperature", "0", "--time-budget",
             "0", "--max-tokens", "600", "--events", "off"]  # fmt: skip
     config = server.load_config(args, environ={})  # (1 ms a token, and it never stops by itself)
@@ -69,6 +72,24 @@ def test_a_request_during_a_speculation_waits_a_token_and_takes_over_its_tokens(
     assert (accepted.generated, accepted.reason) == (600, "length")
     assert accepted.text.startswith(model.llm.detokenize(done).decode(errors="ignore")[:20])
     assert accepted.reused == accepted.size  # its prompt was not evaluated again
+
+
+def test_a_decode_stops_inside_when_asked_and_the_callback_before_comes_back(model_path):
+    """abortable(): llama.cpp asks should_stop() from inside a decode (a speculation's, for each
+    token, so that a request waits for no token); a nested one gives the outer one back."""
+    llm = llama_cpp.Llama(model_path("starcoder", **SLOW), n_ctx=256, verbose=False)
+    tokens = llm.tokenize(b"def add(a, b):\n    return a + b\n", add_bos=False)
+    asked = []
+    with server.abortable(llm, lambda: asked.append("outer") or True, every=0):
+        with server.abortable(llm, lambda: asked.append("inner") or False, every=0):
+            llm.eval(tokens[:5])
+        assert set(asked) == {"inner"}
+        with pytest.raises(RuntimeError) as stopped:
+            llm.eval(tokens[5:6])  # the outer one again: it says stop
+    assert server.aborted(stopped.value) and asked[-1] == "outer"
+    assert llm.n_tokens == 5  # the stopped decode left nothing behind
+    llm.eval(tokens[5:])  # no callback any more, and the KV cache goes on from there
+    assert llm.n_tokens == len(tokens) and asked[-1] == "outer"
 
 
 def test_the_cache_never_answers_a_request_that_asks_for_variety(make_app, caplog):
