@@ -1209,8 +1209,9 @@ def load_kv(llm, saved):
 
 
 def keep_kv(llm, tokens):
-    """Keep what the KV cache holds of the start of tokens (all but the last, which generating
-    evaluates) and drop the rest; -> how many tokens it keeps."""
+    """Keep what the KV cache holds of the start of tokens (all but the last, whose logits the
+    first token is sampled from: a decode must make them) and drop the rest; -> how many tokens
+    it keeps."""
     reused = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens[:-1])
     llm.n_tokens = reused  # eval() drops the KV cache from here on
     return reused
@@ -1262,13 +1263,15 @@ def eval_prompt(llm, tokens, should_stop, every=0.005):
 
 def model_tokens(llm, tokens, temperature, seed, should_stop=None, every=0.005):
     """The ids of the tokens the model generates after tokens, until an end-of-generation or
-    other special token. What keep_kv() did not keep is evaluated first: with should_stop, in
-    full batches that should_stop() (asked once in every seconds at most) cuts short (nothing
-    comes then: see eval_prompt); without,
-    a chunk at a time, with a None after each: there the consumer may let other work run."""
+    other special token. What keep_kv() did not keep is evaluated first, the last token with
+    the rest (generate() then finds the whole prompt evaluated and samples at once, where on its
+    own the last token would cost a decode more): with should_stop, in full batches that
+    should_stop() (asked once in every seconds at most) cuts short (nothing comes then: see
+    eval_prompt); without, a chunk at a time, with a None after each: there the consumer may
+    let other work run."""
     if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
         return
-    todo = tokens[llm.n_tokens : -1]  # generate() evaluates the last prompt token
+    todo = tokens[llm.n_tokens :]
     if should_stop is not None:
         if todo and not eval_prompt(llm, todo, should_stop, every):
             return
