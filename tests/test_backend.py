@@ -435,8 +435,8 @@ def run(args, env=None):
             "--backend-model is needed for Ollama",
         ),
         (
-            ["--backend", "http://h/completion", "--device", "gpu", "--threads", "4"],
-            "--device, --threads: for a local model",
+            "--backend http://h/completion --device gpu --threads 4 --flash-attn true".split(),
+            "--device, --threads, --flash-attn: for a local model",
         ),
         (
             ["--backend", "http://127.0.0.1:9/completion"],

@@ -9,11 +9,24 @@ import pytest
 import tinymodel
 from conftest import complete, read_events
 
+import app as server
+
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\n\ndef main():\n    print(add(1, 2))\n"
 
 
 def test_fim_completion_is_cut_at_the_stop_word(client):
     assert complete(client, PREFIX, SUFFIX) == "total = a + b\n    return total"
+
+
+def test_flash_attention_completes_the_same(model_path):
+    args = ["--model", model_path("starcoder"), "--flash-attn", "true", "--events", "off"]
+    config = server.load_config(args, environ={})
+    model = server.LocalModel(config)
+    assert model.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+    body = {"language": "python", "segments": {"prefix": PREFIX, "suffix": SUFFIX}}
+    request = server.parse_completion(body)
+    answer = server.Completions(model, config).answer(request, ("me", None, None), bool)
+    assert (answer.text, answer.reason) == ("total = a + b\n    return total", "stop")
 
 
 def test_each_completion_logs_one_line_with_its_counts(make_app, caplog):
