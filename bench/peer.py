@@ -95,8 +95,9 @@ def batch_speed(model, threads, sizes):
     """llama.cpp's own prompt speed (tokens a second) on prompts of each of sizes tokens, in
     512-token batches: llama-bench's pp, as our server runs (no flash attention) -> {size: speed}.
     """
-    command = [llama_cpp("llama-bench"), "-m", model, "-t", str(threads), "-p", ",".join(map(str, sizes)),
-               "-n", "0", "-b", "512", "-ub", "512", "-fa", "0", "-r", "2", "-o", "json"]  # fmt: skip
+    command = [llama_cpp("llama-bench"), "-m", model, "-t", str(threads),
+               "-p", ",".join(map(str, sizes)), "-n", "0", "-b", "512", "-ub", "512", "-fa", "0",
+               "-r", "2", "-o", "json"]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=1800, check=True)
     return {run["n_prompt"]: run["avg_ts"] for run in json.loads(done.stdout)}
 
@@ -205,7 +206,8 @@ def report(results, timing, timing1):
     theirs = peer["long ids"]
     speed = sum(t[0] - t[1] for t in mine) / sum(t[3] for t in mine) * 1000
     # llama-bench's speed on the same prompts: their tokens over the seconds it takes for each
-    bench = sum(t[0] - t[1] for t in mine) / sum((t[0] - t[1]) / results["bench"][t[0] - t[1]] for t in mine)  # fmt: skip
+    sizes = [t[0] - t[1] for t in mine]
+    bench = sum(sizes) / sum(n / results["bench"][n] for n in sizes)
     print(f"long cold: ours evaluated {statistics.mean(t[0] - t[1] for t in mine):.0f} prompt "
           f"tokens at {speed:.0f} a second in the model; llama-server "
           f"{statistics.mean(t['timings/prompt_n'] for t in theirs):.0f} at "
