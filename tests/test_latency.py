@@ -233,3 +233,33 @@ def test_a_client_that_hangs_up_stops_a_long_prompt_in_the_middle_of_a_batch(mod
     tokens, generated, reason = re.findall(r"(\d+) prompt tokens.*?(\d+) generated, (\w+);", log)[1]
     assert reason == "cancelled" and generated == "0" and int(tokens) > 1000
     assert whole > 1 and noticed < 0.1, (whole, noticed)  # within its first 512-token batch
+
+
+def test_a_long_prompt_after_kept_tokens_goes_in_batches_that_end_where_llamas_kv_view_ends(
+    model_path,
+):
+    """llama.cpp attends over the KV cache's cells up to the next multiple of 256 past the last
+    one used: eval_prompt() cuts a prompt after kept tokens so that its 512-token batches end on
+    such multiples (all but the last), and the model computes the same as in plain batches."""
+    logits = {}
+    for aligned in (True, False):
+        llm = llama_cpp.Llama(model_path("starcoder", **SLOW), n_ctx=2048, verbose=False)
+        tokens = (llm.tokenize(b"def add(a, b):\n    return a + b\n", add_bos=False) * 200)[:1300]
+        llm.eval(tokens[:3])  # kept from an earlier prompt
+        ends, decode = [], llm._ctx.decode
+
+        def recorded(batch):  # where each of llama.cpp's decodes ends
+            ends.append(llm.n_tokens + batch.batch.n_tokens)
+            return decode(batch)
+
+        llm._ctx.decode = recorded
+        if aligned:
+            assert server.eval_prompt(llm, tokens[3:], lambda: False)
+            assert ends == [512, 1024, 1300]
+        else:
+            llm.eval(tokens[3:])
+            assert ends == [515, 1027, 1300]  # (what llama-cpp-python does: 2 x 255 cells more)
+        vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
+        logits[aligned] = llama_cpp.llama_get_logits_ith(llm.ctx, -1)[:vocab]
+    assert max(abs(a - b) for a, b in zip(logits[True], logits[False])) < 1e-3
+    assert max(map(abs, logits[True])) > 1e-3  # (logits, not zeros)
