@@ -1842,16 +1842,25 @@ def hang_up(sock):
 
 
 def watch(sock, should_stop):
-    """Check should_stop() every 10 ms, also while we wait for the engine (a long prompt, a
-    queue), and hang up sock the moment it says so; -> the Event that ends the watch."""
+    """Check should_stop() also while we wait for the engine (a long prompt, a queue), and hang
+    up sock the moment it says so; -> the Event that ends the watch. A ClientGone is asked when
+    its client's socket stirs (or every 0.1 s), anything else every 10 ms: a thread that wakes
+    a hundred times a second takes a core from an engine on the same machine (our added
+    latency in front of llama-server on 2 cores fell from 8.5 to 4.8 ms without it)."""
     done = threading.Event()
 
-    def run():
-        while not done.wait(0.01):
+    def run(client):
+        while not done.wait(0.01 if client is None else 0):
+            try:
+                stirred = client is not None and select.select([client], [], [], 0.1)[0]
+            except (OSError, ValueError):  # closed: should_stop() says so
+                stirred = True
             if should_stop():
                 return hang_up(sock)
+            if stirred:  # data, not its end (a pipelined request): poll from now on
+                client = None
 
-    threading.Thread(target=run, daemon=True).start()
+    threading.Thread(target=run, args=(getattr(should_stop, "sock", None),), daemon=True).start()
     return done
 
 
@@ -3548,17 +3557,22 @@ def body_of(request):
     return data
 
 
-def client_gone(environ):
-    """Whether the HTTP client hung up, as tabby-agent does on every keystroke. Werkzeug's server
-    (python app.py, flask run) exposes the socket; elsewhere this cannot tell, and says no."""
-    sock = environ.get("werkzeug.socket")
-    if sock is None:
-        return False
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-        return bool(readable) and sock.recv(1, socket.MSG_PEEK) == b""  # readable, empty: closed
-    except (OSError, ValueError):
-        return True
+class ClientGone:
+    """A request's should_stop(): whether its HTTP client hung up, as tabby-agent does on every
+    keystroke. Werkzeug's server (python app.py, flask run) exposes the socket; elsewhere this
+    cannot tell, and says no."""
+
+    def __init__(self, environ):
+        self.sock = environ.get("werkzeug.socket")  # (watch() waits on it)
+
+    def __call__(self):
+        if self.sock is None:
+            return False
+        try:
+            readable, _, _ = select.select([self.sock], [], [], 0)
+            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""  # closed
+        except (OSError, ValueError):
+            return True
 
 
 def system_info(backend):
@@ -3697,7 +3711,7 @@ def add_completion_routes(app, config, backend, completions, events):
         req.user = g.user or req.user
         client = (request.remote_addr, req.user, req.segments.get("filepath"))
         environ = request.environ
-        answer = completions.answer(req, client, lambda: client_gone(environ))
+        answer = completions.answer(req, client, ClientGone(environ))
         completion_id, ms = f"cmpl-{uuid.uuid4()}", (time.perf_counter() - started) * 1000
         if answer.reason != "cancelled":
             user_agent = request.headers.get("User-Agent")
@@ -3748,7 +3762,7 @@ def add_chat_routes(app, config, backend, events):
         req = parse_chat(json_body(body_of(request)), stream=request.path.startswith("/v1beta/"))
         req.user = g.user or req.user
         environ, chat_id, created = request.environ, f"chatcmpl-{uuid.uuid4()}", int(time.time())
-        should_stop = lambda: client_gone(environ)  # noqa: E731
+        should_stop = ClientGone(environ)
         steps, size = backend.chat(req, sampling(req, config["temperature"]), should_stop)
 
         def done(text, n, reason):

@@ -4,6 +4,7 @@ import http.client
 import json
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -24,15 +25,44 @@ PREFIX, SUFFIX = "def add(a, b):\n    ", "\n"
 def test_client_gone_sees_a_closed_socket():
     ours, theirs = socket.socketpair()
     environ = {"werkzeug.socket": ours}
-    assert not server.client_gone(environ)
+    assert not server.ClientGone(environ)()
     theirs.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is not a hang-up
-    assert not server.client_gone(environ)
+    assert not server.ClientGone(environ)()
     assert ours.recv(100)
     theirs.close()
-    assert server.client_gone(environ)
+    assert server.ClientGone(environ)()
     ours.close()
-    assert server.client_gone(environ)  # nor can a closed socket say otherwise
-    assert not server.client_gone({})  # another server: cannot tell
+    assert server.ClientGone(environ)()  # nor can a closed socket say otherwise
+    assert not server.ClientGone({})()  # another server: cannot tell
+
+
+def test_watch_hangs_up_on_the_engine_as_the_client_hangs_up_and_not_for_its_data():
+    """watch() waits on the client's socket (no thread waking every 10 ms beside the engine)."""
+    for pipelined in (False, True):
+        ours, theirs = socket.socketpair()  # the client's connection
+        engine, far = socket.socketpair()  # ours to the engine
+        asked = []
+
+        class Counted(server.ClientGone):
+            def __call__(self):
+                asked.append(1)
+                return super().__call__()
+
+        done = server.watch(engine, Counted({"werkzeug.socket": ours}))
+        if pipelined:
+            theirs.sendall(b"GET / HTTP/1.1\r\n")  # not a hang-up
+        time.sleep(0.3)
+        assert len(asked) > 20 if pipelined else len(asked) <= 4  # (every 10 ms, or 0.1 s)
+        assert not select.select([far], [], [], 0)[0]  # the engine's connection is as it was
+        if pipelined:
+            assert ours.recv(100)  # (else its end cannot be seen behind it)
+        theirs.close()
+        closed = time.monotonic()
+        assert select.select([far], [], [], 2)[0] and far.recv(1) == b""  # hung up on
+        assert time.monotonic() - closed < 0.05, pipelined
+        done.set()
+        for sock in (ours, engine, far):
+            sock.close()
 
 
 def test_the_loop_stops_at_the_first_token_after_should_stop(model_path):
