@@ -127,7 +127,7 @@ class Decoder:
         self.proc.wait(30)
 
 
-def decoder(model, threads):
+def serve_decodes(model, threads):
     """The Decoder's process: for each size read, the seconds that llama_decode takes for that
     many random tokens in 512-token batches (llama_batch_get_one: the last token's logits) from
     an empty KV cache, as llama-bench's test_prompt."""
@@ -297,6 +297,6 @@ def report(results, timing, timing1):
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--decode"]:  # the Decoder's own process
-        decoder(sys.argv[2], int(sys.argv[3]))
+        serve_decodes(sys.argv[2], int(sys.argv[3]))
     else:
         main()

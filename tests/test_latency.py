@@ -288,7 +288,7 @@ def test_a_long_prompt_after_kept_tokens_goes_in_batches_that_end_where_llamas_k
             assert ends == [512, 1024, 1300]
         else:
             llm.eval(tokens[3:])
-            assert ends == [515, 1027, 1300]  # (what llama-cpp-python does: 2 x 255 cells more)
+            assert ends == [515, 1027, 1300]  # (llama-cpp-python's: to 768 and 1280 cells)
         vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(llm.model))
         logits[aligned] = llama_cpp.llama_get_logits_ith(llm.ctx, -1)[:vocab]
     assert max(abs(a - b) for a, b in zip(logits[True], logits[False])) < 1e-3
