@@ -1841,6 +1841,17 @@ def hang_up(sock):
         pass
 
 
+def stirs(sock, timeout):
+    """Whether sock has something to read (data, or its end) within timeout seconds: poll(),
+    where there is one, since select() refuses file descriptors past 1023 (a busy server has
+    those). Raises OSError or ValueError for a closed socket."""
+    if not hasattr(select, "poll"):  # Windows, whose select() has no such limit
+        return bool(select.select([sock], [], [], timeout)[0])
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
+
+
 def watch(sock, should_stop):
     """Check should_stop() also while we wait for the engine (a long prompt, a queue), and hang
     up sock the moment it says so; -> the Event that ends the watch. A ClientGone is asked when
@@ -1852,7 +1863,7 @@ def watch(sock, should_stop):
     def run(client):
         while not done.wait(0.01 if client is None else 0):
             try:
-                stirred = client is not None and select.select([client], [], [], 0.1)[0]
+                stirred = client is not None and stirs(client, 0.1)
             except (OSError, ValueError):  # closed: should_stop() says so
                 stirred = True
             if should_stop():
@@ -3569,8 +3580,9 @@ class ClientGone:
         if self.sock is None:
             return False
         try:
-            readable, _, _ = select.select([self.sock], [], [], 0)
-            return bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""  # closed
+            # closed: its end is all there is to read (the plain socket's recv: an SSL socket's
+            # refuses to peek; flask run --cert serves those)
+            return stirs(self.sock, 0) and socket.socket.recv(self.sock, 1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 

@@ -1,15 +1,20 @@
 """Latency mechanisms: no work for requests nobody waits for, typed-through answers, time budget."""
 
+import concurrent.futures
+import fcntl
 import http.client
 import json
 import os
 import re
 import select
 import socket
+import ssl
+import subprocess
 import threading
 import time
 
 import llama_cpp
+import pytest
 import tinymodel
 from conftest import complete, generate, output, start_server, stop
 
@@ -22,8 +27,34 @@ SLOW = dict(
 PREFIX, SUFFIX = "def add(a, b):\n    ", "\n"
 
 
-def test_client_gone_sees_a_closed_socket():
+def connection(kind, tmp_path):
+    """(ours, theirs): the two ends of a client's connection, ours a plain socket, one whose file
+    descriptor is past select()'s 1023 (a server with many open files), or TLS (flask run
+    --cert)."""
     ours, theirs = socket.socketpair()
+    if kind == "past 1023":
+        fd = fcntl.fcntl(ours.fileno(), fcntl.F_DUPFD_CLOEXEC, 1024)  # (ulimit -n is above)
+        ours.close()
+        ours = socket.socket(fileno=fd)
+    elif kind == "tls":
+        cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
+                       check=True, capture_output=True, timeout=60)  # fmt: skip
+        served = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        served.load_cert_chain(cert, key)
+        client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            theirs = pool.submit(client.wrap_socket, theirs)
+            ours = served.wrap_socket(ours, server_side=True)
+            theirs = theirs.result(timeout=10)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kind", ["plain", "past 1023", "tls"])
+def test_client_gone_sees_a_closed_socket(kind, tmp_path):
+    ours, theirs = connection(kind, tmp_path)
     environ = {"werkzeug.socket": ours}
     assert not server.ClientGone(environ)()
     theirs.sendall(b"GET / HTTP/1.1\r\n")  # a pipelined request is not a hang-up
@@ -36,10 +67,11 @@ def test_client_gone_sees_a_closed_socket():
     assert not server.ClientGone({})()  # another server: cannot tell
 
 
-def test_watch_hangs_up_on_the_engine_as_the_client_hangs_up_and_not_for_its_data():
+@pytest.mark.parametrize("kind", ["plain", "past 1023"])
+def test_watch_hangs_up_on_the_engine_as_the_client_hangs_up_and_not_for_its_data(kind, tmp_path):
     """watch() waits on the client's socket (no thread waking every 10 ms beside the engine)."""
     for pipelined in (False, True):
-        ours, theirs = socket.socketpair()  # the client's connection
+        ours, theirs = connection(kind, tmp_path)  # the client's connection
         engine, far = socket.socketpair()  # ours to the engine
         asked = []
 
