@@ -2627,8 +2627,7 @@ class Completions:
         "cancelled", and the model does no more for it. Nothing else cancels a request. An
         earlier answer will do unless the request asks for variety (a temperature, a seed)."""
         seg, reuse = req.segments, req.raw_prompt is None and not req.wants_variety
-        with self.lock:  # a speculation stops for any request, at once: the CPU is the request's
-            self.newest += 1
+        self.arrived()
         if reuse:
             typed = self.typed_through(client, req.language, seg["prefix"], seg["suffix"])
             if typed is not None:
@@ -2647,11 +2646,15 @@ class Completions:
         text = re.sub(r"(?<!\r)\n", "\r\n", out.text) if job.doc.crlf else out.text
         if text and req.raw_prompt is None:
             self.remember(client, req.language, seg["suffix"], seg["prefix"], text, job.prompt.text)
-        if text and reuse and self.speculating:
-            self.look_ahead(req, text)
         reused = job.prompt.size if out.reason in ("cached", "speculated") else out.reused
         return Answer(text, job.prompt.text, out.reason, job.snippets, job.prompt.size, reused,
                       out.generated, out.ms)  # fmt: skip
+
+    def arrived(self):
+        """A request came: a speculation stops, at once (the route says so before it reads the
+        request's body): the CPU is the request's."""
+        with self.lock:
+            self.newest += 1
 
     def prepare(self, req, should_stop):
         """The Job of a request: its snippets, its document, its prompt fitted to the context;
@@ -2702,10 +2705,13 @@ class Completions:
             self.logger.info("speculation wasted: nobody asked for it")
 
     def look_ahead(self, req, text):
-        """Ask, in the model's idle time, what the editor will ask if the user accepts text: the
-        same request, text added to its prefix (see accepted_prefix; llama.vim's speculative
-        FIM). Its answer is kept, for when that request comes; a newer answer's speculation
-        stops this one."""
+        """Ask, in the model's idle time, what the editor will ask if the user accepts text, the
+        answer to req that it shows: the same request, text added to its prefix (see
+        accepted_prefix; llama.vim's speculative FIM). Its answer is kept, for when that request
+        comes; a newer answer's speculation stops this one. The route calls it once the answer
+        is sent: until then the CPU is the answer's."""
+        if not (text and self.speculating and req.raw_prompt is None and not req.wants_variety):
+            return
         segments = dict(req.segments, prefix=accepted_prefix(req.segments["prefix"], text))
         with self.lock:
             self.newest += 1
@@ -3719,6 +3725,7 @@ def add_completion_routes(app, config, backend, completions, events):
     @app.post("/v1/completions")
     def completions_route():
         started = time.perf_counter()
+        completions.arrived()
         req = parse_completion(json_body(body_of(request)))
         req.user = g.user or req.user
         client = (request.remote_addr, req.user, req.segments.get("filepath"))
@@ -3739,7 +3746,9 @@ def add_completion_routes(app, config, backend, completions, events):
             *(completion_id, answer.size, answer.reused, answer.generated, answer.reason),
             *(answer.ms, ms),
         )
-        return jsonify(completion_response(completion_id, req, answer))
+        response = jsonify(completion_response(completion_id, req, answer))
+        response.call_on_close(functools.partial(completions.look_ahead, req, answer.text))
+        return response
 
 
 def add_status_routes(app, config, backend, completions, tokens, usage, metrics, events):

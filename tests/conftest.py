@@ -84,6 +84,7 @@ def complete(client, prefix, suffix=None, language="python", **body):
     r = client.post("/v1/completions", json={"language": language, "segments": segments, **body})
     assert r.status_code == 200, r.get_data(as_text=True)
     data = r.get_json()
+    r.close()  # as a server does once it has sent the response (a speculation begins then)
     assert (
         data["id"].startswith("cmpl-")
         and len(data["choices"]) == 1

@@ -42,6 +42,19 @@ def test_an_accepted_completion_is_answered_from_its_speculation(make_app, caplo
     assert 'tabbypy_speculations_total{outcome="used"} 1' in metrics
 
 
+def test_a_speculation_begins_once_the_answer_is_sent(make_app, caplog):
+    """Not while the answer is on its way: until then the CPU is the answer's."""
+    caplog.set_level("INFO")
+    client = make_app(temperature=0.0, time_budget=0)[0].test_client()
+    body = {"language": "python", "segments": {"prefix": PREFIX, "suffix": SUFFIX}}
+    response = client.post("/v1/completions", json=body, buffered=False)  # (not yet closed)
+    assert response.get_json()["choices"][0]["text"]  # an answer the editor shows
+    time.sleep(0.5)
+    assert "speculation:" not in caplog.text
+    response.close()  # the server has sent it all
+    wait_for(caplog, "speculation:")
+
+
 def test_a_request_during_a_speculation_stops_it_and_takes_over_its_tokens(model_path):
     """The model stops speculating when a request comes (inside a token's decode: see the next
     test); when the request is the one speculated, it goes on from the tokens the speculation
@@ -55,8 +68,11 @@ def test_a_request_during_a_speculation_stops_it_and_takes_over_its_tokens(model
     def ask(prefix):
         started = time.perf_counter()
         body = {"language": "css", "segments": {"prefix": prefix, "suffix": "\n"}}
-        answer = completions.answer(server.parse_completion(body), ("me", None, None), bool)
-        return answer, (time.perf_counter() - started) * 1000
+        req = server.parse_completion(body)
+        answer = completions.answer(req, ("me", None, None), bool)
+        wall = (time.perf_counter() - started) * 1000
+        completions.look_ahead(req, answer.text)  # as the route does once the answer is sent
+        return answer, wall
 
     shown, _ = ask("a {\n")
     deadline = time.monotonic() + 30  # the speculation of "a {" + shown is under way
