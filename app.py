@@ -2704,13 +2704,15 @@ class Completions:
         if wasted:
             self.logger.info("speculation wasted: nobody asked for it")
 
-    def look_ahead(self, req, text):
-        """Ask, in the model's idle time, what the editor will ask if the user accepts text, the
-        answer to req that it shows: the same request, text added to its prefix (see
+    def look_ahead(self, req, answer):
+        """Ask, in the model's idle time, what the editor will ask if the user accepts answer, the
+        Answer to req that it shows: the same request, the text added to its prefix (see
         accepted_prefix; llama.vim's speculative FIM). Its answer is kept, for when that request
         comes; a newer answer's speculation stops this one. The route calls it once the answer
-        is sent: until then the CPU is the answer's."""
-        if not (text and self.speculating and req.raw_prompt is None and not req.wants_variety):
+        is sent: until then the CPU is the answer's. (Not after a typed-through answer: the one
+        it comes from was speculated on.)"""
+        text, wanted = answer.text, req.raw_prompt is None and not req.wants_variety
+        if not (text and wanted and self.speculating and answer.reason != "typed through"):
             return
         segments = dict(req.segments, prefix=accepted_prefix(req.segments["prefix"], text))
         with self.lock:
@@ -3747,7 +3749,7 @@ def add_completion_routes(app, config, backend, completions, events):
             *(answer.ms, ms),
         )
         response = jsonify(completion_response(completion_id, req, answer))
-        response.call_on_close(functools.partial(completions.look_ahead, req, answer.text))
+        response.call_on_close(functools.partial(completions.look_ahead, req, answer))
         return response
 
 

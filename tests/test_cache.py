@@ -71,7 +71,7 @@ def test_a_request_during_a_speculation_stops_it_and_takes_over_its_tokens(model
         req = server.parse_completion(body)
         answer = completions.answer(req, ("me", None, None), bool)
         wall = (time.perf_counter() - started) * 1000
-        completions.look_ahead(req, answer.text)  # as the route does once the answer is sent
+        completions.look_ahead(req, answer)  # as the route does once the answer is sent
         return answer, wall
 
     shown, _ = ask("a {\n")
