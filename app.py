@@ -2651,8 +2651,9 @@ class Completions:
                       out.generated, out.ms)  # fmt: skip
 
     def arrived(self):
-        """A request came: a speculation stops, at once (the route says so before it reads the
-        request's body): the CPU is the request's."""
+        """A request came: a speculation stops, at once: the CPU is the request's. The route says
+        so before it reads the request's body, and answer() again (for a speculation that a
+        response closing just then began)."""
         with self.lock:
             self.newest += 1
 
@@ -3731,8 +3732,7 @@ def add_completion_routes(app, config, backend, completions, events):
         req = parse_completion(json_body(body_of(request)))
         req.user = g.user or req.user
         client = (request.remote_addr, req.user, req.segments.get("filepath"))
-        environ = request.environ
-        answer = completions.answer(req, client, ClientGone(environ))
+        answer = completions.answer(req, client, ClientGone(request.environ))
         completion_id, ms = f"cmpl-{uuid.uuid4()}", (time.perf_counter() - started) * 1000
         if answer.reason != "cancelled":
             user_agent = request.headers.get("User-Agent")
@@ -3784,8 +3784,8 @@ def add_chat_routes(app, config, backend, events):
             abort(501, f"no chat model: start the server with {how}")
         req = parse_chat(json_body(body_of(request)), stream=request.path.startswith("/v1beta/"))
         req.user = g.user or req.user
-        environ, chat_id, created = request.environ, f"chatcmpl-{uuid.uuid4()}", int(time.time())
-        should_stop = ClientGone(environ)
+        chat_id, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
+        should_stop = ClientGone(request.environ)
         steps, size = backend.chat(req, sampling(req, config["temperature"]), should_stop)
 
         def done(text, n, reason):
