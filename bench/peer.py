@@ -159,20 +159,23 @@ def serve_decodes(model, threads):
         print(time.perf_counter() - started, flush=True)
 
 
-def long_cold(server, offset):
-    """A prompt of about 1,400 tokens, new (45 lines of a file, from line offset), one token
-    generated: (seconds, id)."""
+def long_prefix(offset):
+    """The prefix of a long prompt: 45 lines of a file, from line offset (about 1,400 tokens)."""
     lines = open(SOURCES[0][1]).read().splitlines(keepends=True)
-    prefix = "".join(lines[offset : offset + 45])
-    return post(server, {"language": "python", "segments": {"prefix": prefix, "suffix": "\n"}})[:2]
+    return "".join(lines[offset : offset + 45])
+
+
+def long_cold(server, offset):
+    """A long prompt, new (see long_prefix), one token generated: (seconds, id)."""
+    body = {"language": "python", "segments": {"prefix": long_prefix(offset), "suffix": "\n"}}
+    return post(server, body)[:2]
 
 
 def paired(server, log, decoder, offset, first):
     """Our long prompt at offset and the Decoder's run of as many tokens, one right after the
     other, the Decoder first when first (its size counted beforehand, ours read from our log
     after): ((seconds, id) of ours, (its size, the Decoder's seconds for that size))."""
-    lines = open(SOURCES[0][1]).read().splitlines(keepends=True)
-    counted = decoder.count("".join(lines[offset : offset + 45]) + "\n")  # (within a few)
+    counted = decoder.count(long_prefix(offset) + "\n")  # (within a few)
     before = decoder.seconds(counted) if first else None
     ours = long_cold(server, offset)
     with open(log) as f:
