@@ -1199,20 +1199,24 @@ def common_prefix(a, b):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def save_kv(llm):
-    """(tokens, bytes) of what the KV cache holds: llama.cpp's own copy of its sequence."""
-    size = llama_cpp.llama_state_seq_get_size(llm.ctx, 0)
-    data = (ctypes.c_uint8 * size)()
-    llama_cpp.llama_state_seq_get_data(llm.ctx, data, size, 0)
-    return llm.input_ids[: llm.n_tokens].tolist(), data
+def save_kv(llm, buffer):
+    """(tokens, buffer, bytes) of what the KV cache holds: llama.cpp's own copy of its sequence,
+    written into buffer (kv_size() bytes or more)."""
+    size = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, len(buffer), 0)
+    return llm.input_ids[: llm.n_tokens].tolist(), buffer, size
+
+
+def kv_size(llm):
+    """Bytes that save_kv() writes for what the KV cache holds."""
+    return llama_cpp.llama_state_seq_get_size(llm.ctx, 0) if llm.n_tokens else 0
 
 
 def load_kv(llm, saved):
     """Put a save_kv() copy back into the KV cache (a memory copy, instead of evaluating it
     again)."""
-    tokens, data = saved
+    tokens, buffer, size = saved
     llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm.ctx), 0, -1, -1)
-    loaded = llama_cpp.llama_state_seq_set_data(llm.ctx, data, len(data), 0) > 0
+    loaded = llama_cpp.llama_state_seq_set_data(llm.ctx, buffer, size, 0) > 0
     llm.input_ids[: len(tokens)] = tokens
     llm.n_tokens = len(tokens) if loaded else 0
 
@@ -1438,10 +1442,13 @@ class LocalModel:
         # Copies of the KV cache kept when another prompt took its place (least recently used
         # first, --kv-cache-mb in all), so that editors taking turns, and an editor coming back
         # after an abandoned request, get theirs back instead of evaluating their prompts again.
-        # Found by what they hold, not by whose they were: editors cannot be told apart. Used on
-        # the model thread only.
+        # Found by what they hold, not by whose they were: editors cannot be told apart. The
+        # buffers of copies that went are kept for the next ones (within --kv-cache-mb: kv_bytes
+        # counts all buffers); speculated: whether the KV cache holds a finished speculation's.
+        # Used on the model thread only.
         self.kv_saved, self.kv_bytes, self.kv_ids = collections.OrderedDict(), 0, itertools.count()
-        self.kv_limit = config["kv_cache_mb"] << 20
+        self.kv_free, self.kv_limit = [], config["kv_cache_mb"] << 20
+        self.speculated = False
         # prompt tokens -> the tokens a speculation has generated for them so far (one at a time:
         # a newer one replaces it), for a request of that prompt; and how many requests the
         # model has served (a speculation stops for good once one has); on the model thread
@@ -1546,7 +1553,8 @@ class LocalModel:
             if yielding():  # a request came meanwhile: the KV cache stays the editor's
                 return None
             self.partial = {key: done}  # one at a time: an older one goes
-            self.use_kv_for(prompt.tokens, worth=1)  # the editor's next keystroke gets it back
+            # the editor's next keystroke gets its KV cache back
+            self.use_kv_for(prompt.tokens, 1, speculation=True)
             keep_kv(self.llm, prompt.tokens)
             return self.served, model_tokens(self.llm, prompt.tokens, *sampling, yielding, 0)
 
@@ -1564,6 +1572,10 @@ class LocalModel:
             done.extend([] if token is END else [token])
             return token
 
+        def finished():  # on the model thread: the KV cache holds the speculation's tokens,
+            self.partial.pop(key, None)  # unless a request came since
+            self.speculated = self.served == served
+
         def pieces():
             while not yielding():
                 token = self.thread.submit(step).result()
@@ -1580,7 +1592,7 @@ class LocalModel:
         self.thread.submit(steps.close)  # on the model thread too: it may be half way
         if interrupted.is_set():
             return None
-        self.thread.submit(self.partial.pop, key, None)
+        self.thread.submit(finished)
         return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
 
     def chat(self, req, sampling, should_stop):
@@ -1631,27 +1643,50 @@ class LocalModel:
         """(requests waiting for the model, bytes of KV caches kept, {}: no engine errors)."""
         return self.waiting, self.kv_bytes, {}
 
-    def use_kv_for(self, tokens, worth=KV_KEPT):
-        """Before a prompt of tokens: if a kept copy holds more of its start than the KV cache
-        does, put that copy back; if the KV cache would lose worth tokens or more to it, keep
-        a copy of it first. On the model thread."""
+    def use_kv_for(self, tokens, worth=KV_KEPT, speculation=False):
+        """Before a prompt of tokens (a speculation's with speculation): if a kept copy holds
+        more of its start than the KV cache does, put that copy back; if the KV cache would lose
+        worth tokens or more to it, keep a copy of it first, unless it holds a finished
+        speculation's and this is a request's prompt (the editor did not take that completion,
+        or took it from the completion cache and this prompt goes on from it: either way no
+        prompt would use the copy). On the model thread."""
         held = self.llm.input_ids[: self.llm.n_tokens].tolist()
         here = common_prefix(held, tokens)
-        holds = {k: common_prefix(kept, tokens) for k, (kept, _) in self.kv_saved.items()}
+        holds = {k: common_prefix(kept[0], tokens) for k, kept in self.kv_saved.items()}
         best = max(holds, key=holds.get, default=None)
         mine = self.kv_saved.pop(best) if best is not None and holds[best] > here else None
-        self.kv_bytes -= len(mine[1]) if mine else 0
-        size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, 0) if self.llm.n_tokens else 0
-        if len(held) - here >= worth and 0 < size <= self.kv_limit:
-            for key in [k for k, (kept, _) in self.kv_saved.items() if held[: len(kept)] == kept]:
-                self.kv_bytes -= len(self.kv_saved.pop(key)[1])  # held holds all that one did
-            self.kv_saved[next(self.kv_ids)] = save_kv(self.llm)
-            self.kv_bytes += size
-            while self.kv_bytes > self.kv_limit:  # the least recently used go first
-                _, (_, data) = self.kv_saved.popitem(last=False)
-                self.kv_bytes -= len(data)
+        worth_it = len(held) - here >= worth and (speculation or not self.speculated)
+        if worth_it and 0 < kv_size(self.llm) <= self.kv_limit:
+            for key in [k for k, kept in self.kv_saved.items() if held[: len(kept[0])] == kept[0]]:
+                self.kv_free.append(self.kv_saved.pop(key)[1])  # held holds all that one did
+            self.kv_saved[next(self.kv_ids)] = save_kv(self.llm, self.kv_buffer(kv_size(self.llm)))
         if mine:
             load_kv(self.llm, mine)
+            self.kv_free.append(mine[1])
+        while self.kv_bytes > self.kv_limit and self.kv_free:
+            self.kv_bytes -= len(self.kv_free.pop())
+        self.speculated = False  # (until a speculation of tokens finishes)
+
+    def kv_buffer(self, size):
+        """Memory for a KV copy of size bytes: a free buffer that holds it (its pages are in
+        already: new memory costs page faults, up to 7 ms a MB where a VM has not touched it),
+        else a new one, up to 1/8 larger (to fit the next copies too), room made for it within
+        --kv-cache-mb by dropping free buffers, then the least recently used copies."""
+        while True:
+            fits = [buffer for buffer in self.kv_free if len(buffer) >= size]
+            if fits:
+                self.kv_free.remove(best := min(fits, key=len))
+                return best
+            if self.kv_bytes + size <= self.kv_limit or not (self.kv_free or self.kv_saved):
+                break
+            if self.kv_free:
+                self.kv_bytes -= len(self.kv_free.pop())
+            else:  # the least recently used copy goes; its buffer may be the one
+                self.kv_free.append(self.kv_saved.popitem(last=False)[1][1])
+        step = 1 << max(size.bit_length() - 4, 0)
+        size = -(-size // step) * step
+        self.kv_bytes += size
+        return (ctypes.c_uint8 * size)()
 
     def stepwise(self, pieces, should_stop):
         """The chat model's pieces, one chat at a time, each computed on the model thread as a

@@ -1,6 +1,7 @@
 """Answers without the model: completions kept by prompt (revisits), and speculation (the
 completion the editor will ask for if the user accepts the one shown, made in idle time)."""
 
+import logging
 import re
 import threading
 import time
@@ -88,6 +89,35 @@ def test_a_request_during_a_speculation_stops_it_and_takes_over_its_tokens(model
     assert (accepted.generated, accepted.reason) == (600, "length")
     assert accepted.text.startswith(model.llm.detokenize(done).decode(errors="ignore")[:20])
     assert accepted.reused == accepted.size  # its prompt was not evaluated again
+
+
+def test_a_request_keeps_the_editors_kv_cache_not_the_speculations(model_path, caplog):
+    """A speculation keeps a copy of the editor's KV cache (its next keystroke gets it back); the
+    request that comes after it finished keeps none of the speculation's: the editor did not
+    take it (or the completion cache answered that, and the next prompt goes on from it). One
+    stopped half way is kept: see the test before."""
+    caplog.set_level("INFO")
+    args = ["--model", model_path("starcoder"), "--temperature", "0", "--time-budget", "0",
+            "--events", "off"]  # fmt: skip
+    config = server.load_config(args, environ={})
+    model = server.LocalModel(config)
+    completions = server.Completions(model, config, logger=logging.getLogger("test"))
+
+    def ask(prefix, suffix):
+        req = server.parse_completion({"language": "python", "segments": {"prefix": prefix,
+                                                                          "suffix": suffix}})  # fmt: skip
+        answer = completions.answer(req, ("me", None, None), bool)
+        completions.look_ahead(req, answer)  # as the route does once the answer is sent
+        return answer
+
+    assert ask(PREFIX, SUFFIX).text
+    wait_for(caplog, "speculation:")  # done: the KV cache holds the speculation's tokens
+    model.thread.submit(lambda: None).result()  # (its last steps too)
+    speculation = model.llm.input_ids[: model.llm.n_tokens].tolist()
+    [(editor, _, _)] = model.kv_saved.values()  # the editor's, kept when it began
+    other = "class Point:\n    def __init__(self, x, y):\n        "
+    ask(other, "\n\n\np = Point(1, 2)\n")  # another file: the speculation's KV cache goes
+    assert [kept for kept, _, _ in model.kv_saved.values()] == [editor] != [speculation]
 
 
 def test_a_decode_stops_inside_when_asked_and_the_callback_before_comes_back(model_path):
