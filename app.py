@@ -1572,9 +1572,9 @@ class LocalModel:
             done.extend([] if token is END else [token])
             return token
 
-        def finished():  # on the model thread: the KV cache holds the speculation's tokens,
-            self.partial.pop(key, None)  # unless a request came since
-            self.speculated = self.served == served
+        def finished():  # on the model thread
+            self.partial.pop(key, None)
+            self.speculated = self.served == served  # its tokens, unless a request came since
 
         def pieces():
             while not yielding():
@@ -1652,24 +1652,26 @@ class LocalModel:
         prompt would use the copy). On the model thread."""
         held = self.llm.input_ids[: self.llm.n_tokens].tolist()
         here = common_prefix(held, tokens)
-        holds = {k: common_prefix(kept[0], tokens) for k, kept in self.kv_saved.items()}
+        holds = {k: common_prefix(kept, tokens) for k, (kept, _, _) in self.kv_saved.items()}
         best = max(holds, key=holds.get, default=None)
         mine = self.kv_saved.pop(best) if best is not None and holds[best] > here else None
         worth_it = len(held) - here >= worth and (speculation or not self.speculated)
-        if worth_it and 0 < kv_size(self.llm) <= self.kv_limit:
-            for key in [k for k, kept in self.kv_saved.items() if held[: len(kept[0])] == kept[0]]:
-                self.kv_free.append(self.kv_saved.pop(key)[1])  # held holds all that one did
-            self.kv_saved[next(self.kv_ids)] = save_kv(self.llm, self.kv_buffer(kv_size(self.llm)))
+        size = kv_size(self.llm) if worth_it else 0
+        if 0 < size <= self.kv_limit:
+            covered = [k for k, (kept, _, _) in self.kv_saved.items() if held[: len(kept)] == kept]
+            for key in covered:  # held holds all that those did
+                self.kv_free.append(self.kv_saved.pop(key)[1])
+            self.kv_saved[next(self.kv_ids)] = save_kv(self.llm, self.kv_buffer(size))
         if mine:
             load_kv(self.llm, mine)
             self.kv_free.append(mine[1])
         while self.kv_bytes > self.kv_limit and self.kv_free:
             self.kv_bytes -= len(self.kv_free.pop())
-        self.speculated = False  # (until a speculation of tokens finishes)
+        self.speculated = False  # (a speculation's finished() sets it)
 
     def kv_buffer(self, size):
         """Memory for a KV copy of size bytes: a free buffer that holds it (its pages are in
-        already: new memory costs page faults, up to 7 ms a MB where a VM has not touched it),
+        already: new memory costs page faults, 2-9 ms a MB where the VM has not touched it),
         else a new one, up to 1/8 larger (to fit the next copies too), room made for it within
         --kv-cache-mb by dropping free buffers, then the least recently used copies."""
         while True:

@@ -287,7 +287,7 @@ def test_kv_caches_kept_for_editors_taking_turns_are_bounded_by_memory(model_pat
 
 
 def test_kv_copies_reuse_the_memory_of_copies_that_went(model_path):
-    """Memory never touched costs page faults (up to 7 ms a MB on a VM): once copies go (dropped
+    """Memory never touched costs page faults (2-9 ms a MB on a VM): once copies go (dropped
     for the bound, or put back), their buffers hold the next ones, within --kv-cache-mb."""
     config = server.load_config(
         ["--model", model_path("starcoder", **BIG_KV), "--kv-cache-mb", "16"], environ={}
