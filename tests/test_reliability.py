@@ -306,6 +306,8 @@ def test_kv_copies_reuse_the_memory_of_copies_that_went(model_path):
     assert 2 << 20 < one and 3 * one <= 16 << 20 < 4 * one
     assert len(model.kv_saved) == 3
     assert len({id(buffer) for buffer in buffers}) <= 4  # not one for each of the nine copies
+    again = model.complete(prompts["c"], server.Sampling(0, 0), server.Limits(1))
+    assert again.reused >= prompts["c"].size - 2  # its copy came back intact
 
 
 def test_a_failing_events_log_costs_events_not_completions(make_app, caplog):
