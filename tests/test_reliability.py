@@ -263,19 +263,28 @@ BIG_KV = dict(
 )
 
 
-def test_kv_caches_kept_for_editors_taking_turns_are_bounded_by_memory(model_path):
+def editors_taking_turns(model_path, kv_cache_mb, names):
+    """(model, prompts, reused): a model on BIG_KV with --kv-cache-mb kv_cache_mb, a prompt of
+    some hundred tokens for each editor in names, and reused(name), which completes name's
+    prompt -> how many of its tokens the KV cache held."""
     config = server.load_config(
-        ["--model", model_path("starcoder", **BIG_KV), "--kv-cache-mb", "5"], environ={}
+        ["--model", model_path("starcoder", **BIG_KV), "--kv-cache-mb", str(kv_cache_mb)],
+        environ={},
     )
     model = server.LocalModel(config)
     prompts = {
         name: model.prompt("".join(f"{name}_{i} = {i}\n" for i in range(60)), "\n")
-        for name in "abc"
+        for name in names
     }
 
     def reused(name):
         return model.complete(prompts[name], server.Sampling(0, 0), server.Limits(1)).reused
 
+    return model, prompts, reused
+
+
+def test_kv_caches_kept_for_editors_taking_turns_are_bounded_by_memory(model_path):
+    model, prompts, reused = editors_taking_turns(model_path, 5, "abc")
     reused("a")
     one = model.thread.submit(llama_cpp.llama_state_seq_get_size, model.llm.ctx, 0).result()
     assert 2 << 20 < one <= 5 << 20  # one cache fits in 5 MB, two do not
@@ -289,25 +298,17 @@ def test_kv_caches_kept_for_editors_taking_turns_are_bounded_by_memory(model_pat
 def test_kv_copies_reuse_the_memory_of_copies_that_went(model_path):
     """Memory never touched costs page faults (2-9 ms a MB on a VM): once copies go (dropped
     for the bound, or put back), their buffers hold the next ones, within --kv-cache-mb."""
-    config = server.load_config(
-        ["--model", model_path("starcoder", **BIG_KV), "--kv-cache-mb", "16"], environ={}
-    )
-    model = server.LocalModel(config)
-    prompts = {
-        name: model.prompt("".join(f"{name}_{i} = {i}\n" for i in range(60)), "\n")
-        for name in "abcd"
-    }
+    model, prompts, reused = editors_taking_turns(model_path, 16, "abcd")
     buffers = []  # every buffer a copy was kept in (held here: an id is never reused)
     for name in "abcdabcdab":  # four editors taking turns, three copies fit
-        model.complete(prompts[name], server.Sampling(0, 0), server.Limits(1))
+        reused(name)
         buffers += [buffer for _, buffer, _ in model.kv_saved.values()]
         assert model.kv_bytes <= 16 << 20
     one = len(buffers[0])
     assert 2 << 20 < one and 3 * one <= 16 << 20 < 4 * one
     assert len(model.kv_saved) == 3
     assert len({id(buffer) for buffer in buffers}) <= 4  # not one for each of the nine copies
-    again = model.complete(prompts["c"], server.Sampling(0, 0), server.Limits(1))
-    assert again.reused >= prompts["c"].size - 2  # its copy came back intact
+    assert reused("c") >= prompts["c"].size - 2  # its copy came back intact
 
 
 def test_a_failing_events_log_costs_events_not_completions(make_app, caplog):
