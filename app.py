@@ -40,6 +40,7 @@ import platform
 import re
 import select
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -57,8 +58,10 @@ import uuid
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 try:
     import llama_cpp
-except ImportError:  # a local model needs it (load_model says so); --backend does not
-    llama_cpp = None
+
+    LLAMA_CPP_ERROR = None
+except (ImportError, OSError, RuntimeError) as e:  # not installed, or its llama.cpp library cannot
+    llama_cpp, LLAMA_CPP_ERROR = None, e  # load (a GPU build without its driver): load_model says
 from flask import Flask, abort, g, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge  # noqa: E402
 
@@ -91,6 +94,8 @@ CONFIG = {
                       "GPU backend)"),
     "ctx": (4096, "context size in tokens: prompt and completion together"),
     "threads": (0, "CPU threads; 0: one per physical core"),
+    "repack": ("auto", "llama.cpp's weight repacking (faster Q4_0, Q4_K, ... on a CPU): auto: on, "
+                       "unless a test load with it crashes (it does on some CPUs), true or false"),
     "flash_attn": (False, "llama.cpp's flash attention (llama-server's default where it can): on "
                           "a CPU prompts up to a tenth faster, tokens at long contexts slower"),
     "kv_cache_mb": (1024, "MB of KV caches kept for editors taking turns, so that each gets its "
@@ -180,6 +185,8 @@ def check_config(config):
         raise SystemExit(f"error: --device must be cpu or gpu, not {config['device']!r}")
     if not config["backend_timeout"] > 0:
         raise SystemExit("error: --backend-timeout must be more than 0 seconds")
+    if config["repack"] not in ("auto", "true", "false"):
+        raise SystemExit(f"error: --repack must be auto, true or false, not {config['repack']!r}")
     if config["events"] not in ("full", "meta", "off"):
         raise SystemExit(f"error: --events must be full, meta or off, not {config['events']!r}")
     if config["events_days"] < 0:
@@ -201,6 +208,7 @@ def check_config(config):
         "--device": config["device"] != "cpu",
         "--threads": config["threads"],
         "--flash-attn": config["flash_attn"],
+        "--repack": config["repack"] != "auto",
         "--chat-template": config["chat_template"],
     }
     given = [flag for flag, value in local_only.items() if value]
@@ -1103,36 +1111,122 @@ def download(repo_id, flag="--model"):
 def load_model(config, path, flag="--model"):
     """A llama_cpp.Llama for a --model (or --chat-model) path or repo id, or SystemExit with one
     line that says what to fix."""
-    if llama_cpp is None:
+    if llama_cpp is None and isinstance(LLAMA_CPP_ERROR, ImportError):
         raise SystemExit(
             f"error: {flag} needs llama-cpp-python: pip install llama-cpp-python "
             "(or use --backend URL of an engine)"
+        )
+    if llama_cpp is None:
+        raise SystemExit(
+            f"error: {flag}: llama-cpp-python cannot load llama.cpp ({LLAMA_CPP_ERROR}); a GPU "
+            "build needs the GPU's driver and runtime (or reinstall the CPU build: pip install "
+            "--force-reinstall --no-cache-dir llama-cpp-python)"
         )
     hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+(?<!\.gguf)(:.+)?", path)  # owner/repo, not dir/x.gguf
     if not os.path.exists(path) and hub_id:
         path = download(path, flag)
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path}: no such file")
-    gpu = config["device"] == "gpu"
-    if gpu and not llama_cpp.llama_supports_gpu_offload():
+    if config["device"] == "gpu" and not llama_cpp.llama_supports_gpu_offload():
         raise SystemExit(
             "error: --device gpu: this llama-cpp-python was built without a GPU backend "
             '(reinstall it with CMAKE_ARGS="-DGGML_CUDA=on", see README)'
         )
-    threads = config["threads"] or physical_cores()
+    settings = {key: config[key] for key in ("ctx", "threads", "flash_attn", "device")}
+    repack = config["repack"] == "true"
+    if config["repack"] == "auto":
+        stat = os.stat(path)
+        repack = safe_repack(path, (stat.st_mtime_ns, stat.st_size), json.dumps(settings), flag)
     try:
+        return llama(path, settings, repack)
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"error: {flag} {path}: cannot load it as a GGUF model ({e})") from None
+
+
+@contextlib.contextmanager
+def repacking(on):
+    """llama.cpp's weight repacking (use_extra_bufts) on or off for the Llama made meanwhile.
+    Llama() takes no argument for it and makes its parameters with llama_model_default_params(),
+    so that function is wrapped for the while (a hack: one Llama made at a time)."""
+    module = llama_cpp.llama_cpp
+    default = module.llama_model_default_params
+
+    def params():
+        made = default()
+        made.use_extra_bufts = on
+        return made
+
+    module.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = default
+
+
+def llama(path, settings, repack):
+    """The Llama of a GGUF file, with the settings of load_model (ctx, threads, flash_attn,
+    device)."""
+    threads = settings["threads"] or physical_cores()
+    with repacking(repack):
         return llama_cpp.Llama(
             model_path=path,
-            n_ctx=config["ctx"],
+            n_ctx=settings["ctx"],
             n_threads=threads,
             n_threads_batch=threads,
             n_batch=512,
-            flash_attn=config["flash_attn"],
-            n_gpu_layers=-1 if gpu else 0,
+            flash_attn=settings["flash_attn"],
+            n_gpu_layers=-1 if settings["device"] == "gpu" else 0,
             verbose=False,
         )
-    except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"error: {flag} {path}: cannot load it as a GGUF model ({e})") from None
+
+
+# A test load runs app.py in a child process: llama.cpp that crashes there (a segfault in its
+# weight repacking on some CPUs, the kernel killing it for memory) kills nobody else.
+TRIAL = "import runpy, sys; runpy.run_path(sys.argv[1])['trial_load'](*sys.argv[2:])"
+TRIAL_SECONDS = 300  # the most a test load may take: a large model read from a slow disk
+
+
+def trial_load(path, settings, repack):
+    """In the child: load the model as the server will, then decode a few tokens."""
+    try:
+        llm = llama(path, json.loads(settings), repack == "True")
+    except (ValueError, RuntimeError):  # not a crash: the server's own load says what it is
+        return
+    finish(generate(model_pieces(llm, llm.tokenize(b"def main():\n    ", add_bos=True), 0, 0), 3))
+
+
+def trial(path, settings, repack):
+    """None when a test load (see trial_load) ends well, else how it ended."""
+    args = [sys.executable, "-c", TRIAL, os.path.abspath(__file__), path, settings, str(repack)]
+    try:
+        status = subprocess.run(args, capture_output=True, timeout=TRIAL_SECONDS).returncode
+    except subprocess.TimeoutExpired:
+        return f"did not end within {TRIAL_SECONDS} s"
+    if status < 0:
+        names = {s.value: s.name for s in signal.Signals}
+        return f"died of {names.get(-status, f'signal {-status}')}"
+    return f"exited with status {status}" if status else None
+
+
+@functools.lru_cache(maxsize=None)  # each model file once: the tests make many servers of one
+def safe_repack(path, stat, settings, flag):
+    """--repack auto: whether weight repacking stays on, told by test loads in a child process:
+    yes when one with it on ends well; no when that one dies and one with it off ends well;
+    SystemExit when both die. stat: the file's mtime and size, so that a new file is tried."""
+    why = trial(path, settings, True)
+    if why is None:
+        return True
+    if trial(path, settings, False) is None:
+        print(f"warning: {flag} {os.path.basename(path)}: a test load with llama.cpp's weight "
+              f"repacking on {why}: serving with it off, a little slower (--repack false skips "
+              "the test load; --repack true forces repacking)", file=sys.stderr)  # fmt: skip
+        return False
+    hint = " (is the GPU's driver installed, and the GPU free?)" if '"gpu"' in settings else ""
+    if "SIGKILL" in why:  # the kernel's out-of-memory killer, most likely
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+        hint = (f" (out of memory? the file is {os.path.getsize(path) >> 20} MB and {free} MB "
+                "are free: try a smaller model, or a smaller --ctx)")  # fmt: skip
+    raise SystemExit(f"error: {flag} {path}: llama.cpp cannot load it: a test load {why}{hint}")
 
 
 def special_token(llm, text):
@@ -1463,8 +1557,10 @@ class LocalModel:
         if not self.format.fim:
             how = "no FIM tokens, prefix-only prompts"
         threads = self.llm.context_params.n_threads
+        off = "" if self.llm.model_params.use_extra_bufts else ", weight repacking off"
         lines = [
             f"model {self.name}: {how}; ctx {self.ctx}, {threads} threads, device {self.device}"
+            + off
         ]
         if self.chat_name:
             lines.append(f"chat model {self.chat_name}: {self.chat_source}")

@@ -12,6 +12,8 @@ import urllib.request
 import pytest
 from conftest import ROOT, free_port, start_server, stop, wait_for_health
 
+import app as server
+
 
 def run(args, env=None, timeout=120):
     env = {
@@ -221,3 +223,97 @@ def test_flask_run_serves_with_env_config(model_path, tmp_path):
         assert e.value.code == 401
     finally:
         stop(proc)
+
+
+# --- Weight repacking (--repack): llama.cpp's repacking of Q4_0/Q4_K weights segfaults on some
+# CPUs; --repack auto finds out in a test load in a child process before the server loads.
+
+SETTINGS = '{"ctx": 4096, "threads": 0, "flash_attn": false, "device": "cpu"}'
+# what a test load does instead when a test tells it to die: as a segfault does, with repacking
+# on only (argv's last: "True" or "False"), or always by the kernel's out-of-memory killer
+DIES_REPACKING = (
+    "import os, signal, sys; sys.argv[-1] == 'True' and os.kill(os.getpid(), signal.SIGSEGV)"
+)
+DIES_ALWAYS = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+
+
+@pytest.fixture
+def q4k_model(tmp_path_factory):
+    """A tiny random-weight model quantized to Q4_K_M (what the README recommends), whose Q4_K
+    weights llama.cpp repacks on a CPU with AVX2."""
+    import llama_cpp
+    import tinymodel
+
+    folder = tmp_path_factory.mktemp("q4k")
+    f16, q4k = str(folder / "f16.gguf"), str(folder / "q4_k_m.gguf")
+    tinymodel.write_model(f16, weights="random", n_embd=256, n_ff=512, n_head=4, n_head_kv=4)
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert llama_cpp.llama_model_quantize(f16.encode(), q4k.encode(), params) == 0
+    return q4k
+
+
+def test_a_q4_k_model_completes_with_repack_auto(q4k_model, tmp_path):
+    assert server.trial(q4k_model, SETTINGS, True) is None  # a real test load, that ends well
+    proc, url = start_server(["--model", q4k_model, "--root", str(tmp_path)])
+    try:
+        body = {"language": "python", "segments": {"prefix": "def f(a, b):\n    ", "suffix": "\n"}}
+        request = urllib.request.Request(
+            url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.load(response)["choices"][0]["text"]
+    finally:
+        said = stop(proc)
+    assert "repacking" not in said, said  # on: no warning, nothing said
+
+
+def test_a_test_load_that_crashes_turns_repacking_off(model_path, monkeypatch, capsys):
+    monkeypatch.setattr(server, "TRIAL", DIES_REPACKING)
+    server.safe_repack.cache_clear()  # (each model file is tried once a process)
+    config = server.load_config(["--model", model_path()], environ={})
+    llm = server.load_model(config, config["model"])
+    assert llm.model_params.use_extra_bufts is False
+    said = capsys.readouterr().err
+    assert "repacking on died of SIGSEGV: serving with it off" in said
+    assert "--repack false" in said and "--repack true" in said
+    server.safe_repack.cache_clear()
+
+
+@pytest.mark.parametrize("repack", ["true", "false"])
+def test_repack_true_or_false_skips_the_test_load(model_path, monkeypatch, capsys, repack):
+    monkeypatch.setattr(server, "TRIAL", DIES_ALWAYS)
+    server.safe_repack.cache_clear()
+    config = server.load_config(["--model", model_path(), "--repack", repack], environ={})
+    assert server.load_model(config, config["model"]).model_params.use_extra_bufts is (
+        repack == "true"
+    )
+    assert capsys.readouterr().err == ""
+
+
+def test_a_model_whose_test_loads_all_die_ends_start_up_in_one_line(model_path, monkeypatch):
+    monkeypatch.setattr(server, "TRIAL", DIES_ALWAYS)
+    server.safe_repack.cache_clear()
+    config = server.load_config(["--model", model_path()], environ={})
+    with pytest.raises(SystemExit) as e:
+        server.load_model(config, config["model"])
+    server.safe_repack.cache_clear()
+    message = str(e.value)
+    assert message.startswith("error: --model ") and "\n" not in message
+    assert "a test load died of SIGKILL (out of memory? the file is" in message
+
+
+def test_a_bad_repack_value(model_path, tmp_path):
+    assert_one_line_failure(
+        run(["--model", model_path(), "--repack", "maybe", "--root", str(tmp_path)]),
+        "--repack must be auto, true or false",
+    )
+
+
+def test_a_llama_cpp_library_that_cannot_load_ends_start_up_in_one_line(model_path, tmp_path):
+    """As a GPU build of llama-cpp-python does on a machine without the GPU's driver."""
+    (tmp_path / "libllama.so").write_bytes(b"not a library")
+    result = run(
+        ["--model", model_path(), "--root", str(tmp_path)], {"LLAMA_CPP_LIB_PATH": str(tmp_path)}
+    )
+    assert_one_line_failure(result, "llama-cpp-python cannot load llama.cpp", "driver")
