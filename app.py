@@ -1,31 +1,35 @@
 """A Tabby-compatible code-completion server in one file: Flask + llama-cpp-python.
 
 It speaks TabbyML Tabby's HTTP API (/v1/health, /v1/completions, /v1/events,
-/v1beta/server_setting, chat), so the Tabby extensions for VS Code, Vim and IntelliJ (all of
-them run the tabby-agent client) get fill-in-the-middle completions from a local GGUF model,
-or from an inference engine elsewhere (llama-server, vLLM, Ollama) that generates for it. A
-status page is at /, Prometheus metrics at /metrics.
+/v1beta/server_setting), so the Tabby extensions for VS Code, Vim and IntelliJ (all of them run
+the tabby-agent client) get fill-in-the-middle completions from a local GGUF model.
 
     python app.py --model ./model.gguf --port 8080
     TABBYPY_MODEL=./model.gguf flask run --port 8080
     python app.py --backend http://gpu-box:8000/v1 --backend-model Qwen/Qwen2.5-Coder-7B
 
-`python app.py --help` lists every option with its environment variable. The sections below
-follow a request: config, data tables, prompt building, request parsing, the generation loop,
-the two backends (a local model, an engine), repository context, the completion service, the
-events log, what the server does summed (the status page's figures, /metrics), the status page,
-who may ask (tokens), routes, main.
+`python app.py --help` lists every option with its environment variable.
+
+The core comes first: a complete completion server on a local model, in the order a request
+meets it (config, data tables, the prompt, the editor's cut, request parsing, the generation
+loop, the local model, the completion service, counters and the events log, routes). Then, after
+"# Capabilities beyond the core", one section per capability: remote engines, chat, repository
+context, speculation, the status page and /metrics, tokens per developer, Hugging Face download.
+The core names nothing they define: each attaches itself in create_app() (at the end) through
+what the core offers anyone (the backend's methods, the service's hooks, the Flask app, the
+counters). Delete a section, its line in create_app() and its knobs in CONFIG, and the rest
+still serves.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import collections
 import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
+import difflib
 import errno
 import functools
 import hmac
@@ -52,9 +56,8 @@ import urllib.parse
 import uuid
 
 # llama.cpp's OpenMP workers spin on a core for a while after each generation (libgomp's
-# default); on a small CPU that core is then missing for the request around it: 10,000 spins
-# measured ~0.5 ms less per request, the model no slower. Read when libgomp loads, hence here;
-# a value already in the environment wins.
+# default), a core the request around it then misses (bench/README.md). Read when libgomp loads,
+# hence here; a value already in the environment wins.
 os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 try:
     import llama_cpp
@@ -67,29 +70,16 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge  # noqa: E4
 
 # -----------------------------------------------------------------------------------------------
 # Config: the only place knobs live. Each is a flag --key-name and an env var TABBYPY_KEY_NAME.
+# The core's come first, then each capability's under its section's title (deleted with it).
 
 ENV_PREFIX = "TABBYPY_"
 # fmt: off
 CONFIG = {
-    "model": ("", "GGUF file, or a Hugging Face repo id (owner/repo or owner/repo:file.gguf), "
-                  "downloaded once"),
-    "backend": ("", "URL of an inference engine to generate with instead of --model: llama-server "
-                    "(.../completion), an OpenAI-style server such as vLLM (.../v1) or Ollama "
-                    "(.../api/generate)"),
-    "backend_kind": ("", "llama.cpp, openai or ollama; empty: told by the --backend URL's path"),
-    "backend_model": ("", "model name sent to the engine, and which picks the FIM template; "
-                          "empty: the engine's first (llama.cpp, openai)"),
-    "backend_token": ("", "bearer token sent to the engine"),
-    "backend_timeout": (10.0, "seconds to wait for the engine to connect or send its next piece; "
-                              "then 504"),
+    "model": ("", "GGUF file (or, with the Hugging Face download, a repo id: owner/repo or "
+                  "owner/repo:file.gguf, downloaded once)"),
     "prompt_template": ("", "FIM template in Tabby's syntax, e.g. "
                             "'<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>'; empty: from "
-                            "the model's tokens (--backend: its name)"),
-    "chat_model": ("", "instruct model for /v1/chat/completions: GGUF file, Hugging Face repo id, "
-                       "or 'same' (--model, if it has a chat template); with --backend, the "
-                       "engine's model name ('same': --backend-model). Empty: no chat"),
-    "chat_template": ("", "Jinja2 chat template, for a chat model without one in its GGUF "
-                          "metadata"),
+                            "the model's tokens (an engine's: from its name)"),
     "device": ("cpu", "cpu, or gpu to offload every layer (llama-cpp-python must be built with a "
                       "GPU backend)"),
     "ctx": (4096, "context size in tokens: prompt and completion together"),
@@ -104,31 +94,50 @@ CONFIG = {
     "completion_cache": (256, "completions kept by prompt, so that a request seen before "
                               "(backspace, undo) is answered without the model; not those that "
                               "ask for their own temperature or seed; 0: none"),
-    "speculate": (True, "when the model is idle, compute the completion the editor will ask for "
-                        "if the user accepts the one shown (needs --completion-cache)"),
     "temperature": (0.1, "sampling temperature when a request sends none; 0 is greedy"),
     "time_budget": (1000, "ms of generation after which a completion ends at the next line end "
                           "(llama-server's t_max_predict_ms); 0: none"),
     "token": ("", "bearer token every /v1 and /v1beta request (and / and /metrics) must carry; "
                   "empty: no auth"),
-    "tokens": ("", "file of tokens, one per developer: a 'user token' pair a line (# comments); a "
-                   "request's user is its token's; read again when it changes"),
     "root": ("~/.tabby", "data directory: events go to ROOT/events/YYYY-MM-DD.json, as Tabby "
                          "writes them"),
     "events": ("full", "what the events log keeps: full (Tabby's layout, the code around the "
                        "cursor too), meta (ids, language, sizes, timings: no code) or off"),
     "events_days": (0, "days of events kept: older day files are deleted at start-up and daily; "
                        "0: all"),
+    "max_body": (1 << 20, "largest request body in bytes; larger ones get 413"),
+    "client_telemetry": (False, "let tabby-agent send its anonymous usage statistics to TabbyML"),
+    "host": ("127.0.0.1", "address to listen on (python app.py only; flask run has --host)"),
+    "port": (8080, "port to listen on (python app.py only; flask run has --port)"),
+    # Remote engines
+    "backend": ("", "URL of an inference engine to generate with instead of --model: llama-server "
+                    "(.../completion), an OpenAI-style server such as vLLM (.../v1) or Ollama "
+                    "(.../api/generate)"),
+    "backend_kind": ("", "llama.cpp, openai or ollama; empty: told by the --backend URL's path"),
+    "backend_model": ("", "model name sent to the engine, and which picks the FIM template; "
+                          "empty: the engine's first (llama.cpp, openai)"),
+    "backend_token": ("", "bearer token sent to the engine"),
+    "backend_timeout": (10.0, "seconds to wait for the engine to connect or send its next piece; "
+                              "then 504"),
+    # Chat
+    "chat_model": ("", "instruct model for /v1/chat/completions: GGUF file (or repo id), or "
+                       "'same' (--model, if it has a chat template); with --backend, the "
+                       "engine's model name ('same': --backend-model). Empty: no chat"),
+    "chat_template": ("", "Jinja2 chat template, for a chat model without one in its GGUF "
+                          "metadata"),
+    # Repository context
     "repo": ((), "a repository whose code completions draw on: a git checkout, or a git URL "
                  "cloned into ROOT/repositories; once for each (index: ROOT/index/code.sqlite3)"),
     "repo_refresh": (60, "seconds between looks at the repositories for changes (a URL's remote: "
                          "60 times as long)"),
     "repo_context_tokens": (1024, "tokens of repository context, for a model that has "
                                   "repository-level tokens (Qwen2.5-Coder, StarCoder2)"),
-    "max_body": (1 << 20, "largest request body in bytes; larger ones get 413"),
-    "client_telemetry": (False, "let tabby-agent send its anonymous usage statistics to TabbyML"),
-    "host": ("127.0.0.1", "address to listen on (python app.py only; flask run has --host)"),
-    "port": (8080, "port to listen on (python app.py only; flask run has --port)"),
+    # Speculation
+    "speculate": (True, "when the model is idle, compute the completion the editor will ask for "
+                        "if the user accepts the one shown (needs --completion-cache)"),
+    # Tokens per developer
+    "tokens": ("", "file of tokens, one per developer: a 'user token' pair a line (# comments); a "
+                   "request's user is its token's; read again when it changes"),
 }
 # fmt: on
 
@@ -143,7 +152,7 @@ def convert(value, default, source):
             return True
         if value.lower() in ("0", "false", "no"):
             return False
-        raise ValueError(f"{source} must be true or false, not {value!r}")
+        raise ValueError(f"{source} must be true or false (or yes/no, 1/0), not {value!r}")
     try:
         return type(default)(value)
     except ValueError:
@@ -151,27 +160,37 @@ def convert(value, default, source):
         raise ValueError(f"{source} must be {kind}, not {value!r}") from None
 
 
+def unknown(name, names):
+    """The error for a setting that is not one, with the nearest that is."""
+    near = difflib.get_close_matches(name, names, 1)
+    return ValueError(f"unknown setting {name}" + (f" (did you mean {near[0]}?)" if near else ""))
+
+
 def load_config(argv=(), environ=None):
     """CONFIG's defaults, overlaid by TABBYPY_* environment variables, then by --flags."""
     environ = os.environ if environ is None else environ
     for name in environ:
         if name.startswith(ENV_PREFIX) and name[len(ENV_PREFIX) :].lower() not in CONFIG:
-            raise ValueError(f"unknown setting {name} (see --help)")
+            raise unknown(name, [ENV_PREFIX + key.upper() for key in CONFIG])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     config = {}
     for key, (default, help) in CONFIG.items():
         env = ENV_PREFIX + key.upper()
         repeated = isinstance(default, tuple)  # a flag given once for each value
-        env_help = f"env {env}, comma-separated" if repeated else f"env {env}"
+        shown = {True: "true", False: "false", (): "none", "": "none"}.get(default, default)
+        kind = {bool: "BOOL", int: "N", float: "X", tuple: "VALUE"}.get(type(default), "TEXT")
         parser.add_argument(
             "--" + key.replace("_", "-"),
             dest=key,
-            metavar="VALUE",
+            metavar=kind,
             action="append" if repeated else "store",
-            help=f"{help} (default: {default!r}; {env_help})",
+            help=f"{help} (default: {shown}; env {env}{', comma-separated' if repeated else ''})",
         )
         config[key] = convert(environ[env], default, env) if env in environ else default
-    for key, value in vars(parser.parse_args(list(argv))).items():
+    args, extra = parser.parse_known_args(list(argv))
+    if extra:
+        raise unknown(extra[0].split("=")[0], ["--" + key.replace("_", "-") for key in CONFIG])
+    for key, value in vars(args).items():
         if isinstance(value, list):
             config[key] = tuple(value)
         elif value is not None:
@@ -180,46 +199,19 @@ def load_config(argv=(), environ=None):
 
 
 def check_config(config):
-    """SystemExit with one line naming the flag, for settings that cannot work together."""
+    """SystemExit with one line naming the flag, for the core's settings that cannot work."""
     if config["device"] not in ("cpu", "gpu"):
         raise SystemExit(f"error: --device must be cpu or gpu, not {config['device']!r}")
-    if not config["backend_timeout"] > 0:
-        raise SystemExit("error: --backend-timeout must be more than 0 seconds")
     if config["repack"] not in ("auto", "true", "false"):
         raise SystemExit(f"error: --repack must be auto, true or false, not {config['repack']!r}")
     if config["events"] not in ("full", "meta", "off"):
         raise SystemExit(f"error: --events must be full, meta or off, not {config['events']!r}")
-    if config["events_days"] < 0:
-        raise SystemExit("error: --events-days must be 0 (keep all) or more")
-    if config["kv_cache_mb"] < 0:
-        raise SystemExit("error: --kv-cache-mb must be 0 or more")
-    if config["completion_cache"] < 0:
-        raise SystemExit("error: --completion-cache must be 0 or more")
+    for key in ("events_days", "kv_cache_mb", "completion_cache"):
+        if config[key] < 0:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be 0 or more")
     if not 0 < config["max_tokens"] < config["ctx"]:
         raise SystemExit(
             f"error: --max-tokens must be at least 1 and less than --ctx ({config['ctx']})"
-        )
-    if config["backend"] and config["model"]:
-        raise SystemExit(
-            "error: --model and --backend both given: pass one "
-            "(--backend generates with the engine's model)"
-        )
-    local_only = {
-        "--device": config["device"] != "cpu",
-        "--threads": config["threads"],
-        "--flash-attn": config["flash_attn"],
-        "--repack": config["repack"] != "auto",
-        "--chat-template": config["chat_template"],
-    }
-    given = [flag for flag, value in local_only.items() if value]
-    if config["backend"] and given:
-        raise SystemExit(
-            f"error: {', '.join(given)}: for a local model; with --backend the engine decides"
-        )
-    if not config["model"] and not config["backend"]:
-        raise SystemExit(
-            f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL "
-            "(or --backend URL of an engine)"
         )
 
 
@@ -229,10 +221,6 @@ def check_config(config):
 # The Tabby release whose API we speak: tabby-agent reads version.git_describe as a semver
 # and asks for /v1beta/server_setting only from 0.9.0 on.
 TABBY_VERSION = "v0.32.0"
-
-# Repository-level tokens (repository name, file separator) of models trained on whole
-# repositories, for those whose GGUF llama.cpp finds no fim_rep and fim_sep in (StarCoder2's)
-REPO_TOKENS = [("<|repo_name|>", "<|file_sep|>"), ("<repo_name>", "<file_sep>")]
 
 # FIM prompt templates (TabbyML/registry-tabby:models.json), tried in order: the first whose
 # markers are all special tokens of the model wins. A remote engine's model has no tokens to
@@ -356,14 +344,11 @@ SNIPPET_LISTS = [  # the request's snippets, in the order they get the budget
 ]
 PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and the KV cache) stays
 SAMPLE_CHARS = 1024  # a longer line's tokens are estimated from those of its start
-EVAL_CHUNK = 64  # prompt tokens a chat evaluates at a time, letting completions go between
 KV_KEPT = 32  # tokens of the KV cache that a new prompt must drop for a copy to be kept
-# llama.cpp attends over the KV cache's cells up to the next multiple of 256 past the last one
-# used (its padding): a prompt's batches end on such a multiple (all but the last), or a batch
-# ending just past one attends over 255 empty cells (a prompt after a kept <fim_prefix> was 7 %
-# slower for it)
+# llama.cpp attends over the KV cache up to the next multiple of 256 cells past the last one used
+# (its padding): a prompt's batches end on such multiples, or a batch ending just past one attends
+# over 255 empty cells (bench/README.md)
 KV_PAD = 256
-SPECULATOR_IDLE = 10  # seconds without a speculation to make, after which its thread ends
 LAST_ANSWERS = 64  # clients whose last answer is kept, for typed-through answers
 
 # -----------------------------------------------------------------------------------------------
@@ -796,71 +781,6 @@ def parse_event(body, select_kind=None):
     return {kind: {k: v for k, v in fields.items() if v is not None}}
 
 
-@dataclasses.dataclass
-class ChatRequest:
-    """A /v1/chat/completions body (OpenAI's shape), checked."""
-
-    messages: list  # [{role, content}], content as one string
-    stop: list  # strings
-    stream: bool
-    user: str | None = None
-    temperature: float | None = None
-    seed: int | None = None
-    max_tokens: int | None = None  # None: up to the end of the context (or the engine's limit)
-
-
-def parse_message(message, where):
-    """One chat message as {role, content}; content parts (text only) are joined."""
-    if not isinstance(message, dict):
-        abort(400, f"{where} must be an object")
-    content = message.get("content")
-    if isinstance(content, list):  # parts: only text can be read here
-        text = lambda part: isinstance(part, dict) and part.get("type") == "text"  # noqa: E731
-        if not all(text(part) and isinstance(part.get("text"), str) for part in content):
-            abort(400, f'{where}.content parts must all be {{"type": "text", "text": ...}}')
-        message = dict(message, content="".join(part["text"] for part in content))
-    return {
-        "role": get(message, "role", str, where + ".", True),
-        "content": get(message, "content", str, where + ".") or "",
-    }
-
-
-def parse_chat(body, stream=False):
-    """A /v1/chat/completions body as a ChatRequest; stream is the default for "stream"
-    (OpenAI's is false; Tabby's older clients stream without asking)."""
-    messages = get(body, "messages", list, required=True)
-    if not messages:
-        abort(400, "messages must not be empty")
-    messages = [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (
-        isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
-    ):
-        abort(400, "stop must be a string or a list of non-empty strings")
-    req = ChatRequest(
-        messages=messages,
-        stop=[clean(s) for s in stop or []],
-        stream=stream,
-        user=get(body, "user", str),
-        temperature=get(body, "temperature", float),
-        seed=get(body, "seed", int),
-        max_tokens=get(body, "max_tokens", int),
-    )
-    if get(body, "stream", bool) is not None:
-        req.stream = body["stream"]
-    if req.max_tokens is None:
-        req.max_tokens = get(body, "max_completion_tokens", int)  # OpenAI's newer name
-    get(body, "model", str)  # checked, not used: there is one chat model
-    if req.temperature is not None and not 0 <= req.temperature <= 2:
-        abort(400, "temperature must be between 0 and 2")
-    if req.max_tokens is not None and req.max_tokens < 1:
-        abort(400, "max_tokens must be at least 1")
-    if req.seed is not None and req.seed < 0:
-        abort(400, "seed must be 0 or more")
-    return req
-
-
 class Sampling(typing.NamedTuple):
     temperature: float
     seed: int  # 32 bits, as llama.cpp's seeds are
@@ -941,51 +861,14 @@ class Generated(typing.NamedTuple):
     ms: float = 0  # time in the model (or engine)
 
 
-def held_back(text, stops):
-    """How much of text can be streamed: all but an end that may begin a stop word."""
-    for n in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
-        if any(stop.startswith(text[-n:]) for stop in stops):
-            return len(text) - n
-    return len(text)
-
-
-def deltas(steps, stops):
-    """The new text of each generate() step as (text, None), holding back an end that may begin
-    a stop word; then (the rest, generate()'s (text, pieces, reason))."""
-    sent = 0
-    while True:
-        try:
-            text = next(steps)
-        except StopIteration as end:
-            yield end.value[0][sent:], end.value
-            return
-        end = held_back(text, stops)
-        if end > sent:
-            yield text[sent:end], None
-            sent = end
-
-
 # -----------------------------------------------------------------------------------------------
-# Backends. One of two generates: a LocalModel (llama.cpp in this process) or an Engine (an HTTP
-# inference engine). open_backend() picks one at start-up; the request path never asks which.
-# Both have the same methods:
-#   prompt(prefix, suffix), raw_prompt(text)   -> Prompt (its tokens, text and size)
-#   count(text)                                -> about how many tokens text is in a prompt
-#   complete(prompt, sampling, limits, reuse)  -> Generated: generate() over its pieces
-#   speculate(prompt, sampling, limits)        -> the same in idle time, or None (see Completions)
-#   chat(req, sampling, should_stop)           -> (generate() steps of the answer, prompt size)
-#   health() -> what /v1/health adds now; describe() -> start-up lines
-#   figures() -> (requests waiting, bytes of KV caches kept, {status: engine errors}), for /metrics
-# and the attributes name, device (for /v1/health), format (its PromptFormat), chat_name.
+# The local model: llama.cpp through llama-cpp-python, on one thread of its own.
 
 
 class Prompt(typing.NamedTuple):
-    tokens: list | None  # for a local model; an engine tokenizes the text itself
+    tokens: list | None  # for a local model (an engine tokenizes the text itself)
     text: str  # as Tabby logs it
     size: int  # in tokens (an engine's: estimated)
-
-
-# --- The local model: llama.cpp through llama-cpp-python, on one thread of its own.
 
 
 def physical_cores():
@@ -1008,109 +891,9 @@ def physical_cores():
         return os.cpu_count() or 1
 
 
-TABBY_LAYOUT = "ggml/model-00001-of-00001.gguf"  # where Tabby's own model repos keep the GGUF
-
-
-def reachable(url, timeout=3.0):
-    """Whether url's host takes a TCP connection within timeout seconds, name lookup included;
-    yes when a proxy is set (the hub's client goes through it)."""
-    proxies = ("https_proxy", "http_proxy", "all_proxy")
-    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
-        return True
-    parts, done, opened = urllib.parse.urlsplit(url), threading.Event(), []
-
-    def connect():  # on a thread of its own: a name lookup cannot be given a timeout
-        try:
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            socket.create_connection((parts.hostname, port), timeout=timeout).close()
-            opened.append(True)
-        except (OSError, ValueError):
-            pass
-        done.set()  # also when it failed at once: no need to wait out the timeout
-
-    threading.Thread(target=connect, daemon=True).start()
-    done.wait(timeout)
-    return bool(opened)
-
-
-def offline_help(hub, repo, filename, offline):
-    """What to do when the hub cannot be reached (or offline: HF_HUB_OFFLINE is set) and the
-    model is not in its cache."""
-    name = filename or (TABBY_LAYOUT if repo.startswith("TabbyML/") else "")
-    fetch = (f"fetch {hub}/{repo}/resolve/main/{name} by hand" if name else
-             f"fetch one of the .gguf files listed at {hub}/{repo}/tree/main by hand")  # fmt: skip
-    if offline:
-        return (f"HF_HUB_OFFLINE is set, and the model is not in the Hugging Face cache: {fetch} "
-                "and pass its path (--model ./model.gguf), or unset HF_HUB_OFFLINE to download "
-                "it")  # fmt: skip
-    return (f"cannot reach the Hugging Face hub ({hub}), and the model is not in its cache: "
-            f"{fetch} and pass its path (--model ./model.gguf); a model downloaded before "
-            "starts without the hub with HF_HUB_OFFLINE=1")  # fmt: skip
-
-
-def cached_gguf(huggingface_hub, repo, filename):
-    """The path of repo's GGUF file in the Hugging Face cache (filename; else Tabby's layout, or
-    the only .gguf file there), or None."""
-    try:
-        if filename:
-            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
-        folder = huggingface_hub.snapshot_download(repo, local_files_only=True)
-    except Exception:  # not in the cache (the hub's own errors vary by version)
-        return None
-    ggufs = sorted(
-        os.path.relpath(os.path.join(top, name), folder)
-        for top, _, names in os.walk(folder)
-        for name in names
-        if name.endswith(".gguf")
-    )
-    name = TABBY_LAYOUT if TABBY_LAYOUT in ggufs else ggufs[0] if len(ggufs) == 1 else None
-    return os.path.join(folder, name) if name else None
-
-
-def download(repo_id, flag="--model"):
-    """owner/repo[:file.gguf] from the Hugging Face hub into its cache, once, with a progress
-    bar; from the cache alone when the hub cannot be reached (found out in a few seconds)."""
-    try:
-        import huggingface_hub
-        from huggingface_hub import constants
-    except ImportError:
-        raise SystemExit(
-            f"error: {flag} {repo_id} is a Hugging Face repo id, and downloading it needs "
-            "huggingface_hub: pip install huggingface_hub (or pass a local .gguf file)"
-        ) from None
-    repo, _, filename = repo_id.partition(":")
-    hub = constants.ENDPOINT  # HF_ENDPOINT, or the hub's own
-    offline = bool(constants.HF_HUB_OFFLINE)
-    if offline or not reachable(hub):
-        path = cached_gguf(huggingface_hub, repo, filename)
-        if path is None:
-            raise SystemExit(
-                f"error: {flag} {repo_id}: {offline_help(hub, repo, filename, offline)}"
-            )
-        return path
-    try:
-        if not filename:
-            ggufs = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".gguf")]
-            if len(ggufs) != 1 and TABBY_LAYOUT not in ggufs:
-                raise SystemExit(
-                    f"error: {flag} {repo_id}: {len(ggufs)} GGUF files there "
-                    f"({', '.join(ggufs[:8])}); pick one as {repo}:FILE"
-                )
-            filename = ggufs[0] if len(ggufs) == 1 else TABBY_LAYOUT
-        return huggingface_hub.hf_hub_download(repo, filename)
-    except SystemExit:
-        raise
-    except Exception as e:  # no such repo, no such file, disk full: all end start-up the same way
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise SystemExit(
-            f"error: {flag} {repo_id}: download failed: {type(e).__name__}: {first} "
-            "(or pass a local .gguf file)"
-        ) from None
-
-
 def load_model(config, path, flag="--model"):
-    """A llama_cpp.Llama for a --model (or --chat-model) path or repo id, or SystemExit with one
-    line that says what to fix."""
+    """A llama_cpp.Llama for a --model (or --chat-model) file, or SystemExit with one line that
+    says what to fix."""
     if llama_cpp is None and isinstance(LLAMA_CPP_ERROR, ImportError):
         raise SystemExit(
             f"error: {flag} needs llama-cpp-python: pip install llama-cpp-python "
@@ -1122,9 +905,6 @@ def load_model(config, path, flag="--model"):
             "build needs the GPU's driver and runtime (or reinstall the CPU build: pip install "
             "--force-reinstall --no-cache-dir llama-cpp-python)"
         )
-    hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+(?<!\.gguf)(:.+)?", path)  # owner/repo, not dir/x.gguf
-    if not os.path.exists(path) and hub_id:
-        path = download(path, flag)
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path}: no such file")
     if config["device"] == "gpu" and not llama_cpp.llama_supports_gpu_offload():
@@ -1373,24 +1153,15 @@ def eval_prompt(llm, tokens, should_stop, every=0.005):
         return False
 
 
-def model_tokens(llm, tokens, temperature, seed, should_stop=None, every=0.005):
+def model_tokens(llm, tokens, temperature, seed, should_stop=lambda: False, every=0.005):
     """The ids of the tokens the model generates after tokens, until an end-of-generation or
-    other special token. What keep_kv() did not keep is evaluated first, the last token with
-    the rest (generate() then finds the whole prompt evaluated and samples at once, where on its
-    own the last token would cost a decode more): with should_stop, in full batches that
-    should_stop() (asked once in every seconds at most) cuts short (nothing comes then: see
-    eval_prompt); without, a chunk at a time, with a None after each: there the consumer may
-    let other work run."""
-    if not tokens:  # an empty prompt, for a model without a BOS token: nothing to go on
-        return
+    other special token. What keep_kv() did not keep is evaluated first, the last token with the
+    rest (generate() then finds the whole prompt evaluated and samples at once, where on its own
+    the last token would cost a decode more), in full batches that should_stop() (asked once in
+    every seconds at most) cuts short: nothing comes then (see eval_prompt)."""
     todo = tokens[llm.n_tokens :]
-    if should_stop is not None:
-        if todo and not eval_prompt(llm, todo, should_stop, every):
-            return
-    else:
-        for i in range(0, len(todo), EVAL_CHUNK):
-            llm.eval(todo[i : i + EVAL_CHUNK])
-            yield None
+    if not tokens or todo and not eval_prompt(llm, todo, should_stop, every):
+        return  # (an empty prompt: a model without a BOS token has nothing to go on)
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     is_eog, is_control = llama_cpp.llama_vocab_is_eog, llama_cpp.llama_vocab_is_control
     llm.set_seed(seed)
@@ -1400,69 +1171,11 @@ def model_tokens(llm, tokens, temperature, seed, should_stop=None, every=0.005):
         yield token
 
 
-END = object()  # what next(steps, END) gives when the steps have ended
-
-
-def model_pieces(llm, tokens, temperature, seed, should_stop=None):
-    """The bytes of each token that model_tokens() gives (b"" for a chunk of the prompt)."""
+def model_pieces(llm, tokens, temperature, seed, should_stop=lambda: False):
+    """The bytes of each token that model_tokens() gives."""
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
     for token in model_tokens(llm, tokens, temperature, seed, should_stop):
-        yield b"" if token is None else token_bytes(vocab, token)
-
-
-def chat_formatter(llm, override, flag):
-    """llama-cpp-python's Jinja2 formatter for the chat model's template: --chat-template, else
-    the one in its GGUF metadata; SystemExit without either."""
-    template = override or llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise SystemExit(
-            f"error: {flag}: the model has no chat template in its metadata: pass "
-            "--chat-template (a Jinja2 template), or another model"
-        )
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-
-    def text(token):  # "" for a token the model does not have
-        if token < 0:
-            return ""
-        return llama_cpp.llama_vocab_get_text(vocab, token).decode(errors="replace")
-
-    try:
-        return llama_cpp.llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=text(llm.token_eos()),
-            bos_token=text(llm.token_bos()),
-            stop_token_ids=[llm.token_eos()],
-        )
-    except Exception as e:  # jinja2's TemplateSyntaxError and kin
-        raise SystemExit(f"error: --chat-template: not a Jinja2 template: {e}") from None
-
-
-def chat_prompt(llm, formatter, messages):
-    """(prompt, tokens) of messages through the chat template. The template's own text is
-    tokenized with special tokens parsed and the messages' text as plain text, so that no message
-    can end its turn or start another. Where the messages' text is in the prompt shows in a second
-    rendering with a placeholder for each (put back as written, or stripped as templates often
-    do)."""
-    prompt = formatter(messages=messages).prompt
-    # private-use characters around each message's number
-    placeholders = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
-    # template text, message number, template text, ...
-    parts = re.split("\ue000(\\d+)\ue001", formatter(messages=placeholders).prompt)
-    special = lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
-    plain = lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)  # noqa: E731
-    template = "".join(parts[::2])
-    protected = set(special(template)) - set(plain(template))
-    for texts in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
-        if "".join(texts[int(p)] if i % 2 else p for i, p in enumerate(parts)) != prompt:
-            continue
-        tokens = []
-        for i, part in enumerate(parts):
-            tokens += tokenize_text(llm, texts[int(part)], protected) if i % 2 else special(part)
-        return prompt, tokens
-    if any(special(m["content"]) != plain(m["content"]) for m in messages):
-        changed = "the chat template changes the messages' text"
-        abort(422, f"{changed}, so special tokens spelled in it could not be kept as text")
-    return prompt, special(prompt)
+        yield token_bytes(vocab, token)
 
 
 def gpu_name():
@@ -1472,37 +1185,14 @@ def gpu_name():
     return next((name.lower() for name in gpus if name in backends), "gpu")
 
 
-def repo_tokens(llm):
-    """[(id, text)] of the model's repository-name and file-separator tokens (llama.cpp's, else
-    REPO_TOKENS'), or [] when it has none."""
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    ids = [llama_cpp.llama_vocab_fim_rep(vocab), llama_cpp.llama_vocab_fim_sep(vocab)]
-    if min(ids) >= 0:  # (-1: no such token)
-        return [(i, llama_cpp.llama_vocab_get_text(vocab, i).decode()) for i in ids]
-    for names in REPO_TOKENS:
-        ids = [special_token(llm, name) for name in names]
-        if None not in ids:
-            return list(zip(ids, names))
-    return []
-
-
-def load_chat_model(config, model_path):
-    """(Llama, formatter, name) of --chat-model ('same': the model at model_path once more, a
-    context of its own: the weights are memory-mapped, so shared on a CPU)."""
-    name = config["chat_model"]
-    llm = load_model(config, model_path if name == "same" else name, "--chat-model")
-    formatter = chat_formatter(llm, config["chat_template"], "--chat-model " + name)
-    if os.path.exists(name) or name == "same":
-        name = os.path.basename(llm.model_path)
-    return llm, formatter, name
-
-
 class LocalModel:
-    """llama.cpp in this process. It owns the Llama, the one thread that runs it, the KV caches
-    of editors taking turns, and the chat model (if any) with its lock."""
+    """llama.cpp in this process: the core's backend. It owns the Llama, the one thread that runs
+    it and the KV caches of editors taking turns. A backend has prompt(prefix, suffix, head),
+    raw_prompt(text), count(text), complete(prompt, sampling, limits, reuse) -> Generated,
+    health(), describe(), figures() and name, device, format (its PromptFormat)."""
 
-    def __init__(self, config):
-        self.llm = load_model(config, config["model"])
+    def __init__(self, config, path=None):
+        self.llm = load_model(config, path or config["model"])
         self.ctx = config["ctx"]
         self.format = template_format(*find_template(self.llm, config["prompt_template"]))
         vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -1513,40 +1203,27 @@ class LocalModel:
         self.tokenize = functools.lru_cache(maxsize=64)(
             lambda text: tuple(tokenize_text(self.llm, text, protected))
         )
-        # repository-level tokens: then the repository's code goes before the prompt as files,
-        # in a budget of its own (at most half the room for the prompt)
-        self.repo_ids = repo_tokens(self.llm)
-        self.repo_layout = bool(self.repo_ids)
-        room = config["ctx"] - config["max_tokens"]
-        self.repo_budget = min(config["repo_context_tokens"], room // 2)
         model = config["model"]
         self.name = os.path.basename(model) if os.path.exists(model) else model
         self.device = gpu_name() if config["device"] == "gpu" else "cpu"
-        chat = load_chat_model(config, self.llm.model_path) if config["chat_model"] else None
-        self.chat_llm, self.chat_format, self.chat_name = chat or (None, None, None)
-        given = config["chat_template"]
-        self.chat_source = "--chat-template" if given else "the chat template in its metadata"
-        self.chat_lock = threading.Lock()  # one chat at a time; completions go between its steps
         # The model runs on a thread of its own: a Llama context is not thread-safe, flask run
         # serves each request on a new thread, and llama.cpp's OpenMP workers belong to the
-        # calling thread (a new caller pays ~4 ms to start them). Requests queue for it first
-        # come first served, so that one editor's stream of requests cannot starve another's.
+        # calling thread (a new caller pays ~4 ms to start them). Its jobs (a request, a chat
+        # step, work in idle time) queue for it first come first served, so that one editor's
+        # stream of requests cannot starve another's.
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.waiting, self.waiting_lock = 0, threading.Lock()  # tasks queued for it, not begun
+        self.waiting, self.waiting_lock = 0, threading.Lock()  # requests queued, not begun
         # Copies of the KV cache kept when another prompt took its place (least recently used
         # first, --kv-cache-mb in all), so that editors taking turns, and an editor coming back
         # after an abandoned request, get theirs back instead of evaluating their prompts again.
         # Found by what they hold, not by whose they were: editors cannot be told apart. The
-        # buffers of copies that went are kept for the next ones (within --kv-cache-mb: kv_bytes
-        # counts all buffers); speculated: whether the KV cache holds a finished speculation's.
-        # Used on the model thread only.
+        # buffers of copies that went are kept for the next ones (kv_bytes counts all buffers).
+        # On the model thread only, as are: the tokens made in idle time for a prompt, which a
+        # request of it goes on from ({prompt tokens: tokens}, one at a time), and whether the
+        # KV cache holds finished work of idle time.
         self.kv_saved, self.kv_bytes, self.kv_ids = collections.OrderedDict(), 0, itertools.count()
         self.kv_free, self.kv_limit = [], config["kv_cache_mb"] << 20
-        self.speculated = False
-        # prompt tokens -> the tokens a speculation has generated for them so far (one at a time:
-        # a newer one replaces it), for a request of that prompt; and how many requests the
-        # model has served (a speculation stops for good once one has); on the model thread
-        self.partial, self.served = {}, 0
+        self.ahead, self.idle_kv = {}, False
         warm_up = self.prompt("def main():\n    ", "\n").tokens  # pages in the weights,
         self.thread.submit(  # and starts the OpenMP workers
             lambda: finish(generate(model_pieces(self.llm, warm_up, 0, 0), 2))
@@ -1558,45 +1235,20 @@ class LocalModel:
             how = "no FIM tokens, prefix-only prompts"
         threads = self.llm.context_params.n_threads
         off = "" if self.llm.model_params.use_extra_bufts else ", weight repacking off"
-        lines = [
-            f"model {self.name}: {how}; ctx {self.ctx}, {threads} threads, device {self.device}"
-            + off
-        ]
-        if self.chat_name:
-            lines.append(f"chat model {self.chat_name}: {self.chat_source}")
-        return lines
+        return [f"model {self.name}: {how}; ctx {self.ctx}, {threads} threads, device "
+                f"{self.device}{off}"]  # fmt: skip
 
     def health(self):
         return {}
 
-    def prompt(self, prefix, suffix, context=None):
-        """The template's special tokens as ids, the rest tokenized as plain text; a RepoContext
-        before it (see repo_head)."""
+    def prompt(self, prefix, suffix, head=None):
+        """The template's special tokens as ids, the rest tokenized as plain text; head (a
+        Prompt) before it."""
         pieces, text = arrange(self.format, prefix, suffix)
-        tokens = list(self.bos)
-        if context and self.repo_layout:
-            head, head_text = self.repo_head(context)
-            tokens, text = tokens + head, head_text + text
+        tokens = self.bos + (head.tokens if head else [])
         for p in pieces:
             tokens += [p] if isinstance(p, int) else self.tokenize(p)
-        return Prompt(tokens, text, len(tokens))
-
-    def repo_head(self, context):
-        """(tokens, text) of a RepoContext as llama.cpp's /infill lays one out: <|repo_name|>name,
-        then for each file <|file_sep|>path and its text, then <|file_sep|> and the current file's
-        path; the last files left out until it fits repo_budget tokens."""
-        (rep, rep_text), (sep, sep_text) = self.repo_ids
-        files = list(context.files)
-        while True:
-            pieces = [rep, context.name + "\n"]
-            for path, body in files:
-                pieces += [sep, f"{path}\n{body}"]
-            pieces += [sep, context.path + "\n"]
-            tokens = [t for p in pieces for t in ([p] if isinstance(p, int) else self.tokenize(p))]
-            if len(tokens) <= self.repo_budget or not files:
-                names = {rep: rep_text, sep: sep_text}
-                return tokens, "".join(names[p] if isinstance(p, int) else p for p in pieces)
-            files.pop()
+        return Prompt(tokens, (head.text if head else "") + text, len(tokens))
 
     def raw_prompt(self, text):
         """A prompt as it is, special tokens and all (debug_options.raw_prompt)."""
@@ -1610,14 +1262,14 @@ class LocalModel:
     def complete(self, prompt, sampling, limits, reuse=False):
         """Generated for prompt, on the model thread when its turn comes (or "cancelled" while it
         waits, without touching the model); with reuse (no temperature or seed of the request's
-        own), going on from the tokens a speculation of this prompt made, if any."""
+        own), going on from tokens made ahead for this prompt, if any."""
 
         def run():
             if limits.should_stop():  # gone while it waited: the KV cache stays as it is
                 return Generated("", 0, "cancelled")
-            t, self.served = time.perf_counter(), self.served + 1
-            done = self.partial.get(tuple(prompt.tokens), []) if reuse else []
-            tokens = prompt.tokens + done  # (a new list: done may be a speculation's own)
+            t = time.perf_counter()
+            done = self.ahead.get(tuple(prompt.tokens), []) if reuse else []
+            tokens = prompt.tokens + done  # (a new list: done may be made ahead still)
             self.use_kv_for(tokens)
             reused = min(keep_kv(self.llm, tokens), prompt.size)
             vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
@@ -1630,86 +1282,6 @@ class LocalModel:
             return Generated(text, n, reason, reused, (time.perf_counter() - t) * 1000)
 
         return self.on_thread(limits.should_stop, run) or Generated("", 0, "cancelled")
-
-    def speculate(self, prompt, sampling, limits):
-        """Generated for prompt in the model's idle time, or None: a step at a time (the prompt,
-        then a token), each run on the model thread only while no request waits for it. When
-        one comes (or limits.should_stop()) it stops, within the prompt's batch too: its tokens
-        so far stay in partial, so that complete() goes on from there if the request is for
-        this prompt, and the editor's KV cache in a copy, for its next keystroke."""
-        key, done, t = tuple(prompt.tokens), [], time.perf_counter()
-        vocab, interrupted = llama_cpp.llama_model_get_vocab(self.llm.model), threading.Event()
-
-        def yielding():  # asked between tokens, and inside the prompt's batches
-            if self.waiting or limits.should_stop():
-                interrupted.set()
-            return interrupted.is_set()
-
-        def begin():
-            if yielding():  # a request came meanwhile: the KV cache stays the editor's
-                return None
-            self.partial = {key: done}  # one at a time: an older one goes
-            # the editor's next keystroke gets its KV cache back
-            self.use_kv_for(prompt.tokens, 1, speculation=True)
-            keep_kv(self.llm, prompt.tokens)
-            return self.served, model_tokens(self.llm, prompt.tokens, *sampling, yielding, 0)
-
-        def step():  # on the model thread: the next token, or END
-            if self.served != served:  # a request came first (just after pieces() asked)
-                interrupted.set()  # and the KV cache is no longer the speculation's
-                return END
-            try:  # a request that comes stops even a token's decode: it waits for no step
-                with abortable(self.llm, yielding, every=0):  # (yielding() is cheap)
-                    token = next(steps, END)
-            except RuntimeError as e:
-                if not aborted(e):
-                    raise
-                return END  # (yielding() said so: interrupted is set)
-            done.extend([] if token is END else [token])
-            return token
-
-        def finished():  # on the model thread
-            self.partial.pop(key, None)
-            self.speculated = self.served == served  # its tokens, unless a request came since
-
-        def pieces():
-            while not yielding():
-                token = self.thread.submit(step).result()
-                if token is END:
-                    return
-                yield token_bytes(vocab, token)
-
-        begun = self.thread.submit(begin).result()
-        if begun is None:
-            return None
-        served, steps = begun
-        quiet = limits._replace(should_stop=lambda: False)  # pieces() asks, and stops there
-        text, n, reason = finish(generate(pieces(), *quiet))
-        self.thread.submit(steps.close)  # on the model thread too: it may be half way
-        if interrupted.is_set():
-            return None
-        self.thread.submit(finished)
-        return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
-
-    def chat(self, req, sampling, should_stop):
-        try:
-            _, tokens = chat_prompt(self.chat_llm, self.chat_format, req.messages)
-        except HTTPException:
-            raise
-        except Exception as e:  # the template's raise_exception (roles must alternate, ...)
-            abort(422, f"the chat template cannot render these messages: {e}")
-        room = self.ctx - len(tokens)
-        if room < 1:
-            context = f"the chat model's context holds {self.ctx} (--ctx)"
-            abort(400, f"the messages take {len(tokens)} tokens; {context}")
-
-        def pieces():  # run on the model thread a step at a time
-            keep_kv(self.chat_llm, tokens)
-            yield from model_pieces(self.chat_llm, tokens, *sampling)
-
-        end_of = lambda text: find_stop(text, req.stop)  # noqa: E731
-        steps = self.stepwise(pieces(), should_stop)
-        return generate(steps, min(req.max_tokens or room, room), end_of, should_stop), len(tokens)
 
     def on_thread(self, should_stop, work, *args):
         """work(*args) run on the model thread when its turn comes, or None when should_stop()
@@ -1736,22 +1308,22 @@ class LocalModel:
             self.waiting += n
 
     def figures(self):
-        """(requests waiting for the model, bytes of KV caches kept, {}: no engine errors)."""
-        return self.waiting, self.kv_bytes, {}
+        """The gauges of /metrics this owns."""
+        return {"requests_waiting": self.waiting, "kv_cache_bytes": self.kv_bytes}
 
-    def use_kv_for(self, tokens, worth=KV_KEPT, speculation=False):
-        """Before a prompt of tokens (a speculation's with speculation): if a kept copy holds
+    def use_kv_for(self, tokens, worth=KV_KEPT, idle=False):
+        """Before a prompt of tokens (one of work in idle time with idle): if a kept copy holds
         more of its start than the KV cache does, put that copy back; if the KV cache would lose
-        worth tokens or more to it, keep a copy of it first, unless it holds a finished
-        speculation's and this is a request's prompt (the editor did not take that completion,
-        or took it from the completion cache and this prompt goes on from it: either way no
-        prompt would use the copy). On the model thread."""
+        worth tokens or more to it, keep a copy of it first, unless it holds finished work of
+        idle time and this is a request's prompt (the editor did not take that completion, or
+        took it from the completion cache and this prompt goes on from it: either way no prompt
+        would use the copy). On the model thread."""
         held = self.llm.input_ids[: self.llm.n_tokens].tolist()
         here = common_prefix(held, tokens)
         holds = {k: common_prefix(kept, tokens) for k, (kept, _, _) in self.kv_saved.items()}
         best = max(holds, key=holds.get, default=None)
         mine = self.kv_saved.pop(best) if best is not None and holds[best] > here else None
-        worth_it = len(held) - here >= worth and (speculation or not self.speculated)
+        worth_it = len(held) - here >= worth and (idle or not self.idle_kv)
         size = kv_size(self.llm) if worth_it else 0
         if 0 < size <= self.kv_limit:
             covered = [k for k, (kept, _, _) in self.kv_saved.items() if held[: len(kept)] == kept]
@@ -1763,7 +1335,7 @@ class LocalModel:
             self.kv_free.append(mine[1])
         while self.kv_bytes > self.kv_limit and self.kv_free:
             self.kv_bytes -= len(self.kv_free.pop())
-        self.speculated = False  # (a speculation's finished() sets it)
+        self.idle_kv = False  # (finished work of idle time sets it)
 
     def kv_buffer(self, size):
         """Memory for a KV copy of size bytes: a free buffer that holds it (its pages are in
@@ -1786,26 +1358,710 @@ class LocalModel:
         self.kv_bytes += size
         return (ctypes.c_uint8 * size)()
 
-    def stepwise(self, pieces, should_stop):
-        """The chat model's pieces, one chat at a time, each computed on the model thread as a
-        task of its own: completions that come meanwhile go first, waiting one token (or one
-        chunk of the chat's prompt) at most."""
-        while not self.chat_lock.acquire(timeout=0.05):
+
+# -----------------------------------------------------------------------------------------------
+# The completion service: a parsed request in, an Answer out, with what latency needs per client.
+
+
+class Answer(typing.NamedTuple):
+    text: str
+    prompt: str  # as Tabby logs it
+    reason: str  # generate()'s, or "typed through", "cached", "speculated" (made ahead)
+    snippets: list = []  # in the prompt: the editor's, and any others
+    size: int = 0  # prompt tokens
+    reused: int = 0  # of them, already in the KV cache
+    generated: int = 0  # tokens
+    ms: float = 0  # in the model (or engine)
+
+
+class LastAnswer(typing.NamedTuple):
+    """A client's last completion, which it may type through."""
+
+    language: str
+    suffix: str
+    prefix: str  # of the request
+    text: str  # the completion
+    prompt: str  # as logged
+
+
+class Job(typing.NamedTuple):
+    """A completion request made ready for a backend."""
+
+    prompt: Prompt
+    doc: Document
+    end_of: typing.Callable  # the text -> where it ends (stop words, the editor's cut), or None
+    snippets: list  # in the prompt
+
+    def key(self, language):
+        """What a completion depends on, for the completion cache: what the model sees (its
+        tokens, or an engine's text), and where its text ends (the language's stop words, the
+        cursor that the editor's cut depends on: a prefix-only prompt does not show it)."""
+        return language, self.doc.cursor, tuple(self.prompt.tokens or ()) or self.prompt.text
+
+
+# finish reasons of completions that are not kept: no answer, or one cut short by the time
+# budget (a busy moment: asked again, the model may write more)
+UNKEPT = ("cancelled", "time")
+
+
+class Completions:
+    """Completions for clients, a client being one (address, user, file): several editors may be
+    one client (tabby-agent sends no identity, a team's proxy one address), so a client's state
+    only ever saves work. Under a lock it owns the last answers of the last few clients, for
+    typed-through answers, and the completions kept by prompt (a completion made ahead is kept
+    with ahead=True until a request uses it). Capabilities hook in through context (more for a
+    prompt) and answered (what to do once an answer is sent)."""
+
+    def __init__(self, backend, config, counters=None):
+        self.backend, self.counters = backend, counters or Counters()
+        self.max_tokens, self.temperature = config["max_tokens"], config["temperature"]
+        self.budget = config["time_budget"] / 1000
+        self.room = config["ctx"] - config["max_tokens"]  # for the prompt, in tokens
+        self.lock = threading.Lock()
+        self.last_answers = collections.OrderedDict()
+        self.cache, self.cache_size = collections.OrderedDict(), config["completion_cache"]
+        self.arrivals = 0  # requests so far: work in idle time stops when a request comes
+        # (request, its snippets) -> (more snippets, (a Prompt before it, its snippets) or None)
+        self.context = lambda req, snippets: ([], None)
+        self.answered = []  # functions (request, Answer, arrivals then) once an answer is sent
+        # tokens in a line of text, while the prompt is fitted to the context (see fit): lines
+        # far from the cursor stay the same while the user types
+        self.line_tokens = functools.lru_cache(maxsize=4096)(backend.count)
+
+    def arrived(self):
+        """A request came (the route says so before it reads the body): work in idle time stops
+        at once, the CPU is the request's; -> the count, for answered."""
+        with self.lock:
+            self.arrivals += 1
+            return self.arrivals
+
+    def answer(self, req, client, should_stop):
+        """The Answer to req, a CompletionRequest, from client. should_stop() says that its HTTP
+        client hung up (as tabby-agent does on the next keystroke): the answer is then empty,
+        "cancelled", and the model does no more for it. Nothing else cancels a request. An
+        earlier answer will do unless the request asks for variety (a temperature, a seed)."""
+        seg, reuse = req.segments, req.raw_prompt is None and not req.wants_variety
+        if reuse:
+            typed = self.typed_through(client, req.language, seg["prefix"], seg["suffix"])
+            if typed is not None:
+                self.remember(client, req.language, seg["suffix"], seg["prefix"], *typed)
+                return Answer(*typed, "typed through")
+        job = self.prepare(req, should_stop)
+        if job is None:
+            return Answer("", "", "cancelled")
+        key = job.key(req.language)
+        out = self.cached(key) if reuse else None
+        if out is None:
+            limits = Limits(self.max_tokens, job.end_of, should_stop, self.budget)
+            out = self.backend.complete(job.prompt, sampling(req, self.temperature), limits, reuse)
+            if reuse and out.reason not in UNKEPT:
+                self.keep(key, out)
+        text = re.sub(r"(?<!\r)\n", "\r\n", out.text) if job.doc.crlf else out.text
+        if text and req.raw_prompt is None:
+            self.remember(client, req.language, seg["suffix"], seg["prefix"], text, job.prompt.text)
+        reused = job.prompt.size if out.reason in ("cached", "speculated") else out.reused
+        return Answer(text, job.prompt.text, out.reason, job.snippets, job.prompt.size, reused,
+                      out.generated, out.ms)  # fmt: skip
+
+    def prepare(self, req, should_stop):
+        """The Job of a request: its snippets (the editor's, then those of context), its
+        document, its prompt fitted to the context; or None when should_stop() first."""
+        if req.raw_prompt is None:
+            snippets = pick_snippets(req.segments) if req.retrieval else []
+            more, head = self.context(req, snippets) if req.retrieval else ([], None)
+            doc = document(req.language, req.segments, self.backend.format.fim, snippets + more)
+            make = functools.partial(self.backend.prompt, head=head and head[0])
+            prompt, shown = self.fit(doc.prefix, doc.suffix, should_stop, make), doc.snippets
+            shown = shown + (head[1] if head else [])
+        else:  # a debugging aid: used verbatim, special tokens and all
+            doc, shown = Document(req.raw_prompt, "", NO_CURSOR, [], False), []
+            raw = lambda text, _: self.backend.raw_prompt(text)  # noqa: E731
+            prompt = self.fit(doc.prefix, "", should_stop, raw)
+        if prompt is None:
+            return None
+        stops = stop_words(req.language)
+        tail = prompt.text[-max(map(len, stops)) :]  # a stop word may begin in the prompt
+        return Job(prompt, doc, lambda text: text_end(text, stops, tail, doc.cursor), shown)
+
+    def cached(self, key):
+        """The Generated kept for key, as an answer made without the model ("cached", or
+        "speculated" the first time one made ahead is used), or None."""
+        with self.lock:
+            kept = self.cache.get(key)
+            if kept is None:
+                return None
+            self.cache[key] = (kept[0], False)
+            self.cache.move_to_end(key)
+        out, ahead = kept
+        if ahead:
+            self.counters.add("speculations_total", outcome="used")
+        return out._replace(reason="speculated" if ahead else "cached", generated=0, ms=0)
+
+    def keep(self, key, out, ahead=False):
+        """Keep out for key, the least recently used going first (one made ahead and never used:
+        wasted)."""
+        with self.lock:
+            self.cache[key] = (out, ahead)
+            self.cache.move_to_end(key)
+            while len(self.cache) > self.cache_size:
+                if self.cache.popitem(last=False)[1][1]:
+                    self.counters.add("speculations_total", outcome="wasted")
+
+    def fit(self, prefix, suffix, should_stop, make):
+        """make(prefix, suffix), the backend's Prompt, cut to the room the context has for it; or
+        None when should_stop() first. Tokenizing is slow (2 µs a character and more, for some
+        vocabularies), so text far from the cursor is never tokenized: lines are counted from the
+        cursor outward until the room is full, the cut is chosen on those counts (fit_prompt),
+        and the prompt made once (again, shorter by what the counts missed, in the rare case)."""
+        if len(prefix.encode()) + len(suffix.encode()) + 8 <= self.room:  # a token: a byte or more
+            return make(prefix, suffix)
+        above, below = prefix.splitlines(keepends=True), suffix.splitlines(keepends=True)
+        first, last = self.near(reversed(above), should_stop), self.near(below, should_stop)
+        if first is None or last is None:
+            return None
+        first = len(above) - first
+        first -= first % PREFIX_STEP  # a line where fit_prompt may cut: the start stays put
+        prefix, suffix, overhead = "".join(above[first:]), "".join(below[:last]), make("", "").size
+
+        def count(p, s):
+            lines = p.splitlines(keepends=True) + s.splitlines(keepends=True)
+            return overhead + sum(map(self.tokens_in, lines))
+
+        budget = self.room
+        for _ in range(3):
+            prompt = make(*fit_prompt(prefix, suffix, count, budget))
             if should_stop():
-                return
+                return None
+            if prompt.size <= self.room:
+                return prompt
+            budget -= prompt.size - self.room  # what the counts missed
+        exact = lambda p, s: make(p, s).size  # noqa: E731
+        return make(*fit_prompt(prefix, suffix, exact, self.room))
+
+    def tokens_in(self, line):
+        """About how many tokens a line is; a long one (minified code) is measured by its start."""
+        if len(line) <= SAMPLE_CHARS:
+            return self.line_tokens(line)
+        return self.line_tokens(line[:SAMPLE_CHARS]) * len(line) / SAMPLE_CHARS
+
+    def near(self, lines, should_stop):
+        """How many of the lines (nearest the cursor first) it takes to fill the room; None when
+        should_stop() first."""
+        n, tokens = 0, 0
+        for line in lines:
+            if tokens > self.room:
+                break
+            if n % 64 == 0 and should_stop():
+                return None
+            n, tokens = n + 1, tokens + self.tokens_in(line)
+        return n
+
+    def typed_through(self, client, language, prefix, suffix):
+        """(the rest of this client's last completion, its prompt) when the client typed the
+        start of that completion since, or None."""
+        with self.lock:
+            last = self.last_answers.get(client)
+        if last is None or (language, suffix) != (last.language, last.suffix):
+            return None
+        if not prefix.startswith(last.prefix):
+            return None
+        typed, text = prefix[len(last.prefix) :], last.text
+        if typed and text.startswith(typed) and len(text) > len(typed):
+            return text[len(typed) :], last.prompt
+        return None
+
+    def remember(self, client, language, suffix, prefix, text, prompt):
+        with self.lock:
+            self.last_answers[client] = LastAnswer(language, suffix, prefix, text, prompt)
+            self.last_answers.move_to_end(client)
+            if len(self.last_answers) > LAST_ANSWERS:
+                self.last_answers.popitem(last=False)
+
+
+# -----------------------------------------------------------------------------------------------
+# Counters: what the server did, counted where it happens. /metrics reads them since start-up,
+# as Prometheus wants them; the status page reads a Tally a day (its history from the events
+# log, read at start-up) and a minute.
+
+HISTORY_DAYS = 14  # days of tallies kept
+RECENT_IDS = 10_000  # completions whose views and selects are matched to their day and language
+BUCKET = math.log(1.02)  # latencies are tallied in buckets 2 % wide: percentiles within 1 %
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # Prometheus' buckets
+
+
+def bucket(ms):
+    """The latency bucket of ms milliseconds (see BUCKET)."""
+    return round(math.log(max(ms, 0.01)) / BUCKET)
+
+
+class Counters:
+    """Under one lock: Prometheus' counters since start-up ({(name, labels): value}, anyone's:
+    a capability adds its own), and a Tally (a Counter) of completions for each of the last
+    HISTORY_DAYS days and of the last hour's minutes: "served", "cancelled", "typed",
+    "prompt_tokens", "reused_tokens", ("total_ms" or "model_ms", bucket), and ("served",
+    "viewed" or "selected", language, user). A view or select counts once for its completion,
+    on its day and under its language (for the last RECENT_IDS completions)."""
+
+    def __init__(self):
+        self.lock, self.started = threading.Lock(), time.time()
+        self.values = collections.Counter()
+        self.days, self.minutes = {}, {}  # "YYYY-MM-DD" or minute number -> Tally
+        self.recent = collections.OrderedDict()  # completion id -> [language, day, views]
+
+    def add(self, name, n=1, **labels):
+        with self.lock:
+            self.values[name, tuple(sorted(labels.items()))] += n
+
+    def observe(self, name, seconds):
+        """A histogram's sample (under the lock): its bucket (counted up to it when shown) and
+        its sum."""
+        self.values[name, (("le", next((b for b in SECONDS if seconds <= b), math.inf)),)] += 1
+        self.values[name + "_sum", ()] += seconds
+
+    def completion(self, ts, cid, language, user, a=None, total_ms=0, live=True):
+        """Count a completion answered at ts (a: its Answer; None: cancelled); live: now, else
+        read from the history (the tallies only)."""
+        day, reason = time.strftime("%Y-%m-%d", time.gmtime(ts)), a.reason if a else "cancelled"
+        with self.lock:
+            if live:
+                self.values["completions_total", (("language", language), ("reason", reason))] += 1
+                self.observe("completion_seconds", total_ms / 1000)
+            if live and a:
+                for name, n in (
+                    ("prompt", a.size),
+                    ("reused", a.reused),
+                    ("generated", a.generated),
+                ):
+                    self.values[name + "_tokens_total", ()] += n
+                if reason != "typed through":
+                    self.observe("completion_model_seconds", a.ms / 1000)
+            tallies = [self.tally(self.days, day, HISTORY_DAYS)]
+            if ts > time.time() - 3600:
+                tallies.append(self.tally(self.minutes, int(ts // 60), 60))
+            for tally in tallies:
+                if a is None:
+                    tally["cancelled"] += 1
+                    continue
+                tally.update(served=1, typed=reason == "typed through", prompt_tokens=a.size,
+                             reused_tokens=a.reused)  # fmt: skip
+                tally["total_ms", bucket(total_ms)] += 1
+                tally["model_ms", bucket(a.ms)] += reason != "typed through"
+                tally["served", language, user] += 1
+            if a and cid:
+                self.seen(cid, language, day)
+
+    def event(self, ts, kind, cid, user):
+        """Count a view or select of the completion cid (once for it: a select is a view too)."""
+        with self.lock:
+            day = time.strftime("%Y-%m-%d", time.gmtime(ts))
+            language, day, views = self.seen(cid, "unknown", day)
+            tally = self.tally(self.days, day, HISTORY_DAYS)
+            for what in ("viewed", "selected")[: 2 if kind == "select" else 1]:
+                if what not in views:
+                    views.add(what)
+                    tally[what, language, user] += 1
+
+    def seen(self, cid, language, day):
+        """[language, day, views] of a recent completion (made for one not seen)."""
+        if cid not in self.recent:
+            self.recent[cid] = [language, day, set()]
+            if len(self.recent) > RECENT_IDS:
+                self.recent.popitem(last=False)
+        return self.recent[cid]
+
+    def tally(self, table, key, most):
+        """table's Tally for key, made if new; the oldest go when there are more than most."""
+        if key not in table:
+            table[key] = collections.Counter()
+            for old in sorted(table)[:-most]:
+                del table[old]
+        return table[key]
+
+    def summary(self, now=None):
+        """(the last hour's Tally, the last HISTORY_DAYS days', [(day, its Tally)] oldest first)."""
+        now, ago = time.time() if now is None else now, range(HISTORY_DAYS - 1, -1, -1)
+        names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in ago]
+        with self.lock:  # sums made here are copies: the tallies go on changing
+            hour = sum(
+                (t for m, t in self.minutes.items() if m > now // 60 - 60), collections.Counter()
+            )
+            days = [(day, self.days.get(day, collections.Counter()).copy()) for day in names]
+        return hour, sum((t for _, t in days), collections.Counter()), days
+
+
+# -----------------------------------------------------------------------------------------------
+# The events log: Tabby's layout, so that its analytics read ours.
+
+# what the server logs of its own answers (and of requests that its client abandoned), and what
+# tabby-agent sends; others count as "other"
+EVENTS = ("completion", "completion_cancelled", "chat_completion", "view", "select", "dismiss")
+
+
+def without_code(event):
+    """An event with no text of anyone's code (--events meta): a completion's prompt and segments
+    go, its choices' text becomes sizes. (A capability's events come with their own.)"""
+    kind, fields = next(iter(event.items()))
+    if kind == "completion":
+        choices = [{"index": c["index"], "chars": len(c["text"])} for c in fields["choices"]]
+        fields = {k: v for k, v in fields.items() if k not in ("prompt", "segments")}
+        return {kind: {**fields, "choices": choices, "snippets": len(fields["snippets"])}}
+    return event  # view, select, dismiss, ...: ids and numbers only
+
+
+def can_make(folder):
+    """Whether folder is, or could be made, a folder we can write to (without making it)."""
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
+
+
+def append(path, data):
+    """data at the end of the file at path (made, with its folder, if missing), with one write();
+    a write cut short by a full disk is taken back, so that the file only holds whole lines."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # the folder is gone: make it again
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
         try:
-            while True:
-                piece = self.on_thread(should_stop, next, pieces, None)
-                if piece is None:
-                    return
-                yield piece
-        finally:
-            self.thread.submit(pieces.close)  # on the model thread too, before the next chat's
-            self.chat_lock.release()
+            written = os.write(fd, data)
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+        if written < len(data):
+            os.ftruncate(fd, size)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    finally:
+        os.close(fd)
 
 
-# --- The engine (--backend): the prompt is built here, the engine generates, streaming back
-# pieces of text that feed the same generate() loop as a local model's tokens.
+class EventsLog:
+    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, what
+    is kept (--events: all, no code, nothing; --events-days) and the lock that keeps lines
+    whole. A log that fails (the folder gone, the disk full) must not fail the completion that
+    it logs: it counts the events it could not store, and says so once. Each event is counted."""
+
+    def __init__(self, config, logger, counters):
+        self.counters = counters
+        self.folder = os.path.join(os.path.expanduser(config["root"]), "events")
+        self.mode, self.days = config["events"], config["events_days"]
+        if self.mode != "off" and not can_make(self.folder):  # made with the first event
+            raise SystemExit(f"error: --root: cannot write to {self.folder}")
+        self.lock, self.logger = threading.Lock(), logger
+        self.failures = set()  # the kinds of failure already logged
+        self.today = self.prune(time.time())
+        if self.days:  # also when no event comes for days
+            threading.Thread(target=self.prune_daily, daemon=True, name="events-days").start()
+
+    def prune(self, now):
+        """Delete the day files older than --events-days; -> today's name, as day files go."""
+        today = time.strftime("%Y-%m-%d", time.gmtime(now))
+        oldest = time.strftime("%Y-%m-%d", time.gmtime(now - (self.days - 1) * 86400))
+        names = os.listdir(self.folder) if self.days and os.path.isdir(self.folder) else []
+        for name in names:
+            if re.fullmatch(r"\d{4}-\d\d-\d\d\.json", name) and name[:10] < oldest:
+                try:
+                    os.remove(os.path.join(self.folder, name))
+                except OSError as e:
+                    self.logger.error("events log: cannot delete %s: %s", name, e.strerror)
+        return today
+
+    def prune_daily(self):
+        while True:
+            time.sleep(86400 - time.time() % 86400 + 1)  # just after midnight, UTC
+            with self.lock:
+                self.today = self.prune(time.time())
+
+    def write(self, user, event, meta=None):
+        """Append one line to today's file, {user, ts, event} (--events meta: meta, the event
+        without code, else without_code(event)); -> None, or why it could not."""
+        now, kind = time.time(), next(iter(event))
+        self.counters.add("events_total", type=kind if kind in EVENTS else "other")
+        event = (meta or without_code(event)) if self.mode == "meta" else event
+        record = {"user": user, "ts": int(now * 1000), "event": event}
+        if self.mode == "off":
+            return None
+        line = json.dumps(record, ensure_ascii=False)
+        # JSON may hold these raw, but readers that split lines on them would break the line
+        for separator in ("\x85", "\u2028", "\u2029"):
+            line = line.replace(separator, f"\\u{ord(separator):04x}")
+        data = (line + "\n").encode()
+        path = os.path.join(self.folder, time.strftime("%Y-%m-%d", time.gmtime(now)) + ".json")
+        with self.lock:
+            if not path.endswith(self.today + ".json"):  # a new day: the oldest one goes
+                self.today = self.prune(now)
+            try:
+                append(path, data)
+                self.failures.clear()  # it works again: a new failure is worth saying
+                return None
+            except OSError as e:
+                self.counters.add("events_lost_total")
+                why = e.strerror or type(e).__name__
+                if why not in self.failures:  # once per kind, not per request
+                    self.failures.add(why)
+                    self.logger.error("events log: cannot write %s: %s (events are lost until "
+                                      "it can; this is said once)", path, why)  # fmt: skip
+                return why
+
+
+def completion_event(completion_id, req, answer, user_agent, ms):
+    """What the log keeps of a served completion: Tabby's record, and how it was made (the
+    snippets in its prompt, the editor's and the repository's; tokens, finish reason, ms in the
+    model and in all)."""
+    segments = {k: v for k, v in req.segments.items() if v is not None}
+    return {
+        "completion": {
+            "completion_id": completion_id,
+            "language": req.language,
+            "prompt": answer.prompt,
+            "segments": segments,
+            "choices": [{"index": 0, "text": answer.text}],
+            "user_agent": user_agent,
+            "snippets": answer.snippets,
+            "prompt_tokens": answer.size,
+            "reused_tokens": answer.reused,
+            "generated_tokens": answer.generated,
+            "finish_reason": answer.reason,
+            "model_ms": round(answer.ms, 1),
+            "total_ms": round(ms, 1),
+        }
+    }
+
+
+# -----------------------------------------------------------------------------------------------
+# Routes: the core's parts, made into a Server by create_app() (at the end of the file); each
+# route parses, asks one of them, and answers. Errors have one shape: {"error": "..."}.
+
+
+@dataclasses.dataclass
+class Server:
+    """The core's parts, for the capabilities to attach to."""
+
+    config: dict
+    app: Flask
+    counters: Counters
+    events: EventsLog
+    # token -> the user it names (None: --token's, nobody), or None: open to all; replaced
+    # whole, never changed (a capability adds tokens of its own)
+    tokens: dict | None
+    # a --model (or --chat-model) value -> its file (a capability may fetch it)
+    locate: typing.Callable = lambda value, flag: value
+    backend: typing.Any = None  # LocalModel, unless a capability set another
+    completions: Completions | None = None
+    health: list = dataclasses.field(default_factory=list)  # functions -> more for /v1/health
+    about: list = dataclasses.field(default_factory=list)  # -> [(label, text, ok)], for people
+
+
+def body_of(request):
+    """The bytes of a request's body. A chunked body (no Content-Length) over --max-body is cut
+    at the limit by Werkzeug without a word; reading on past it raises the 413 it should."""
+    data = request.get_data()
+    if request.content_length is None and len(data) >= (request.max_content_length or math.inf):
+        request.stream.read(1)
+    return data
+
+
+class ClientGone:
+    """A request's should_stop(): whether its HTTP client hung up, as tabby-agent does on every
+    keystroke. Werkzeug's server (python app.py, flask run) exposes the socket; elsewhere this
+    cannot tell, and says no."""
+
+    def __init__(self, environ):
+        self.sock = environ.get("werkzeug.socket")
+
+    def __call__(self):
+        if self.sock is None:
+            return False
+        try:
+            # closed: its end is all there is to read (the plain socket's recv: an SSL socket's
+            # refuses to peek; flask run --cert serves those)
+            return self.stirs(0) and socket.socket.recv(self.sock, 1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def stirs(self, timeout):
+        """Whether the client's socket has something to read (data, or its end) within timeout
+        seconds (without a socket: False, after 10 ms). poll(), where there is one: select()
+        refuses file descriptors past 1023, which a busy server has. Raises OSError or
+        ValueError for a closed socket."""
+        if self.sock is None:
+            return time.sleep(0.01) or False
+        if not hasattr(select, "poll"):  # Windows, whose select() has no such limit
+            return bool(select.select([self.sock], [], [], timeout)[0])
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
+
+
+def system_info(backend):
+    """The static part of /v1/health: what runs this server."""
+    cpu_info = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            cpu_info = next(names, cpu_info)
+    version = {
+        "build_date": "",
+        "build_timestamp": "",
+        "git_sha": "",
+        "git_describe": TABBY_VERSION,
+    }
+    return {"model": backend.name, "device": backend.device, "arch": platform.machine(),
+            "cpu_info": cpu_info, "cpu_count": os.cpu_count(), "cuda_devices": [],
+            "version": version}  # fmt: skip
+
+
+def completion_response(completion_id, req, answer):
+    """The JSON answer to a completion request (debug_data when it asked for it)."""
+    response = {"id": completion_id, "choices": [{"index": 0, "text": answer.text}]}
+    if req.debug_data:
+        response["debug_data"] = {}
+        if req.return_snippets:
+            response["debug_data"]["snippets"] = answer.snippets
+        if req.return_prompt:
+            response["debug_data"]["prompt"] = answer.prompt
+    return response
+
+
+GUARDED = ("/", "/metrics")  # besides /v1/* and /v1beta/*, what needs a token when one is set
+
+
+def open_server(config):
+    """The Server of a config (from the environment when None), before any model: the Flask app
+    with its token check and error handlers, the counters and the events log."""
+    if config is None:
+        try:
+            config = load_config(environ=os.environ)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+    check_config(config)
+    app = Flask(__name__)
+    app.logger.setLevel(logging.INFO)  # one line per completion
+    app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
+    app.json.ensure_ascii = False
+    counters = Counters()
+    events = EventsLog(config, app.logger, counters)  # no files made yet
+    server = Server(
+        config, app, counters, events, {config["token"]: None} if config["token"] else None
+    )
+    app.extensions["tabbypy"] = server
+
+    @app.before_request
+    def check_token():
+        """The token check, which names the request's user (g.user: a user a token names)."""
+        g.user, tokens, path = None, server.tokens, request.path
+        if tokens is None or not (path.startswith(("/v1/", "/v1beta/")) or path in GUARDED):
+            return None
+        auth = request.authorization  # Bearer TOKEN, or a browser's Basic with it as password
+        given = (auth.password if auth.type == "basic" else auth.token) or "" if auth else ""
+        for token, user in tokens.items():
+            if hmac.compare_digest(given.encode(), token.encode()):
+                g.user = user
+                return None
+        if path == "/":  # a browser asks for a user name (any) and a password (the token)
+            response = jsonify(error="missing or wrong token: give it as the password")
+            response.headers["WWW-Authenticate"] = 'Basic realm="tabbypy", charset="UTF-8"'
+            return response, 401
+        abort(401, "missing or wrong token: send Authorization: Bearer <token>")
+
+    @app.errorhandler(HTTPException)
+    def http_error(e):
+        return jsonify(error=e.description), e.code
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(e):
+        limit = config["max_body"]
+        return jsonify(error=f"the body is over this server's {limit} bytes (--max-body)"), 413
+
+    @app.errorhandler(Exception)
+    def server_error(e):
+        app.logger.exception("unexpected error on %s", request.path)
+        return jsonify(error=f"internal error: {type(e).__name__}"), 500
+
+    return server
+
+
+def serve_completions(server):
+    """The core's backend (a local model, unless a capability set another), the completion
+    service, and Tabby's routes."""
+    config, app, events, counters = server.config, server.app, server.events, server.counters
+    if server.backend is None:
+        if not config["model"]:
+            raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL")
+        server.backend = LocalModel(config, server.locate(config["model"], "--model"))
+    for line in server.backend.describe():
+        print(line, file=sys.stderr)
+    if server.tokens is None and config["host"] not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {config['host']} without a token: anyone who can reach it "
+              f"can use it (set --token or {ENV_PREFIX}TOKEN)", file=sys.stderr)  # fmt: skip
+    server.completions = completions = Completions(server.backend, config, counters)
+    health = system_info(server.backend)
+
+    @app.route("/v1/health", methods=["GET", "POST"])
+    def health_route():
+        more = [part() for part in server.health]
+        return jsonify(
+            {**health, **server.backend.health(), **dict(kv for m in more for kv in m.items())}
+        )
+
+    @app.get("/v1beta/server_setting")
+    def server_setting():
+        return jsonify(disable_client_side_telemetry=not config["client_telemetry"])
+
+    @app.post("/v1/events")
+    def events_route():
+        body = json_body(body_of(request))
+        event = parse_event(body, request.args.get("select_kind"))
+        ((kind, fields),) = event.items()
+        if kind in ("view", "select"):
+            counters.event(time.time(), kind, fields["completion_id"], g.user)
+        why = events.write(g.user or get(body, "user", str), event)
+        if why:
+            abort(503, f"the event was not stored: {why}")
+        return "", 200
+
+    @app.post("/v1/completions")
+    def completions_route():
+        started, arrivals = time.perf_counter(), completions.arrived()
+        req = parse_completion(json_body(body_of(request)))
+        req.user = g.user or req.user
+        client = (request.remote_addr, req.user, req.segments.get("filepath"))
+        answer = completions.answer(req, client, ClientGone(request.environ))
+        completion_id, ms = f"cmpl-{uuid.uuid4()}", round((time.perf_counter() - started) * 1e3, 1)
+        answer = answer._replace(ms=round(answer.ms, 1))  # counted as logged, so a restart agrees
+        language = req.language if req.language in (*LANGUAGE, "unknown") else "other"
+        served = answer if answer.reason != "cancelled" else None
+        counters.completion(time.time(), completion_id, language, g.user, served, ms)
+        if served:
+            user_agent = request.headers.get("User-Agent")
+            events.write(req.user, completion_event(completion_id, req, answer, user_agent, ms))
+        else:  # a count, for the status page and /metrics: nothing was shown
+            cancelled = {"completion_id": completion_id, "language": req.language}
+            events.write(
+                req.user, {"completion_cancelled": {**cancelled, "total_ms": round(ms, 1)}}
+            )
+        app.logger.info(
+            "%s: %d prompt tokens (%d reused), %d generated, %s; %.1f ms in the model, "
+            "%.1f ms in all",
+            *(completion_id, answer.size, answer.reused, answer.generated, answer.reason),
+            *(answer.ms, ms),
+        )
+        response = jsonify(completion_response(completion_id, req, answer))
+        for then in completions.answered:  # once the answer is sent: till then the CPU is its
+            response.call_on_close(functools.partial(then, req, answer, arrivals))
+        return response
+
+
+# Capabilities beyond the core
+# ===============================================================================================
+# Each section below can be deleted, with its line in create_app() and its knobs in CONFIG.
+
+# -----------------------------------------------------------------------------------------------
+# Remote engines (--backend): the prompt is built here, an inference engine generates, streaming
+# back pieces of text that feed the same generate() loop as a local model's tokens.
 
 # kind: (its completion endpoint, a cheap GET that shows it answers), under the engine's base URL
 ENGINES = {
@@ -1974,37 +2230,25 @@ def hang_up(sock):
         pass
 
 
-def stirs(sock, timeout):
-    """Whether sock has something to read (data, or its end) within timeout seconds: poll(),
-    where there is one, since select() refuses file descriptors past 1023 (a busy server has
-    those). Raises OSError or ValueError for a closed socket."""
-    if not hasattr(select, "poll"):  # Windows, whose select() has no such limit
-        return bool(select.select([sock], [], [], timeout)[0])
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(timeout * 1000))
-
-
 def watch(sock, should_stop):
     """Check should_stop() also while we wait for the engine (a long prompt, a queue), and hang
     up sock the moment it says so; -> the Event that ends the watch. A ClientGone is asked when
     its client's socket stirs (or every 0.1 s), anything else every 10 ms: a thread that wakes
-    a hundred times a second takes a core from an engine on the same machine (our added
-    latency in front of llama-server on 2 cores fell from 8.5 to 4.6 ms without it)."""
-    done = threading.Event()
+    a hundred times a second takes a core from an engine on the same machine (bench/README)."""
+    done, stirs = threading.Event(), getattr(should_stop, "stirs", None)
 
-    def run(client):
-        while not done.wait(0.01 if client is None else 0):
+    def run(stirs):
+        while not done.is_set():
             try:
-                stirred = client is not None and stirs(client, 0.1)
+                stirred = stirs(0.1) if stirs else time.sleep(0.01)
             except (OSError, ValueError):  # closed: should_stop() says so
                 stirred = True
             if should_stop():
                 return hang_up(sock)
             if stirred:  # data, not its end (a pipelined request): poll from now on
-                client = None
+                stirs = None
 
-    threading.Thread(target=run, args=(getattr(should_stop, "sock", None),), daemon=True).start()
+    threading.Thread(target=run, args=(stirs,), daemon=True).start()
     return done
 
 
@@ -2012,8 +2256,9 @@ class Engine:
     """An HTTP inference engine that generates for us. It owns where it is (its URL and kind),
     what we send it (model name, token) and how long we wait."""
 
-    def __init__(self, config):
+    def __init__(self, config, counters):
         self.kind, self.url, self.base, self.path = engine_of(config)
+        self.counters = counters
         self.model = config["backend_model"]
         token = config["backend_token"]
         self.headers = {
@@ -2032,12 +2277,8 @@ class Engine:
         self.format, self.defang = engine_format(self.model, override)
         self.template_source = "--prompt-template" if override else "known for this model name"
         self.name, self.device = self.model or "Remote", "remote"  # Tabby's name for no name
-        self.repo_layout = False  # repository-level tokens: not known for an engine's model
-        chat = config["chat_model"]
-        self.chat_model = self.model if chat == "same" else chat  # the name sent ("": none)
-        self.chat_name = (self.chat_model or "Remote") if chat else None
-        self.lock = threading.Lock()  # for the figures below
-        self.waiting, self.errors = 0, collections.Counter()  # errors: status we answered -> n
+        self.chat_model = None  # the name sent for a chat ("": none), set when there is chat
+        self.waiting, self.lock = 0, threading.Lock()  # requests the engine has not begun
 
     def served_model(self):
         """The first model the engine lists, or SystemExit."""
@@ -2053,14 +2294,11 @@ class Engine:
         how = f"FIM template {self.format.template!r}"
         if not self.format.fim:
             how = "prefix-only prompts"
-        lines = [
+        return [
             f"engine {self.kind} at {self.base}, model {self.name}: {how} "
             f"({self.template_source}); prompts up to ctx {self.ctx} tokens, counted as "
             f"{BYTES_PER_TOKEN} bytes each"
         ]
-        if self.chat_name:
-            lines.append(f"chat model {self.chat_name} (the engine's)")
-        return lines
 
     def health(self):
         """Whether the engine answers now, asked in 2 s at most."""
@@ -2072,9 +2310,9 @@ class Engine:
         backend = {"kind": self.kind, "url": self.base, "answers": error is None}
         return {"backend": {**backend, **({"error": error} if error else {})}}
 
-    def prompt(self, prefix, suffix, context=None):
+    def prompt(self, prefix, suffix, head=None):
         """The prompt as text, its user code kept from looking like special tokens, its size
-        guessed. (No RepoContext: see repo_layout.)"""
+        guessed. (No head: an engine's model has no repository-level tokens that we know.)"""
         text = arrange(self.format, self.defang(prefix), self.defang(suffix))[1]
         return Prompt(None, text, len(text.encode()) // BYTES_PER_TOKEN)
 
@@ -2093,10 +2331,6 @@ class Engine:
         text, n, reason = finish(generate(pieces, *limits))
         return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
 
-    def speculate(self, prompt, sampling, limits):
-        """None: an engine's idle time is not ours to know (it may serve others)."""
-        return None
-
     def chat(self, req, sampling, should_stop):
         body = {
             **({"model": self.chat_model} if self.chat_model else {}),
@@ -2111,16 +2345,14 @@ class Engine:
         return generate(pieces, req.max_tokens or math.inf, end_of, should_stop), 0
 
     def figures(self):
-        """(requests sent to the engine that it has not begun to answer, 0 bytes of KV caches
-        here, {status we answered: failed requests})."""
-        with self.lock:
-            return self.waiting, 0, dict(self.errors)
+        """The gauges of /metrics this owns: requests the engine has not begun to answer."""
+        return {"requests_waiting": self.waiting}
 
     def record(self, waiting=0, error=None):
         with self.lock:
             self.waiting += waiting
-            if error:
-                self.errors[error] += 1
+        if error:  # the status we answered
+            self.counters.add("engine_errors_total", status=str(error))
 
     def connect(self, timeout):
         https = self.url.scheme == "https"
@@ -2218,9 +2450,419 @@ class Engine:
             sock.close()
 
 
-def open_backend(config):
-    """The one place that decides what generates: an engine with --backend, else a local model."""
-    return Engine(config) if config["backend"] else LocalModel(config)
+def add_engine(server):
+    """With --backend, an Engine is the backend; the knobs of a local model make no sense."""
+    config = server.config
+    if not config["backend"]:
+        return
+    if config["model"]:
+        raise SystemExit("error: --model and --backend both given: pass one (--backend "
+                         "generates with the engine's model)")  # fmt: skip
+    local = {"--device": config["device"] != "cpu", "--threads": config["threads"],
+             "--flash-attn": config["flash_attn"],
+             "--repack": config["repack"] != "auto"}  # fmt: skip
+    given = [flag for flag, value in local.items() if value]
+    if given:
+        raise SystemExit(f"error: {', '.join(given)}: for a local model; with --backend the "
+                         "engine decides")  # fmt: skip
+    if not config["backend_timeout"] > 0:
+        raise SystemExit("error: --backend-timeout must be more than 0 seconds")
+    server.backend = Engine(config, server.counters)
+
+
+# -----------------------------------------------------------------------------------------------
+# Chat (--chat-model): OpenAI's /v1/chat/completions, which Tabby's extensions use for inline
+# edits, explanations and commit messages; from a chat model here, or from the engine's.
+
+
+@dataclasses.dataclass
+class ChatRequest:
+    """A /v1/chat/completions body (OpenAI's shape), checked."""
+
+    messages: list  # [{role, content}], content as one string
+    stop: list  # strings
+    stream: bool
+    user: str | None = None
+    temperature: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None  # None: up to the end of the context (or the engine's limit)
+
+
+def parse_message(message, where):
+    """One chat message as {role, content}; content parts (text only) are joined."""
+    if not isinstance(message, dict):
+        abort(400, f"{where} must be an object")
+    content = message.get("content")
+    if isinstance(content, list):  # parts: only text can be read here
+        text = lambda part: isinstance(part, dict) and part.get("type") == "text"  # noqa: E731
+        if not all(text(part) and isinstance(part.get("text"), str) for part in content):
+            abort(400, f'{where}.content parts must all be {{"type": "text", "text": ...}}')
+        message = dict(message, content="".join(part["text"] for part in content))
+    return {
+        "role": get(message, "role", str, where + ".", True),
+        "content": get(message, "content", str, where + ".") or "",
+    }
+
+
+def parse_chat(body, stream=False):
+    """A /v1/chat/completions body as a ChatRequest; stream is the default for "stream"
+    (OpenAI's is false; Tabby's older clients stream without asking)."""
+    messages = get(body, "messages", list, required=True)
+    if not messages:
+        abort(400, "messages must not be empty")
+    messages = [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (
+        isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
+    ):
+        abort(400, "stop must be a string or a list of non-empty strings")
+    req = ChatRequest(
+        messages=messages,
+        stop=[clean(s) for s in stop or []],
+        stream=stream,
+        user=get(body, "user", str),
+        temperature=get(body, "temperature", float),
+        seed=get(body, "seed", int),
+        max_tokens=get(body, "max_tokens", int),
+    )
+    if get(body, "stream", bool) is not None:
+        req.stream = body["stream"]
+    if req.max_tokens is None:
+        req.max_tokens = get(body, "max_completion_tokens", int)  # OpenAI's newer name
+    get(body, "model", str)  # checked, not used: there is one chat model
+    if req.temperature is not None and not 0 <= req.temperature <= 2:
+        abort(400, "temperature must be between 0 and 2")
+    if req.max_tokens is not None and req.max_tokens < 1:
+        abort(400, "max_tokens must be at least 1")
+    if req.seed is not None and req.seed < 0:
+        abort(400, "seed must be 0 or more")
+    return req
+
+
+def held_back(text, stops):
+    """How much of text can be streamed: all but an end that may begin a stop word."""
+    for n in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
+        if any(stop.startswith(text[-n:]) for stop in stops):
+            return len(text) - n
+    return len(text)
+
+
+def deltas(steps, stops):
+    """The new text of each generate() step as (text, None), holding back an end that may begin
+    a stop word; then (the rest, generate()'s (text, pieces, reason))."""
+    sent = 0
+    while True:
+        try:
+            text = next(steps)
+        except StopIteration as end:
+            yield end.value[0][sent:], end.value
+            return
+        end = held_back(text, stops)
+        if end > sent:
+            yield text[sent:end], None
+            sent = end
+
+
+def chat_formatter(llm, override, flag):
+    """llama-cpp-python's Jinja2 formatter for the chat model's template: --chat-template, else
+    the one in its GGUF metadata; SystemExit without either."""
+    template = override or llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise SystemExit(
+            f"error: {flag}: the model has no chat template in its metadata: pass "
+            "--chat-template (a Jinja2 template), or another model"
+        )
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+
+    def text(token):  # "" for a token the model does not have
+        if token < 0:
+            return ""
+        return llama_cpp.llama_vocab_get_text(vocab, token).decode(errors="replace")
+
+    try:
+        return llama_cpp.llama_chat_format.Jinja2ChatFormatter(
+            template=template,
+            eos_token=text(llm.token_eos()),
+            bos_token=text(llm.token_bos()),
+            stop_token_ids=[llm.token_eos()],
+        )
+    except Exception as e:  # jinja2's TemplateSyntaxError and kin
+        raise SystemExit(f"error: --chat-template: not a Jinja2 template: {e}") from None
+
+
+def chat_prompt(llm, formatter, messages):
+    """(prompt, tokens) of messages through the chat template. The template's own text is
+    tokenized with special tokens parsed and the messages' text as plain text, so that no message
+    can end its turn or start another. Where the messages' text is in the prompt shows in a second
+    rendering with a placeholder for each (put back as written, or stripped as templates often
+    do)."""
+    prompt = formatter(messages=messages).prompt
+    # private-use characters around each message's number
+    placeholders = [dict(m, content=f"\ue000{i}\ue001") for i, m in enumerate(messages)]
+    # template text, message number, template text, ...
+    parts = re.split("\ue000(\\d+)\ue001", formatter(messages=placeholders).prompt)
+    special = lambda text: llm.tokenize(text.encode(), add_bos=False, special=True)  # noqa: E731
+    plain = lambda text: llm.tokenize(text.encode(), add_bos=False, special=False)  # noqa: E731
+    template = "".join(parts[::2])
+    protected = set(special(template)) - set(plain(template))
+    for texts in ([m["content"] for m in messages], [m["content"].strip() for m in messages]):
+        if "".join(texts[int(p)] if i % 2 else p for i, p in enumerate(parts)) != prompt:
+            continue
+        tokens = []
+        for i, part in enumerate(parts):
+            tokens += tokenize_text(llm, texts[int(part)], protected) if i % 2 else special(part)
+        return prompt, tokens
+    if any(special(m["content"]) != plain(m["content"]) for m in messages):
+        changed = "the chat template changes the messages' text"
+        abort(422, f"{changed}, so special tokens spelled in it could not be kept as text")
+    return prompt, special(prompt)
+
+
+EVAL_CHUNK = 64  # prompt tokens a chat evaluates at a time, letting completions go between
+
+
+class LocalChat:
+    """A chat model in this process (--chat-model: a GGUF file; 'same': the completion model's
+    file once more, in a context of its own, its weights memory-mapped, so shared on a CPU),
+    run on the completion model's thread a step at a time (a chunk of the prompt, a token):
+    completions that come meanwhile go first, waiting one step at most. One chat at a time."""
+
+    def __init__(self, server):
+        config, model = server.config, server.backend
+        name = config["chat_model"]
+        path = model.llm.model_path if name == "same" else server.locate(name, "--chat-model")
+        self.llm = load_model(config, path, "--chat-model")
+        self.format = chat_formatter(self.llm, config["chat_template"], "--chat-model " + name)
+        self.chat_name = os.path.basename(path) if os.path.exists(name) or name == "same" else name
+        self.model, self.completions, self.ctx = model, server.completions, config["ctx"]
+        self.lock = threading.Lock()  # one chat at a time
+
+    def chat(self, req, sampling, should_stop):
+        """(generate() steps of the answer to req, its prompt's size)."""
+        try:
+            _, tokens = chat_prompt(self.llm, self.format, req.messages)
+        except HTTPException:
+            raise
+        except Exception as e:  # the template's raise_exception (roles must alternate, ...)
+            abort(422, f"the chat template cannot render these messages: {e}")
+        room = self.ctx - len(tokens)
+        if room < 1:
+            context = f"the chat model's context holds {self.ctx} (--ctx)"
+            abort(400, f"the messages take {len(tokens)} tokens; {context}")
+
+        def pieces():  # each step a job on the model thread
+            keep_kv(self.llm, tokens)
+            for i in range(self.llm.n_tokens, len(tokens), EVAL_CHUNK):
+                self.llm.eval(tokens[i : i + EVAL_CHUNK])
+                yield b""  # (generate() skips it)
+            yield from model_pieces(self.llm, tokens, *sampling)
+
+        end_of = lambda text: find_stop(text, req.stop)  # noqa: E731
+        steps = self.stepwise(pieces(), should_stop)
+        return generate(steps, min(req.max_tokens or room, room), end_of, should_stop), len(tokens)
+
+    def stepwise(self, pieces, should_stop):
+        """The chat model's pieces, each computed on the model thread as a job of its own (a
+        request, as work in idle time sees it)."""
+        while not self.lock.acquire(timeout=0.05):
+            if should_stop():
+                return
+        try:
+            while True:
+                self.completions.arrived()
+                piece = self.model.on_thread(should_stop, next, pieces, None)
+                if piece is None:
+                    return
+                yield piece
+        finally:
+            self.model.thread.submit(pieces.close)  # on the model thread too, before the next's
+            self.lock.release()
+
+
+def chat_chunk(chat_id, created, model, delta, finish_reason=None):
+    """One Server-Sent Event of a streamed chat answer: a chat.completion.chunk."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    chunk = {
+        "id": chat_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [choice],
+    }
+    return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
+
+
+def chat_stream(steps, stops, chunk, done, logger):
+    """A chat answer as Server-Sent Events, as Tabby sends them: every event is JSON (no
+    "data: [DONE]"); the role first, then the text as it comes, then the finish reason that
+    done(text, n, reason) gives. An error half way goes in an event of its own."""
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        for delta, end in deltas(steps, stops):
+            if delta:
+                yield chunk({"content": delta})
+            if end:
+                yield chunk({}, done(*end))
+    except HTTPException as e:  # the headers are gone: the error goes in the stream
+        yield "data: " + json.dumps({"error": {"message": e.description, "code": e.code}}) + "\n\n"
+    except Exception as e:
+        logger.exception("unexpected error in a chat stream")
+        error = {"message": f"internal error: {type(e).__name__}", "code": 500}
+        yield "data: " + json.dumps({"error": error}) + "\n\n"
+    finally:
+        steps.close()  # the client left: stop generating
+
+
+def add_chat(server):
+    """/v1/chat/completions (and Tabby 0.7-0.10's /v1beta path): 501 without --chat-model."""
+    config, backend, app, chat = server.config, server.backend, server.app, None
+    if config["chat_template"] and not hasattr(backend, "on_thread"):
+        raise SystemExit("error: --chat-template: for a local model; with --backend the engine "
+                         "decides")  # fmt: skip
+    if config["chat_model"] and hasattr(backend, "chat"):  # an engine's chat
+        name = config["chat_model"]
+        backend.chat_model = backend.model if name == "same" else name
+        chat, chat.chat_name = backend, backend.chat_model or "Remote"
+        print(f"chat model {chat.chat_name} (the engine's)", file=sys.stderr)
+    elif config["chat_model"]:
+        chat = LocalChat(server)
+        source = (
+            "--chat-template" if config["chat_template"] else "the chat template in its metadata"
+        )
+        print(f"chat model {chat.chat_name}: {source}", file=sys.stderr)
+    if chat:
+        server.health.append(lambda: {"chat_model": chat.chat_name, "chat_device": backend.device})
+    server.about.append(
+        lambda: [("Chat", chat.chat_name if chat else "no chat model (chat answers 501)", None)]
+    )
+    temperature = config["temperature"]
+
+    @app.post("/v1/chat/completions")
+    @app.post("/v1beta/chat/completions")  # the path of Tabby 0.7-0.10, which clients fall back to
+    def chat_route():
+        if chat is None:
+            how = "--chat-model (a GGUF file, a Hugging Face repo id, or 'same')"
+            abort(501, f"no chat model: start the server with {how}")
+        req = parse_chat(json_body(body_of(request)), stream=request.path.startswith("/v1beta/"))
+        req.user = g.user or req.user
+        chat_id, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
+        should_stop = ClientGone(request.environ)
+        steps, size = chat.chat(req, sampling(req, temperature), should_stop)
+
+        def done(text, n, reason):
+            """Log the answer; -> its finish reason, in OpenAI's words."""
+            if reason != "cancelled":
+                output = {"role": "assistant", "content": text}
+                full = {"completion_id": chat_id, "input": req.messages, "output": output}
+                meta = {"completion_id": chat_id, "messages": len(req.messages),
+                        "output": {"role": "assistant", "chars": len(text)}}  # fmt: skip
+                server.events.write(req.user, {"chat_completion": full}, {"chat_completion": meta})
+                server.counters.add("chat_answers_total")
+            app.logger.info("%s: %d prompt tokens, %d generated, %s", chat_id, size, n, reason)
+            return "length" if reason == "length" else "stop"
+
+        chunk = functools.partial(chat_chunk, chat_id, created, chat.chat_name)
+        if req.stream:
+            stream = chat_stream(steps, req.stop, chunk, done, app.logger)
+            return app.response_class(
+                stream, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
+        text, n, reason = finish(steps)
+        message = {"role": "assistant", "content": text}
+        choice = {"index": 0, "message": message, "logprobs": None}
+        usage = {"prompt_tokens": size, "completion_tokens": n, "total_tokens": size + n}
+        return jsonify(
+            id=chat_id,
+            object="chat.completion",
+            created=created,
+            model=chat.chat_name,
+            choices=[{**choice, "finish_reason": done(text, n, reason)}],
+            usage=usage,
+        )
+
+
+# -----------------------------------------------------------------------------------------------
+# Speculation (--speculate): in the model's idle time, the completion the editor will ask for if
+# the user accepts the one shown (llama.vim's speculative FIM), kept in the completion cache. One
+# job on the model's queue; a request that comes stops it, within a token's decode.
+
+
+def speculate(model, prompt, sampling, limits):
+    """Generated for prompt, on the model thread, or None when limits.should_stop() first (a
+    request came): then the tokens made so far stay in model.ahead, for a request of this prompt
+    to go on from, and the editor's KV cache in a copy, for its next keystroke."""
+    llm, done, t = model.llm, [], time.perf_counter()
+    model.ahead = {tuple(prompt.tokens): done}  # one at a time: an older one goes
+    model.use_kv_for(prompt.tokens, 1, idle=True)
+    keep_kv(llm, prompt.tokens)
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    tokens = model_tokens(llm, prompt.tokens, *sampling, limits.should_stop, every=0)
+
+    def pieces():
+        for token in tokens:
+            done.append(token)
+            yield token_bytes(vocab, token)
+
+    try:  # should_stop() is asked inside each token's decode too: a request waits for none
+        with abortable(llm, limits.should_stop, every=0):  # (cheap: an int compared)
+            text, n, reason = finish(generate(pieces(), *limits))
+    except RuntimeError as e:
+        if not aborted(e):
+            raise
+        return None
+    finally:
+        tokens.close()
+    if reason == "cancelled":
+        return None
+    model.ahead, model.idle_kv = {}, True  # finished: no request goes on from it
+    return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
+
+
+def add_speculation(server):
+    """After each answer is sent, the completion of the request that accepting it would make,
+    unless a request comes first (then it stops, and one for its prompt goes on from it)."""
+    config, model, completions = server.config, server.backend, server.completions
+    if not (config["speculate"] and config["completion_cache"] and isinstance(model, LocalModel)):
+        return
+    logger = server.app.logger
+
+    def look_ahead(req, answer, arrivals):
+        """On the request's thread, once answer is sent (arrivals: the count when it came). Not
+        after a typed-through answer: the one it comes from was speculated on."""
+        if not answer.text or req.raw_prompt or req.wants_variety:
+            return
+        if answer.reason == "typed through":
+            return
+        stale = lambda: completions.arrivals != arrivals  # noqa: E731
+        segments = dict(req.segments, prefix=accepted_prefix(req.segments["prefix"], answer.text))
+        ahead = dataclasses.replace(req, segments=segments)
+        job = None if stale() else completions.prepare(ahead, stale)
+        key = job and job.key(req.language)
+        with completions.lock:
+            if job is None or key in completions.cache:
+                return
+        limits = Limits(completions.max_tokens, job.end_of, stale, completions.budget)
+
+        def run():  # on the model thread, after any request queued before it
+            try:
+                out = (
+                    None
+                    if stale()
+                    else speculate(
+                        model, job.prompt, sampling(ahead, completions.temperature), limits
+                    )
+                )
+            except Exception:  # (the server stopping, say): this one is lost, not the model
+                return logger.exception("a speculation failed")
+            if out is not None and out.reason not in UNKEPT:
+                completions.keep(key, out, ahead=True)
+                logger.info("speculation: %d prompt tokens, %d generated, %s; %.1f ms",
+                            job.prompt.size, out.generated, out.reason, out.ms)  # fmt: skip
+
+        model.thread.submit(run)
+
+    completions.answered.append(look_ahead)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -2248,6 +2890,9 @@ DEFINED_MAX = 50  # a name defined in more chunks than this (x, name, data) is n
 PER_NAME = 3  # chunks that define one name, at most, the first found
 MIN_ROOM = 256  # characters of snippet budget left, below which there is no search (Tabby's)
 HEAD_POLL = 2  # seconds between looks at each checkout's HEAD (a commit: indexed at once)
+# Repository-level tokens (repository name, file separator) of models trained on whole
+# repositories, for those whose GGUF llama.cpp finds no fim_rep and fim_sep in (StarCoder2's)
+REPO_TOKENS = [("<|repo_name|>", "<|file_sep|>"), ("<repo_name>", "<file_sep>")]
 WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer ones are not words
 # a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =
 DEFINES = re.compile(
@@ -2294,11 +2939,6 @@ def chunks_of(text):
     if lines:
         chunks.append((start, "".join(lines).rstrip() + "\n"))
     return chunks
-
-
-def words_of(text):
-    """The distinct words of text as the index finds them: identifiers, lowercased."""
-    return {word.lower() for word in WORD.findall(text)}
 
 
 def defined(body):
@@ -2402,15 +3042,7 @@ def open_repository(spec, root):
     return Repository(name, top, tuple(sorted(urls)), url)
 
 
-class RepoContext(typing.NamedTuple):
-    """Code from the repository for a model with repository-level tokens, before its prompt."""
-
-    name: str  # the repository's
-    path: str  # the current file's, in it
-    files: tuple  # (path, text) of the chunks that may help
-
-
-SCHEMA_VERSION = 2  # an index made with another is made anew
+SCHEMA_VERSION = 3  # an index made with another is made anew
 SCHEMA = """
 PRAGMA journal_mode = WAL;
 CREATE TABLE IF NOT EXISTS files (repo TEXT, path TEXT, mtime REAL, size INTEGER,
@@ -2420,8 +3052,7 @@ CREATE TABLE IF NOT EXISTS chunks (id INTEGER PRIMARY KEY, repo TEXT, path TEXT,
 CREATE INDEX IF NOT EXISTS chunks_file ON chunks (repo, path);
 CREATE VIRTUAL TABLE IF NOT EXISTS search USING fts5(body, content = 'chunks',
     content_rowid = 'id', tokenize = "unicode61 tokenchars '_'");
-CREATE TABLE IF NOT EXISTS words (repo TEXT, word TEXT, chunks INTEGER,
-                                  PRIMARY KEY (repo, word)) WITHOUT ROWID;
+CREATE VIRTUAL TABLE IF NOT EXISTS vocab USING fts5vocab(search, 'row');
 CREATE TABLE IF NOT EXISTS names (name TEXT, repo TEXT, family TEXT, chunk INTEGER,
                                   rank INTEGER);
 CREATE INDEX IF NOT EXISTS names_name ON names (name, repo, family, rank, chunk);
@@ -2431,7 +3062,8 @@ CREATE INDEX IF NOT EXISTS names_chunk ON names (chunk);
 
 class CodeIndex:
     """The repositories' code at ROOT/index/code.sqlite3: chunks, their words (FTS5, for BM25)
-    and the names they define. It owns the database (a connection that writes, used by start-up
+    and the names they define (FTS5's own vocabulary counts the chunks each word is in). It owns
+    the database (a connection that writes, used by start-up
     and then by its thread; one that reads, under a lock: SQLite's WAL lets it read while the
     other writes), the repositories and the thread that keeps the index up to date."""
 
@@ -2451,7 +3083,6 @@ class CodeIndex:
         # what BM25 finds for the text above the cursor line, which stays while the user types
         # on a line (emptied when the index changes)
         self.bm25 = functools.lru_cache(maxsize=64)(self.bm25_search)
-        self.chunks = {}  # repository -> chunks in the index, for how COMMON a word is
         self.counts = {}  # repository -> (files, chunks) in the index
         self.heads = {repo.path: head_of(repo.path) for repo in repositories}  # as indexed
         for repo in repositories:
@@ -2492,8 +3123,7 @@ class CodeIndex:
                 bar = f"\rindexing {repo.name}: {done}/{len(work)} files, {rate:.0f} files/s"
                 print(bar, end="\n" if done == len(work) else "", file=sys.stderr, flush=True)
         query = "SELECT COUNT(DISTINCT path), COUNT(*) FROM chunks WHERE repo = ?"
-        files, self.chunks[repo.path] = self.writer.execute(query, (repo.path,)).fetchone()
-        self.counts[repo.path] = files, self.chunks[repo.path]  # for stats(), read without a query
+        self.counts[repo.path] = self.writer.execute(query, (repo.path,)).fetchone()
         return len(work)
 
     def forget(self, repo, path):
@@ -2502,10 +3132,6 @@ class CodeIndex:
         for chunk, body in self.writer.execute(f"SELECT id, body {where}", (repo, path)).fetchall():
             self.writer.execute("INSERT INTO search (search, rowid, body) VALUES ('delete', ?, ?)",
                                 (chunk, body))  # fmt: skip
-            words = [(repo, word) for word in words_of(body)]
-            self.writer.executemany(
-                "UPDATE words SET chunks = chunks - 1 WHERE repo = ? AND word = ?", words
-            )
         self.writer.execute(f"DELETE FROM names WHERE chunk IN (SELECT id {where})", (repo, path))
         self.writer.execute(f"DELETE {where}", (repo, path))
         self.writer.execute("DELETE FROM files WHERE repo = ? AND path = ?", (repo, path))
@@ -2524,10 +3150,6 @@ class CodeIndex:
             self.writer.execute("INSERT INTO search (rowid, body) VALUES (?, ?)", (chunk_id, body))
             names = [(name, repo, kind, chunk_id, rank) for name, rank in defined(body).items()]
             self.writer.executemany("INSERT INTO names VALUES (?, ?, ?, ?, ?)", names)
-            self.writer.executemany(
-                "INSERT INTO words VALUES (?, ?, 1) ON CONFLICT DO UPDATE SET chunks = chunks + 1",
-                [(repo, word) for word in words_of(body)],
-            )
         self.writer.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (repo, path, *seen))
 
     def keep_up(self):
@@ -2641,14 +3263,16 @@ class CodeIndex:
 
     def bm25_search(self, repo, kind, text):
         """(chunk, path, body, score) of the chunks that BM25 scores MIN_BM25 or more for the
-        words of text (its BM25_TERMS rarest, none too COMMON), best first."""
-        words = words_of(text)
+        words of text (its BM25_TERMS rarest, none in more than a COMMON share of the chunks of
+        all repositories), best first."""
+        words = {word.lower() for word in WORD.findall(text)}  # as FTS5 finds them
         if not words:
             return []
+        chunks = sum(chunks for _, chunks in self.counts.values())
         rare = self.reader.execute(
-            f"SELECT word FROM words WHERE repo = ? AND word IN ({','.join('?' * len(words))}) "
-            f"AND chunks <= ? ORDER BY chunks LIMIT {BM25_TERMS}",
-            (repo, *words, max(10, COMMON * self.chunks.get(repo, 0))),
+            f"SELECT term FROM vocab WHERE term IN ({','.join('?' * len(words))}) AND doc <= ? "
+            f"ORDER BY doc LIMIT {BM25_TERMS}",
+            (*words, max(10, COMMON * chunks)),
         ).fetchall()
         if not rare:
             return []
@@ -2678,489 +3302,77 @@ def open_index(config, logger):
     return index
 
 
-# -----------------------------------------------------------------------------------------------
-# The completion service: a parsed request in, an Answer out, with what latency needs per client.
+def repo_tokens(llm):
+    """[(id, text)] of the model's repository-name and file-separator tokens (llama.cpp's, else
+    REPO_TOKENS'), or [] when it has none."""
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    ids = [llama_cpp.llama_vocab_fim_rep(vocab), llama_cpp.llama_vocab_fim_sep(vocab)]
+    if min(ids) >= 0:  # (-1: no such token)
+        return [(i, llama_cpp.llama_vocab_get_text(vocab, i).decode()) for i in ids]
+    for names in REPO_TOKENS:
+        ids = [special_token(llm, name) for name in names]
+        if None not in ids:
+            return list(zip(ids, names))
+    return []
 
 
-class Answer(typing.NamedTuple):
-    text: str
-    prompt: str  # as Tabby logs it
-    reason: str  # generate()'s, or "typed through"
-    snippets: list = []  # the request's snippets in the prompt
-    size: int = 0  # prompt tokens
-    reused: int = 0  # of them, already in the KV cache
-    generated: int = 0  # tokens
-    ms: float = 0  # in the model (or engine)
+def repo_head(model, ids, budget, name, path, found):
+    """(a Prompt, its snippets) of the repository's chunks found, as llama.cpp's /infill lays
+    them out before the prompt for a model with repository-level tokens (ids: [(id, text)]):
+    <|repo_name|>name, then for each file <|file_sep|>path and its text, then <|file_sep|> and
+    the current file's path; the last files left out until it fits budget tokens."""
+    (rep, rep_text), (sep, sep_text) = ids
+    while True:
+        pieces = [rep, name + "\n"]
+        for snippet in found:
+            pieces += [sep, f"{snippet['filepath']}\n{snippet['body']}"]
+        pieces += [sep, path + "\n"]
+        tokens = [t for p in pieces for t in ([p] if isinstance(p, int) else model.tokenize(p))]
+        if len(tokens) <= budget or not found:
+            text = "".join(
+                {rep: rep_text, sep: sep_text}[p] if isinstance(p, int) else p for p in pieces
+            )
+            return Prompt(tokens, text, len(tokens)), found
+        found = found[:-1]
 
 
-class LastAnswer(typing.NamedTuple):
-    """A client's last completion, which it may type through."""
+def add_repository_context(server):
+    """With --repo, each request's prompt gets code from the repository it is in: in Tabby's
+    comment block of snippets (768 characters with the editor's), or, for a model with
+    repository-level tokens, as files before the prompt (--repo-context-tokens)."""
+    config = server.config
+    if not config["repo"]:
+        return
+    index, model = open_index(config, server.app.logger), server.backend
+    ids = repo_tokens(model.llm) if isinstance(model, LocalModel) else []
+    room = config["ctx"] - config["max_tokens"]
+    budget = min(config["repo_context_tokens"], room // 2)  # at most half the prompt's room
+    chars = config["repo_context_tokens"] * 3  # a token is 3 characters or more
 
-    language: str
-    suffix: str
-    prefix: str  # of the request
-    text: str  # the completion
-    prompt: str  # as logged
-
-
-class Job(typing.NamedTuple):
-    """A completion request made ready for a backend."""
-
-    prompt: Prompt
-    doc: Document
-    end_of: typing.Callable  # the text -> where it ends (stop words, the editor's cut), or None
-    snippets: list  # in the prompt: the editor's and the repository's
-
-    def key(self, language):
-        """What a completion depends on, for the completion cache: what the model sees (its
-        tokens, or an engine's text), and where its text ends (the language's stop words, the
-        cursor that the editor's cut depends on: a prefix-only prompt does not show it)."""
-        return language, self.doc.cursor, tuple(self.prompt.tokens or ()) or self.prompt.text
-
-
-# finish reasons of completions that are not kept: no answer, or one cut short by the time
-# budget (a busy moment: asked again, the model may write more)
-UNKEPT = ("cancelled", "time")
-
-
-class Cached(typing.NamedTuple):
-    """A completion kept for its prompt (see Completions.keep)."""
-
-    out: Generated
-    speculated: bool  # a speculation made it, and no request has used it yet
-
-
-class Completions:
-    """Completions for clients, a client being one (address, user, file): several editors may be
-    one client (tabby-agent sends no identity, a team's proxy one address), so a client's state
-    only ever saves work. Under a lock it owns the last answers of the last few clients, for
-    typed-through answers, and the completions kept by prompt, which speculations add to."""
-
-    def __init__(self, backend, config, index=None, logger=logging.getLogger(__name__)):
-        self.backend, self.index, self.logger = backend, index, logger
-        self.context_chars = config["repo_context_tokens"] * 3  # a token is 3 characters or more
-        self.max_tokens, self.temperature = config["max_tokens"], config["temperature"]
-        self.budget = config["time_budget"] / 1000
-        self.room = config["ctx"] - config["max_tokens"]  # for the prompt, in tokens
-        self.lock = threading.Lock()
-        self.last_answers = collections.OrderedDict()
-        self.cache, self.cache_size = collections.OrderedDict(), config["completion_cache"]
-        self.speculations = collections.Counter()  # "used", "wasted"
-        # one speculation at a time, for the newest answer (a number each: an older one stops),
-        # on a thread of its own that ends when idle (it holds this object while it runs)
-        self.speculating = config["speculate"] and self.cache_size > 0
-        self.newest, self.wanted, self.wake, self.speculator = 0, None, threading.Event(), None
-        # tokens in a line of text, while the prompt is fitted to the context (see fit): lines
-        # far from the cursor stay the same while the user types
-        self.line_tokens = functools.lru_cache(maxsize=4096)(backend.count)
-
-    def answer(self, req, client, should_stop):
-        """The Answer to req, a CompletionRequest, from client. should_stop() says that its HTTP
-        client hung up (as tabby-agent does on the next keystroke): the answer is then empty,
-        "cancelled", and the model does no more for it. Nothing else cancels a request. An
-        earlier answer will do unless the request asks for variety (a temperature, a seed)."""
-        seg, reuse = req.segments, req.raw_prompt is None and not req.wants_variety
-        self.arrived()
-        if reuse:
-            typed = self.typed_through(client, req.language, seg["prefix"], seg["suffix"])
-            if typed is not None:
-                self.remember(client, req.language, seg["suffix"], seg["prefix"], *typed)
-                return Answer(*typed, "typed through")
-        job = self.prepare(req, should_stop)
-        if job is None:
-            return Answer("", "", "cancelled")
-        key = job.key(req.language)
-        out = self.cached(key) if reuse else None
-        if out is None:
-            limits = Limits(self.max_tokens, job.end_of, should_stop, self.budget)
-            out = self.backend.complete(job.prompt, sampling(req, self.temperature), limits, reuse)
-            if reuse and out.reason not in UNKEPT:
-                self.keep(key, out)
-        text = re.sub(r"(?<!\r)\n", "\r\n", out.text) if job.doc.crlf else out.text
-        if text and req.raw_prompt is None:
-            self.remember(client, req.language, seg["suffix"], seg["prefix"], text, job.prompt.text)
-        reused = job.prompt.size if out.reason in ("cached", "speculated") else out.reused
-        return Answer(text, job.prompt.text, out.reason, job.snippets, job.prompt.size, reused,
-                      out.generated, out.ms)  # fmt: skip
-
-    def arrived(self):
-        """A request came: a speculation stops, at once: the CPU is the request's. The route says
-        so before it reads the request's body, and answer() again (for a speculation that a
-        response closing just then began)."""
-        with self.lock:
-            self.newest += 1
-
-    def prepare(self, req, should_stop):
-        """The Job of a request: its snippets, its document, its prompt fitted to the context;
-        or None when should_stop() first."""
-        if req.raw_prompt is None:
-            snippets, context = self.context(req)
-            doc = document(req.language, req.segments, self.backend.format.fim, snippets)
-            make = functools.partial(self.backend.prompt, context=context)
-            prompt = self.fit(doc.prefix, doc.suffix, should_stop, make)
-        else:  # a debugging aid: used verbatim, special tokens and all
-            doc, context = Document(req.raw_prompt, "", NO_CURSOR, [], False), None
-            raw = lambda text, _: self.backend.raw_prompt(text)  # noqa: E731
-            prompt = self.fit(doc.prefix, "", should_stop, raw)
-        if prompt is None:
-            return None
-        stops = stop_words(req.language)
-        tail = prompt.text[-max(map(len, stops)) :]  # a stop word may begin in the prompt
-        files = (
-            [{"filepath": p, "body": b, "score": 1.0} for p, b in context.files] if context else []
-        )
-        return Job(prompt, doc, lambda text: text_end(text, stops, tail, doc.cursor),
-                   doc.snippets + files)  # fmt: skip
-
-    def cached(self, key):
-        """The Generated kept for key, as an answer made without the model ("cached", or
-        "speculated" the first time a speculation's is used), or None."""
-        with self.lock:
-            kept = self.cache.get(key)
-            if kept is None:
-                return None
-            self.cache[key] = kept._replace(speculated=False)
-            self.cache.move_to_end(key)
-            self.speculations["used"] += kept.speculated
-        reason = "speculated" if kept.speculated else "cached"
-        return kept.out._replace(reason=reason, generated=0, ms=0)
-
-    def keep(self, key, out, speculated=False):
-        """Keep out for key, the least recently used going first (a speculation never used:
-        wasted)."""
-        wasted = 0
-        with self.lock:
-            self.cache[key] = Cached(out, speculated)
-            self.cache.move_to_end(key)
-            while len(self.cache) > self.cache_size:
-                wasted += self.cache.popitem(last=False)[1].speculated
-            self.speculations["wasted"] += wasted
-        if wasted:
-            self.logger.info("speculation wasted: nobody asked for it")
-
-    def look_ahead(self, req, answer):
-        """Ask, in the model's idle time, what the editor will ask if the user accepts answer, the
-        Answer to req that it shows: the same request, the text added to its prefix (see
-        accepted_prefix; llama.vim's speculative FIM). Its answer is kept, for when that request
-        comes; a newer answer's speculation stops this one. The route calls it once the answer
-        is sent: until then the CPU is the answer's. (Not after a typed-through answer: the one
-        it comes from was speculated on.)"""
-        text, wanted = answer.text, req.raw_prompt is None and not req.wants_variety
-        if not (text and wanted and self.speculating and answer.reason != "typed through"):
-            return
-        segments = dict(req.segments, prefix=accepted_prefix(req.segments["prefix"], text))
-        with self.lock:
-            self.newest += 1
-            self.wanted = (dataclasses.replace(req, segments=segments), self.newest)
-            if self.speculator is None:
-                self.speculator = threading.Thread(target=self.run_speculations, daemon=True)
-                self.speculator.start()
-        self.wake.set()
-
-    def run_speculations(self):
-        """The speculation thread: the newest wanted speculation, then the next; it ends after
-        SPECULATOR_IDLE seconds with none (look_ahead starts another)."""
-        while True:
-            self.wake.wait(SPECULATOR_IDLE)
-            with self.lock:
-                wanted, self.wanted = self.wanted, None
-                self.wake.clear()
-                if wanted is None:
-                    self.speculator = None
-                    return
-            try:
-                self.speculation(*wanted)
-            except Exception:  # (the server stopping, say): this one is lost, not the thread
-                self.logger.exception("a speculation failed")
-
-    def speculation(self, req, ticket):
-        """Make and keep the answer to req (a request expected), unless a newer one is wanted
-        first (ticket: its number) or the answer is kept already."""
-        stale = lambda: self.newest != ticket  # noqa: E731
-        job = None if stale() else self.prepare(req, stale)
-        key = job.key(req.language) if job else None
-        with self.lock:
-            if job is None or key in self.cache:
-                return
-        limits = Limits(self.max_tokens, job.end_of, stale, self.budget)
-        out = self.backend.speculate(job.prompt, sampling(req, self.temperature), limits)
-        if out is not None and out.reason not in UNKEPT:
-            self.keep(key, out, speculated=True)
-            self.logger.info("speculation: %d prompt tokens, %d generated, %s; %.1f ms",
-                             job.prompt.size, out.generated, out.reason, out.ms)  # fmt: skip
-
-    def context(self, req):
-        """(snippets, RepoContext or None) of a request: the editor's snippets, then those of the
-        repository it is in (--repo), in Tabby's 768-character budget; for a model with
-        repository-level tokens the repository's go in a RepoContext of their own instead."""
+    def context(req, snippets):
         seg = req.segments
-        snippets = pick_snippets(seg) if req.retrieval else []
-        repo = self.index.repository_for(seg["git_url"], seg["filepath"]) if self.index else None
-        if repo is None or not req.retrieval:
-            return snippets, None
-        path = self.index.path_in(repo, seg["filepath"] or "")
+        repo = index.repository_for(seg["git_url"], seg["filepath"])
+        if repo is None:
+            return [], None
+        path = index.path_in(repo, seg["filepath"] or "")
         args = (repo, req.language, path, seg["prefix"], seg["suffix"] or "")
         known = "".join(s["body"] for s in snippets)
-        if self.backend.repo_layout:
-            found = self.index.find(*args, self.context_chars, known)
-            files = tuple((s["filepath"], s["body"]) for s in found)
-            return snippets, RepoContext(repo.name, path, files) if files else None
+        if ids:
+            found = index.find(*args, chars, known)
+            return [], repo_head(model, ids, budget, repo.name, path, found) if found else None
         room = SNIPPET_BUDGET - len(known.encode())
-        return snippets + (self.index.find(*args, room, known) if room > MIN_ROOM else []), None
+        return (index.find(*args, room, known) if room > MIN_ROOM else []), None
 
-    def fit(self, prefix, suffix, should_stop, make):
-        """make(prefix, suffix), the backend's Prompt, cut to the room the context has for it; or
-        None when should_stop() first. Tokenizing is slow (2 µs a character and more, for some
-        vocabularies), so text far from the cursor is never tokenized: lines are counted from the
-        cursor outward until the room is full, the cut is chosen on those counts (fit_prompt),
-        and the prompt made once (again, shorter by what the counts missed, in the rare case)."""
-        if len(prefix.encode()) + len(suffix.encode()) + 8 <= self.room:  # a token: a byte or more
-            return make(prefix, suffix)
-        above, below = prefix.splitlines(keepends=True), suffix.splitlines(keepends=True)
-        first, last = self.near(reversed(above), should_stop), self.near(below, should_stop)
-        if first is None or last is None:
-            return None
-        first = len(above) - first
-        first -= first % PREFIX_STEP  # a line where fit_prompt may cut: the start stays put
-        prefix, suffix, overhead = "".join(above[first:]), "".join(below[:last]), make("", "").size
-
-        def count(p, s):
-            lines = p.splitlines(keepends=True) + s.splitlines(keepends=True)
-            return overhead + sum(map(self.tokens_in, lines))
-
-        budget = self.room
-        for _ in range(3):
-            prompt = make(*fit_prompt(prefix, suffix, count, budget))
-            if should_stop():
-                return None
-            if prompt.size <= self.room:
-                return prompt
-            budget -= prompt.size - self.room  # what the counts missed
-        exact = lambda p, s: make(p, s).size  # noqa: E731
-        return make(*fit_prompt(prefix, suffix, exact, self.room))
-
-    def tokens_in(self, line):
-        """About how many tokens a line is; a long one (minified code) is measured by its start."""
-        if len(line) <= SAMPLE_CHARS:
-            return self.line_tokens(line)
-        return self.line_tokens(line[:SAMPLE_CHARS]) * len(line) / SAMPLE_CHARS
-
-    def near(self, lines, should_stop):
-        """How many of the lines (nearest the cursor first) it takes to fill the room; None when
-        should_stop() first."""
-        n, tokens = 0, 0
-        for line in lines:
-            if tokens > self.room:
-                break
-            if n % 64 == 0 and should_stop():
-                return None
-            n, tokens = n + 1, tokens + self.tokens_in(line)
-        return n
-
-    def typed_through(self, client, language, prefix, suffix):
-        """(the rest of this client's last completion, its prompt) when the client typed the
-        start of that completion since, or None."""
-        with self.lock:
-            last = self.last_answers.get(client)
-        if last is None or (language, suffix) != (last.language, last.suffix):
-            return None
-        if not prefix.startswith(last.prefix):
-            return None
-        typed, text = prefix[len(last.prefix) :], last.text
-        if typed and text.startswith(typed) and len(text) > len(typed):
-            return text[len(typed) :], last.prompt
-        return None
-
-    def remember(self, client, language, suffix, prefix, text, prompt):
-        with self.lock:
-            self.last_answers[client] = LastAnswer(language, suffix, prefix, text, prompt)
-            self.last_answers.move_to_end(client)
-            if len(self.last_answers) > LAST_ANSWERS:
-                self.last_answers.popitem(last=False)
+    server.completions.context = context
+    server.health.append(lambda: {"repositories": index.stats()})
+    line = "{name}: {files} files, {chunks} chunks"
+    server.about.append(lambda: [("Repository", line.format(**r), None) for r in index.stats()])
 
 
 # -----------------------------------------------------------------------------------------------
-# The events log: Tabby's layout, so that its analytics read ours.
+# The status page (GET /) and /metrics, from the counters: HTML made here with inline CSS and
+# SVG, no scripts, aggregates only (nothing of anyone's code); Prometheus' text format.
 
-
-def without_code(event):
-    """An event with no text of anyone's code (--events meta): a completion's prompt and segments
-    go, its choices' text and a chat's messages become sizes."""
-    kind, fields = next(iter(event.items()))
-    if kind == "completion":
-        choices = [{"index": c["index"], "chars": len(c["text"])} for c in fields["choices"]]
-        fields = {k: v for k, v in fields.items() if k not in ("prompt", "segments")}
-        return {kind: {**fields, "choices": choices, "snippets": len(fields["snippets"])}}
-    if kind == "chat_completion":
-        output = {"role": "assistant", "chars": len(fields["output"]["content"])}
-        return {kind: {"completion_id": fields["completion_id"], "messages": len(fields["input"]),
-                       "output": output}}  # fmt: skip
-    return event  # view, select, dismiss, ...: ids and numbers only
-
-
-def can_make(folder):
-    """Whether folder is, or could be made, a folder we can write to (without making it)."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
-
-
-def append(path, data):
-    """data at the end of the file at path (made, with its folder, if missing), with one write();
-    a write cut short by a full disk is taken back, so that the file only holds whole lines."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    except FileNotFoundError:  # the folder is gone: make it again
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            written = os.write(fd, data)
-        except OSError:
-            os.ftruncate(fd, size)
-            raise
-        if written < len(data):
-            os.ftruncate(fd, size)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    finally:
-        os.close(fd)
-
-
-class EventsLog:
-    """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, what
-    is kept (--events: all, no code, nothing; --events-days), the lock that keeps lines whole,
-    and the count of events it could not store: a log that fails (the folder gone, the disk
-    full) must not fail the completion that it logs. Each record also goes to its readers (the
-    usage figures and the metrics), whatever is kept."""
-
-    def __init__(self, config, logger, readers=()):
-        self.readers = readers  # each has add(record)
-        self.folder = os.path.join(os.path.expanduser(config["root"]), "events")
-        self.mode, self.days = config["events"], config["events_days"]
-        if self.mode != "off" and not can_make(self.folder):  # made with the first event
-            raise SystemExit(f"error: --root: cannot write to {self.folder}")
-        self.lock, self.logger = threading.Lock(), logger
-        self.lost, self.failures = 0, set()  # failures: the kinds already logged
-        self.today = self.prune(time.time())
-        if self.days:  # also when no event comes for days
-            threading.Thread(target=self.prune_daily, daemon=True, name="events-days").start()
-
-    def prune(self, now):
-        """Delete the day files older than --events-days; -> today's name, as day files go."""
-        today = time.strftime("%Y-%m-%d", time.gmtime(now))
-        oldest = time.strftime("%Y-%m-%d", time.gmtime(now - (self.days - 1) * 86400))
-        names = os.listdir(self.folder) if self.days and os.path.isdir(self.folder) else []
-        for name in names:
-            if re.fullmatch(r"\d{4}-\d\d-\d\d\.json", name) and name[:10] < oldest:
-                try:
-                    os.remove(os.path.join(self.folder, name))
-                except OSError as e:
-                    self.logger.error("events log: cannot delete %s: %s", name, e.strerror)
-        return today
-
-    def prune_daily(self):
-        while True:
-            time.sleep(86400 - time.time() % 86400 + 1)  # just after midnight, UTC
-            with self.lock:
-                self.today = self.prune(time.time())
-
-    def write(self, user, event):
-        """Append one line to today's file, {user, ts, event}; -> None, or why it could not."""
-        now = time.time()
-        event = without_code(event) if self.mode == "meta" else event
-        record = {"user": user, "ts": int(now * 1000), "event": event}
-        for reader in self.readers:
-            reader.add(record)
-        if self.mode == "off":
-            return None
-        line = json.dumps(record, ensure_ascii=False)
-        # JSON may hold these raw, but readers that split lines on them would break the line
-        for separator in ("\x85", "\u2028", "\u2029"):
-            line = line.replace(separator, f"\\u{ord(separator):04x}")
-        data = (line + "\n").encode()
-        path = os.path.join(self.folder, time.strftime("%Y-%m-%d", time.gmtime(now)) + ".json")
-        with self.lock:
-            if not path.endswith(self.today + ".json"):  # a new day: the oldest one goes
-                self.today = self.prune(now)
-            try:
-                append(path, data)
-                self.failures.clear()  # it works again: a new failure is worth saying
-                return None
-            except OSError as e:
-                self.lost += 1  # (read without the lock: an int)
-                why = e.strerror or type(e).__name__
-                if why not in self.failures:  # once per kind, not per request
-                    self.failures.add(why)
-                    self.logger.error("events log: cannot write %s: %s (events are lost until "
-                                      "it can; this is said once)", path, why)  # fmt: skip
-                return why
-
-
-def day_files(folder, days, now):
-    """The paths of the day files of the last days days (today's too) in folder, oldest first."""
-    names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in range(days, -1, -1)]
-    paths = (os.path.join(folder, name + ".json") for name in names)
-    return [path for path in paths if os.path.isfile(path)]
-
-
-def records(path):
-    """The records of a day file, one JSON line each; lines that are not one are skipped."""
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # another tool's line, or a torn one
-                continue
-            if isinstance(record, dict) and isinstance(record.get("event"), dict):
-                yield record
-
-
-def completion_event(completion_id, req, answer, user_agent, ms):
-    """What the log keeps of a served completion: Tabby's record, and how it was made (the
-    snippets in its prompt, the editor's and the repository's; tokens, finish reason, ms in the
-    model and in all)."""
-    segments = {k: v for k, v in req.segments.items() if v is not None}
-    return {
-        "completion": {
-            "completion_id": completion_id,
-            "language": req.language,
-            "prompt": answer.prompt,
-            "segments": segments,
-            "choices": [{"index": 0, "text": answer.text}],
-            "user_agent": user_agent,
-            "snippets": answer.snippets,
-            "prompt_tokens": answer.size,
-            "reused_tokens": answer.reused,
-            "generated_tokens": answer.generated,
-            "finish_reason": answer.reason,
-            "model_ms": round(answer.ms, 1),
-            "total_ms": round(ms, 1),
-        }
-    }
-
-
-# -----------------------------------------------------------------------------------------------
-# What the server does, summed: the usage figures of the status page (from the events, so that
-# a restart keeps them) and the counters of /metrics (since start-up, as Prometheus wants them).
-
-HISTORY_DAYS = 14  # days of figures on the status page, read from the events log at start-up
-CLIENT_EVENTS = ("view", "select", "dismiss")  # what tabby-agent sends; others count as "other"
-FINISH_REASONS = (
-    "stop",
-    "eos",
-    "length",
-    "time",
-    "typed through",
-    "cached",
-    "speculated",
-    "cancelled",
-)
-RECENT_IDS = 10_000  # completions whose views and selects are matched to their language
-BUCKET = math.log(1.02)  # latencies are kept in buckets 2 % wide: percentiles within 1 %
-# Prometheus histogram buckets, in seconds
-SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 # name: (type, help). Each is tabbypy_ + name; labels are added where they are counted.
 # fmt: off
 METRICS = {
@@ -3182,266 +3394,17 @@ METRICS = {
 # fmt: on
 
 
-def bucket(ms):
-    """The latency bucket of ms milliseconds (see BUCKET)."""
-    return round(math.log(max(ms, 0.01)) / BUCKET)
-
-
-def percentile(buckets, share):
-    """The latency (ms) below which share of those counted in buckets (bucket -> count) fall."""
-    total = sum(buckets.values())
-    if not total:
-        return None
-    seen = 0
-    for b in sorted(buckets):
-        seen += buckets[b]
+def percentile(tally, name, share):
+    """The latency (ms) below which share of a Tally's completions fall, by name: "total_ms" or
+    "model_ms"."""
+    buckets = sorted((k[1], n) for k, n in tally.items() if isinstance(k, tuple) and k[0] == name)
+    total, seen = sum(n for _, n in buckets), 0
+    for b, n in buckets:
+        seen += n
         if seen >= share * total:
             return math.exp(b * BUCKET)
+    return None
 
-
-@dataclasses.dataclass
-class Tally:
-    """What happened in a minute or a day, as the status page sums it."""
-
-    served: int = 0  # completions answered (not cancelled)
-    cancelled: int = 0  # their clients hung up first
-    typed: int = 0  # answered from a completion typed through
-    prompt_tokens: int = 0
-    reused_tokens: int = 0
-    total_ms: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    model_ms: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-    # ("view" or "select", language, user) -> completions viewed, or selected
-    accepted: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def accepted_totals(self):
-        """(completions viewed, completions selected)."""
-        viewed = sum(n for key, n in self.accepted.items() if key[0] == "view")
-        return viewed, sum(self.accepted.values()) - viewed
-
-    def count(self, f):
-        """Count a Fact of a completion (or of one cancelled)."""
-        if f.kind == "completion_cancelled":
-            self.cancelled += 1
-        elif f.kind == "completion":
-            self.served += 1
-            self.typed += f.reason == "typed through"
-            self.prompt_tokens += f.prompt_tokens
-            self.reused_tokens += f.reused_tokens
-            self.total_ms[bucket(f.total_ms)] += 1
-            if f.reason != "typed through":
-                self.model_ms[bucket(f.model_ms)] += 1
-
-    @staticmethod
-    def sum(tallies):
-        """A new Tally that adds up tallies."""
-        total = Tally()
-        for tally in tallies:
-            for field in dataclasses.fields(Tally):
-                value = getattr(total, field.name) + getattr(tally, field.name)
-                setattr(total, field.name, value)
-        return total
-
-
-class Fact(typing.NamedTuple):
-    """What the figures take from one record of the events log (see fact)."""
-
-    kind: str  # the event's type: completion, completion_cancelled, view, select, ...
-    ts: float  # seconds since the epoch
-    user: str | None  # a user that a --tokens file names, else None
-    completion_id: str | None
-    language: str  # a language of LANGUAGES, "unknown", or "other"
-    reason: str  # a completion's finish reason
-    total_ms: float
-    model_ms: float
-    prompt_tokens: int
-    reused_tokens: int
-
-
-def count_of(value, most=1e12):
-    """value if it is a number from 0 to most (not a bool), else 0."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return value if ok and 0 <= value <= most else 0  # (NaN fails both)
-
-
-def fact(record, named=lambda user: False):
-    """The Fact of a record of the events log, or None for one this server did not write (the
-    log is a file anyone may edit). Only users that named(user) keeps, and only known languages
-    and event types, count apart: what clients send cannot grow the figures without bound."""
-    event = record.get("event") if isinstance(record, dict) else None
-    if not isinstance(event, dict) or not event:
-        return None
-    kind, fields = next(iter(event.items()))
-    ts = count_of(record.get("ts"), 4e12) / 1000  # (4e12 ms: the year 2096)
-    if not isinstance(fields, dict) or not ts:
-        return None
-    user, cid = record.get("user"), fields.get("completion_id")
-    language = fields.get("language")
-    known = language in LANGUAGE or language == "unknown"
-    reason = fields.get("finish_reason")
-    return Fact(
-        kind if kind in SERVER_EVENTS + CLIENT_EVENTS else "other",
-        ts,
-        user if isinstance(user, str) and named(user) else None,
-        cid if isinstance(cid, str) else None,
-        language if known else "unknown" if language is None else "other",
-        reason if reason in FINISH_REASONS else "other",
-        *(count_of(fields.get(key)) for key in ("total_ms", "model_ms")),
-        *(int(count_of(fields.get(key))) for key in ("prompt_tokens", "reused_tokens")),
-    )
-
-
-class Usage:
-    """The status page's figures: a Tally for each of the last HISTORY_DAYS days and of the last
-    hour's minutes, fed every record of the events log (at start-up from its files, then as
-    records are written). Views and selects count each completion once, on the day and under
-    the language of the completion (matched by id among the last RECENT_IDS); users by name
-    only where named(user) (a --tokens file names them)."""
-
-    def __init__(self, named=lambda user: False):
-        self.named, self.lock = named, threading.Lock()
-        self.days, self.minutes = {}, {}  # "YYYY-MM-DD" or minute number -> Tally
-        # completion id -> [language, day, viewed, selected]
-        self.recent = collections.OrderedDict()
-
-    def add(self, record):
-        f = fact(record, self.named)
-        if f is None:
-            return
-        day = time.strftime("%Y-%m-%d", time.gmtime(f.ts))
-        with self.lock:
-            if f.kind in ("view", "select") and f.completion_id:
-                return self.accept(f, day)
-            if f.kind == "completion" and f.completion_id:
-                self.remember(f.completion_id, f.language, day)
-            tallies = [self.tally(self.days, day)]
-            if f.ts > time.time() - 3600:
-                tallies.append(self.tally(self.minutes, int(f.ts // 60)))
-            for tally in tallies:
-                tally.count(f)
-
-    def accept(self, f, day):
-        """A view or select of a completion, counted once for it (a select is a view too)."""
-        language, day, viewed, selected = self.remember(f.completion_id, f.language, day)
-        tally = self.tally(self.days, day)
-        if not viewed:
-            tally.accepted["view", language, f.user] += 1
-        if f.kind == "select" and not selected:
-            tally.accepted["select", language, f.user] += 1
-        self.recent[f.completion_id][2:] = [True, selected or f.kind == "select"]
-
-    def remember(self, completion_id, language, day):
-        """[language, day, viewed, selected] of a recent completion (made for one not seen)."""
-        if completion_id not in self.recent:
-            self.recent[completion_id] = [language, day, False, False]
-            if len(self.recent) > RECENT_IDS:
-                self.recent.popitem(last=False)
-        return self.recent[completion_id]
-
-    def tally(self, table, key):
-        """table's Tally for key, made if new; the oldest go (days and minutes alike)."""
-        if key not in table:
-            table[key] = Tally()
-            for old in sorted(table)[: -(HISTORY_DAYS + 1 if table is self.days else 61)]:
-                del table[old]
-        return table[key]
-
-    def summary(self, now=None):
-        """(the last hour's Tally, the last HISTORY_DAYS days', [(day, its Tally)] oldest first)."""
-        now = time.time() if now is None else now
-        ago = range(HISTORY_DAYS - 1, -1, -1)  # days ago, oldest first
-        names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in ago]
-        with self.lock:  # sums made here are copies: the tallies go on changing
-            hour = Tally.sum(t for minute, t in self.minutes.items() if minute > now // 60 - 60)
-            days = [(day, Tally.sum([self.days.get(day, Tally())])) for day in names]
-        return hour, Tally.sum(t for _, t in days), days
-
-
-def sample_value(value):
-    """A sample's value as Prometheus reads it: integers whole, floats in full."""
-    return str(value) if isinstance(value, int) else repr(float(value))
-
-
-def label_text(labels):
-    """{a="x",b="y"} of (name, value) pairs, values escaped as Prometheus' format asks."""
-    if not labels:
-        return ""
-    quoted = (
-        str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in labels
-    )
-    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(labels, quoted)) + "}"
-
-
-def histogram_lines(name, counts, total):
-    """The _bucket (cumulative), _sum and _count lines of a histogram."""
-    lines, seen = [], 0
-    for bound in (*SECONDS, math.inf):
-        seen += counts.get(bound, 0)
-        le = "+Inf" if bound == math.inf else f"{bound:g}"
-        lines.append(f'{name}_bucket{{le="{le}"}} {seen}')
-    return lines + [f"{name}_sum {sample_value(total)}", f"{name}_count {seen}"]
-
-
-class Metrics:
-    """The counters and histograms of /metrics since start-up, fed the events log's records as
-    they are written; the gauges are asked for when it is read (see text)."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.counts = collections.Counter()  # (name, labels) -> value
-        self.histograms = {}  # name -> (Counter of buckets' upper bounds, [sum])
-        self.started = time.time()
-
-    def add(self, record):
-        f = fact(record)
-        if f is None:
-            return
-        with self.lock:
-            self.counts["events_total", (("type", f.kind),)] += 1
-            if f.kind in ("completion", "completion_cancelled"):
-                reason = f.reason if f.kind == "completion" else "cancelled"
-                self.counts[
-                    "completions_total", (("reason", reason), ("language", f.language))
-                ] += 1
-                self.observe("completion_seconds", f.total_ms / 1000)
-            if f.kind == "completion":
-                self.counts["prompt_tokens_total", ()] += f.prompt_tokens
-                self.counts["reused_tokens_total", ()] += f.reused_tokens
-                generated = record["event"]["completion"].get("generated_tokens")
-                self.counts["generated_tokens_total", ()] += int(count_of(generated))
-                if f.reason != "typed through":
-                    self.observe("completion_model_seconds", f.model_ms / 1000)
-            elif f.kind == "chat_completion":
-                self.counts["chat_answers_total", ()] += 1
-
-    def observe(self, name, seconds):
-        counts, total = self.histograms.setdefault(name, (collections.Counter(), [0.0]))
-        counts[next((b for b in SECONDS if seconds <= b), math.inf)] += 1
-        total[0] += seconds
-
-    def text(self, gauges):
-        """Prometheus' text format (0.0.4) of all, with the values that others own and count
-        (gauges: {name: {labels: value}}, labels being (name, value) pairs)."""
-        with self.lock:
-            values = {}
-            for (name, labels), value in self.counts.items():
-                values.setdefault(name, {})[labels] = value
-            histograms = {
-                name: (collections.Counter(c), t[0]) for name, (c, t) in self.histograms.items()
-            }
-        values.update(gauges, start_time_seconds={(): self.started})
-        lines = []
-        for name, (kind, about) in METRICS.items():
-            lines += [f"# HELP tabbypy_{name} {about}", f"# TYPE tabbypy_{name} {kind}"]
-            if kind == "histogram":
-                lines += histogram_lines("tabbypy_" + name, *histograms.get(name, ({}, 0.0)))
-            for labels, value in sorted(values.get(name, {}).items()):
-                lines.append(f"tabbypy_{name}{label_text(labels)} {sample_value(value)}")
-        return "\n".join(lines) + "\n"
-
-
-# -----------------------------------------------------------------------------------------------
-# The status page (GET /): HTML made here from the figures, with inline CSS and SVG, no scripts.
-# Aggregates only: nothing of anyone's code.
 
 PAGE_STYLE = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #1d2430; background: #f6f7f9; margin: 0; }
@@ -3472,37 +3435,48 @@ def share_text(part, whole):
 def served_rows(windows):
     """The rows of the completions table: (label, key, {window id: text}) for each figure."""
     figures = [
-        ("Completions served", "served", lambda t: str(t.served)),
-        ("Latency p50, in all", "p50", lambda t: ms_text(percentile(t.total_ms, 0.5))),
-        ("Latency p90, in all", "p90", lambda t: ms_text(percentile(t.total_ms, 0.9))),
-        ("Latency p50, in the model", "model-p50", lambda t: ms_text(percentile(t.model_ms, 0.5))),
-        ("Latency p90, in the model", "model-p90", lambda t: ms_text(percentile(t.model_ms, 0.9))),
+        ("Completions served", "served", lambda t: str(t["served"])),
+        ("Latency p50, in all", "p50", lambda t: ms_text(percentile(t, "total_ms", 0.5))),
+        ("Latency p90, in all", "p90", lambda t: ms_text(percentile(t, "total_ms", 0.9))),
+        ("Latency p50, in the model", "model-p50",
+         lambda t: ms_text(percentile(t, "model_ms", 0.5))),
+        ("Latency p90, in the model", "model-p90",
+         lambda t: ms_text(percentile(t, "model_ms", 0.9))),
         ("Cancelled (the editor moved on)", "cancelled",
-         lambda t: share_text(t.cancelled, t.served + t.cancelled)),
-        ("Typed through (no model)", "typed", lambda t: share_text(t.typed, t.served)),
-        ("Prompt tokens reused", "reused", lambda t: share_text(t.reused_tokens, t.prompt_tokens)),
+         lambda t: share_text(t["cancelled"], t["served"] + t["cancelled"])),
+        ("Typed through (no model)", "typed", lambda t: share_text(t["typed"], t["served"])),
+        ("Prompt tokens reused", "reused",
+         lambda t: share_text(t["reused_tokens"], t["prompt_tokens"])),
     ]  # fmt: skip
     return [(label, key, {w: text(t) for w, t in windows.items()}) for label, key, text in figures]
 
 
 def accepted_by(tally, index):
-    """{name: (viewed, selected)} of a Tally's acceptance by language (index 1) or user (2)."""
-    out = {}
-    for key, n in tally.accepted.items():
-        name = key[index] if key[index] is not None else "(none)"
-        viewed, selected = out.get(name, (0, 0))
-        out[name] = (viewed + n, selected) if key[0] == "view" else (viewed, selected + n)
+    """{name: Counter of served, viewed, selected} of a Tally's completions by language (index
+    1) or user (2)."""
+    out = collections.defaultdict(collections.Counter)
+    for key, n in tally.items():
+        if isinstance(key, tuple) and key[0] in ("served", "viewed", "selected"):
+            out["(none)" if key[index] is None else key[index]][key[0]] += n
     return out
 
 
+def accepted_totals(tally):
+    """(completions viewed, completions selected) of a Tally."""
+    rows = accepted_by(tally, 1).values()
+    return sum(r["viewed"] for r in rows), sum(r["selected"] for r in rows)
+
+
 def acceptance_table(title, kind, rows):
-    """A table of acceptance by language or user, most viewed first; data-KIND names each row."""
-    out = [f"<h2>{title}</h2><table><tr><th>{kind}</th><th>viewed</th><th>selected</th>"
-           "<th>rate</th></tr>"]  # fmt: skip
-    for name, (viewed, selected) in sorted(rows.items(), key=lambda r: (-r[1][0], r[0])):
+    """A table of completions by language or user, most viewed first; data-KIND names each
+    row."""
+    out = [f"<h2>{title}</h2><table><tr><th>{kind}</th><th>served</th><th>viewed</th>"
+           "<th>selected</th><th>rate</th></tr>"]  # fmt: skip
+    for name, r in sorted(rows.items(), key=lambda r: (-r[1]["viewed"], -r[1]["served"], r[0])):
         out.append(f'<tr data-{kind}="{html.escape(name)}"><td>{html.escape(name)}</td>'
-                   f'<td class="viewed">{viewed}</td><td class="selected">{selected}</td>'
-                   f"<td>{share_text(selected, viewed)}</td></tr>")  # fmt: skip
+                   f'<td class="served">{r["served"]}</td><td class="viewed">{r["viewed"]}</td>'
+                   f'<td class="selected">{r["selected"]}</td>'
+                   f'<td>{share_text(r["selected"], r["viewed"])}</td></tr>')  # fmt: skip
     return "".join(out) + "</table>"
 
 
@@ -3511,7 +3485,7 @@ def day_chart(days):
     width, height, gap = 40, 120, 6
     bars = []
     for i, (day, tally) in enumerate(days):
-        viewed, selected = tally.accepted_totals()
+        viewed, selected = accepted_totals(tally)
         rate = selected / viewed if viewed else 0
         x, h = i * (width + gap), round(rate * height)
         title = f"{day}: {selected} selected of {viewed} viewed ({share_text(selected, viewed)})"
@@ -3531,7 +3505,7 @@ def day_chart(days):
 
 def status_page(about, hour, fortnight, days):
     """The HTML of the status page: about ([(label, text, ok: None, True or False)]), then the
-    figures of the last hour and of the last HISTORY_DAYS days (Usage.summary())."""
+    figures of the last hour and of the last HISTORY_DAYS days (Counters.summary())."""
     mark = {None: "", True: " class=ok", False: " class=bad"}
     rows = "".join(
         f"<tr><td>{html.escape(label)}</td><td{mark[ok]}>{html.escape(text)}</td></tr>"
@@ -3542,7 +3516,7 @@ def status_page(about, hour, fortnight, days):
         + "</tr>"
         for label, key, texts in served_rows({"hour": hour, "days": fortnight})
     )  # fmt: skip
-    viewed, selected = fortnight.accepted_totals()
+    viewed, selected = accepted_totals(fortnight)
     users = accepted_by(fortnight, 2)
     parts = [
         "<!doctype html><html lang=en><head><meta charset=utf-8>",
@@ -3558,47 +3532,155 @@ def status_page(about, hour, fortnight, days):
         day_chart(days),
         acceptance_table("By language", "language", accepted_by(fortnight, 1)),
         acceptance_table("By user", "user", users) if set(users) - {"(none)"} else "",
-        "</section><p class=note>Figures from the events log and this process; "
+        "</section><p class=note>Figures of this process, and of the events log before it; "
         '<a href="/metrics">/metrics</a> has them for Prometheus.</p></main></body></html>',
     ]
     return "".join(parts)
 
 
-def status_about(config, backend, index, tokens, started):
-    """What the status page says serves: [(label, text, ok: True, False or None)]."""
-    about = [("Serves", line, None) for line in backend.describe()]
-    engine = backend.health().get("backend")
-    if engine:
-        answers = "answers" if engine["answers"] else f"does not answer: {engine.get('error')}"
-        about.append(("Engine", f"{engine['url']} {answers}", engine["answers"]))
-    else:
-        about.append(("Model", "loaded, in this process", True))
-    about.append(("Chat", backend.chat_name or "no chat model (chat answers 501)", None))
-    for r in index.stats() if index else []:
-        about.append(("Repository", f"{r['name']}: {r['files']} files, {r['chunks']} chunks", None))
-    up = int(time.time() - started)
-    days, hours, minutes = up // 86400, up // 3600 % 24, up // 60 % 60
-    kept = f" for {config['events_days']} days" if config["events_days"] else ""
-    settings = (
-        f"--max-tokens {config['max_tokens']}, --time-budget {config['time_budget']} ms, "
-        f"--kv-cache-mb {config['kv_cache_mb']}, --events {config['events']}{kept}"
+def day_files(folder, days, now):
+    """The paths of the day files of the last days days (today's too) in folder, oldest first."""
+    names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in range(days, -1, -1)]
+    paths = (os.path.join(folder, name + ".json") for name in names)
+    return [path for path in paths if os.path.isfile(path)]
+
+
+def records(path):
+    """The records of a day file, one JSON line each; lines that are not one are skipped."""
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):  # another tool's line, or a torn one
+                continue
+            if isinstance(record, dict) and isinstance(record.get("event"), dict):
+                yield record
+
+
+def count_of(value, most=1e12):
+    """value if it is a number from 0 to most (not a bool), else 0."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return value if ok and 0 <= value <= most else 0  # (NaN fails both)
+
+
+def tally_history(counters, record, named):
+    """Count a record of the events log (of days before this process) in the tallies. The log
+    is a file anyone may edit: a record this server did not write is skipped, and only users
+    that named(user) keeps, and known languages, count apart, so that what clients send cannot
+    grow the figures without bound."""
+    kind, fields = next(iter(record["event"].items()))
+    ts, user = count_of(record.get("ts"), 4e12) / 1000, record.get("user")  # (4e12 ms: 2096)
+    if not isinstance(fields, dict) or not ts:
+        return
+    user = user if isinstance(user, str) and named(user) else None
+    cid, language = fields.get("completion_id"), fields.get("language")
+    cid = cid if isinstance(cid, str) else None
+    language = language if language in (*LANGUAGE, "unknown") else language and "other" or "unknown"
+    if kind in ("view", "select") and cid:
+        counters.event(ts, kind, cid, user)
+    elif kind in ("completion", "completion_cancelled"):
+        size, reused = (
+            int(count_of(fields.get(key))) for key in ("prompt_tokens", "reused_tokens")
+        )
+        reason = fields.get("finish_reason")
+        a = Answer("", "", reason, [], size, reused, 0, count_of(fields.get("model_ms")))
+        served = a if kind == "completion" else None
+        counters.completion(
+            ts, cid, language, user, served, count_of(fields.get("total_ms")), live=False
+        )
+
+
+def sample_value(value):
+    """A sample's value as Prometheus reads it: integers whole, floats in full."""
+    return str(value) if isinstance(value, int) else repr(float(value))
+
+
+def label_text(labels):
+    """{a="x",b="y"} of (name, value) pairs, values escaped as Prometheus' format asks."""
+    if not labels:
+        return ""
+    quoted = (
+        str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in labels
     )
-    access = (f"{len(tokens.users)} users' tokens" if tokens.path else "one token" if tokens.token
-              else "open: no token")  # fmt: skip
-    return about + [
-        ("Version", f"Tabby API {TABBY_VERSION}, Python {platform.python_version()}", None),
-        (
-            "Up for",
-            f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min",
-            None,
-        ),
-        ("Settings", settings, None),
-        ("Access", access, None),
-    ]
+    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(labels, quoted)) + "}"
+
+
+def metrics_text(values, gauges):
+    """Prometheus' text format (0.0.4) of counters' values ({(name, labels): value}) and of the
+    gauges asked for now ({name: value})."""
+    lines, histograms = [], {name for name, (kind, _) in METRICS.items() if kind == "histogram"}
+    for name, (kind, about) in METRICS.items():
+        lines += [f"# HELP tabbypy_{name} {about}", f"# TYPE tabbypy_{name} {kind}"]
+        samples = sorted((labels, v) for (n, labels), v in values.items() if n == name)
+        if name in histograms:
+            seen = 0
+            for bound in (*SECONDS, math.inf):
+                seen += values.get((name, (("le", bound),)), 0)
+                le = "+Inf" if bound == math.inf else f"{bound:g}"
+                lines.append(f'tabbypy_{name}_bucket{{le="{le}"}} {seen}')
+            total = values.get((name + "_sum", ()), 0.0)
+            samples = []
+            lines += [
+                f"tabbypy_{name}_sum {sample_value(float(total))}",
+                f"tabbypy_{name}_count {seen}",
+            ]
+        elif name in gauges:
+            samples = [((), gauges[name])]
+        for labels, value in samples:
+            lines.append(f"tabbypy_{name}{label_text(labels)} {sample_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def add_status_page(server):
+    """GET / and /metrics, and the history of the last HISTORY_DAYS days read into the tallies
+    (from the events log: a restart keeps the page's figures)."""
+    config, counters, app = server.config, server.counters, server.app
+    named = lambda user: user in (server.tokens or {}).values()  # noqa: E731  (a token names it)
+    for path in day_files(server.events.folder, HISTORY_DAYS - 1, time.time()):
+        for record in records(path):
+            tally_history(counters, record, named)
+
+    @app.get("/")
+    def status_route():
+        up = int(time.time() - counters.started)
+        days, hours, minutes = up // 86400, up // 3600 % 24, up // 60 % 60
+        kept = f" for {config['events_days']} days" if config["events_days"] else ""
+        settings = (f"--max-tokens {config['max_tokens']}, --time-budget "
+                    f"{config['time_budget']} ms, --kv-cache-mb {config['kv_cache_mb']}, "
+                    f"--events {config['events']}{kept}")  # fmt: skip
+        users = len(set((server.tokens or {}).values()) - {None})
+        access = (
+            f"{users} users' tokens" if users else "a token" if server.tokens else "open: no token"
+        )
+        about = [("Serves", line, None) for line in server.backend.describe()]
+        about += [line for part in server.about for line in part()]
+        about += [
+            ("Version", f"Tabby API {TABBY_VERSION}, Python {platform.python_version()}", None),
+            (
+                "Up for",
+                f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min",
+                None,
+            ),
+            ("Settings", settings, None),
+            ("Access", access, None),
+        ]
+        page = status_page(about, *counters.summary())
+        return app.response_class(page, mimetype="text/html")
+
+    @app.get("/metrics")
+    def metrics_route():
+        with counters.lock:
+            values = counters.values.copy()
+        gauges = {**server.backend.figures(), "start_time_seconds": counters.started}
+        text = metrics_text(values, gauges)
+        return app.response_class(text, mimetype="text/plain; version=0.0.4; charset=utf-8")
 
 
 # -----------------------------------------------------------------------------------------------
-# Who may ask: --token, and a token per developer (--tokens FILE), whose user the events name.
+# Tokens per developer (--tokens FILE): a token each, whose user the events and the status page
+# name. The file is read again when it changes (a thread looks every second), so that a token is
+# revoked without a restart; a file that cannot be read keeps the tokens it had, one that is
+# gone keeps none.
 
 
 def read_tokens(path, bad=None):
@@ -3634,360 +3716,166 @@ def file_state(path):
     return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
-def given_token(header):
-    """The token an Authorization header carries: Bearer TOKEN (or any scheme), or HTTP Basic
-    with the token as the password (any user name), which is what a browser sends."""
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic":
-        return value.strip()
-    try:  # the user name is any bytes; the password must be UTF-8
-        return base64.b64decode(value.strip(), validate=True).partition(b":")[2].decode()
-    except ValueError:  # (binascii.Error, UnicodeDecodeError)
-        return ""
+def add_tokens(server):
+    """Each token of the file names its user; --token's still names nobody."""
+    path, logger, single = server.config["tokens"], server.app.logger, server.tokens or {}
+    if not path:
+        return
+    try:
+        server.tokens, seen = {**read_tokens(path), **single}, file_state(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --tokens {path}: {getattr(e, 'strerror', None) or e}") from None
 
-
-class Tokens:
-    """Who may ask: the one --token (no user name) and the users of --tokens FILE. The file is
-    read again when it changes (a thread looks every second), so that a token is revoked
-    without a restart; a file that cannot be read keeps the tokens it had, one that is gone
-    keeps none. The table is replaced whole, never changed, so readers need no lock."""
-
-    def __init__(self, token, path, logger):
-        self.token, self.path, self.logger = token, path, logger
-        self.users, self.names, self.seen = {}, frozenset(), None
-        if path:
-            try:
-                self.use(read_tokens(path))
-                self.seen = file_state(path)
-            except (OSError, ValueError) as e:
-                raise SystemExit(f"error: --tokens {path}: {getattr(e, 'strerror', None) or e}")
-            threading.Thread(target=self.watch, daemon=True, name="tokens").start()
-
-    def use(self, users):
-        self.users, self.names = users, frozenset(users.values())
-
-    @property
-    def required(self):
-        return bool(self.token or self.path)
-
-    def user_of(self, given):
-        """(True, its user or None) for a valid token; (False, None) for any other."""
-        if self.token and hmac.compare_digest(given.encode(), self.token.encode()):
-            return True, None
-        for token, user in self.users.items():
-            if hmac.compare_digest(given.encode(), token.encode()):
-                return True, user
-        return False, None
-
-    def watch(self):
+    def watch():
+        nonlocal seen
         while True:
             time.sleep(1)
-            state = file_state(self.path)
-            if state == self.seen:
+            if file_state(path) == seen:
                 continue
-            self.seen = state
-            bad = functools.partial(self.logger.error, "--tokens %s: %s: left out", self.path)
+            seen = file_state(path)
+            bad = functools.partial(logger.error, "--tokens %s: %s: left out", path)
             try:
-                self.use(read_tokens(self.path, bad) if state else {})
+                users = read_tokens(path, bad) if seen else {}
             except OSError as e:
-                self.logger.error("--tokens %s: %s; the tokens read before still hold", self.path,
-                                  e.strerror)  # fmt: skip
+                logger.error("--tokens %s: %s; the tokens read before still hold", path, e.strerror)
                 continue
-            self.logger.info("--tokens %s: read again, %d users", self.path, len(self.users))
+            server.tokens = {**users, **single}  # whole: readers need no lock
+            logger.info("--tokens %s: read again, %d users", path, len(users))
+
+    threading.Thread(target=watch, daemon=True, name="tokens").start()
 
 
 # -----------------------------------------------------------------------------------------------
-# Routes: create_app() builds the backend, the completion service and the events log from the
-# config; each route parses, calls one of them, and answers.
+# Hugging Face download: --model (and --chat-model) may be a repo id, owner/repo[:file.gguf],
+# downloaded once into the hub's cache; from the cache alone when the hub cannot be reached.
+
+TABBY_LAYOUT = "ggml/model-00001-of-00001.gguf"  # where Tabby's own model repos keep the GGUF
 
 
-def body_of(request):
-    """The bytes of a request's body. A chunked body (no Content-Length) over --max-body is cut
-    at the limit by Werkzeug without a word; reading on past it raises the 413 it should."""
-    data = request.get_data()
-    if request.content_length is None and len(data) >= (request.max_content_length or math.inf):
-        request.stream.read(1)
-    return data
+def reachable(url, timeout=3.0):
+    """Whether url's host takes a TCP connection within timeout seconds, name lookup included;
+    yes when a proxy is set (the hub's client goes through it)."""
+    proxies = ("https_proxy", "http_proxy", "all_proxy")
+    if any(os.environ.get(name) or os.environ.get(name.upper()) for name in proxies):
+        return True
+    parts, done, opened = urllib.parse.urlsplit(url), threading.Event(), []
 
-
-class ClientGone:
-    """A request's should_stop(): whether its HTTP client hung up, as tabby-agent does on every
-    keystroke. Werkzeug's server (python app.py, flask run) exposes the socket; elsewhere this
-    cannot tell, and says no."""
-
-    def __init__(self, environ):
-        self.sock = environ.get("werkzeug.socket")  # (watch() waits on it)
-
-    def __call__(self):
-        if self.sock is None:
-            return False
+    def connect():  # on a thread of its own: a name lookup cannot be given a timeout
         try:
-            # closed: its end is all there is to read (the plain socket's recv: an SSL socket's
-            # refuses to peek; flask run --cert serves those)
-            return stirs(self.sock, 0) and socket.socket.recv(self.sock, 1, socket.MSG_PEEK) == b""
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            socket.create_connection((parts.hostname, port), timeout=timeout).close()
+            opened.append(True)
         except (OSError, ValueError):
-            return True
+            pass
+        done.set()  # also when it failed at once: no need to wait out the timeout
+
+    threading.Thread(target=connect, daemon=True).start()
+    done.wait(timeout)
+    return bool(opened)
 
 
-def system_info(backend):
-    """The static part of /v1/health: what runs this server."""
-    cpu_info = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            cpu_info = next(names, cpu_info)
-    info = {
-        "model": backend.name,
-        "device": backend.device,
-        "arch": platform.machine(),
-        "cpu_info": cpu_info,
-        "cpu_count": os.cpu_count(),
-        "cuda_devices": [],
-        "version": {
-            "build_date": "",
-            "build_timestamp": "",
-            "git_sha": "",
-            "git_describe": TABBY_VERSION,
-        },
-    }
-    if backend.chat_name:
-        info.update(chat_model=backend.chat_name, chat_device=backend.device)
-    return info
+def offline_help(hub, repo, filename, offline):
+    """What to do when the hub cannot be reached (or offline: HF_HUB_OFFLINE is set) and the
+    model is not in its cache."""
+    name = filename or (TABBY_LAYOUT if repo.startswith("TabbyML/") else "")
+    fetch = (f"fetch {hub}/{repo}/resolve/main/{name} by hand" if name else
+             f"fetch one of the .gguf files listed at {hub}/{repo}/tree/main by hand")  # fmt: skip
+    if offline:
+        return (f"HF_HUB_OFFLINE is set, and the model is not in the Hugging Face cache: {fetch} "
+                "and pass its path (--model ./model.gguf), or unset HF_HUB_OFFLINE to download "
+                "it")  # fmt: skip
+    return (f"cannot reach the Hugging Face hub ({hub}), and the model is not in its cache: "
+            f"{fetch} and pass its path (--model ./model.gguf); a model downloaded before "
+            "starts without the hub with HF_HUB_OFFLINE=1")  # fmt: skip
 
 
-def chat_chunk(chat_id, created, model, delta, finish_reason=None):
-    """One Server-Sent Event of a streamed chat answer: a chat.completion.chunk."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    chunk = {
-        "id": chat_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-    return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
-
-
-def chat_stream(steps, stops, chunk, done, logger):
-    """A chat answer as Server-Sent Events, as Tabby sends them: every event is JSON (no
-    "data: [DONE]"); the role first, then the text as it comes, then the finish reason that
-    done(text, n, reason) gives. An error half way goes in an event of its own."""
+def cached_gguf(huggingface_hub, repo, filename):
+    """The path of repo's GGUF file in the Hugging Face cache (filename; else Tabby's layout, or
+    the only .gguf file there), or None."""
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        for delta, end in deltas(steps, stops):
-            if delta:
-                yield chunk({"content": delta})
-            if end:
-                yield chunk({}, done(*end))
-    except HTTPException as e:  # the headers are gone: the error goes in the stream
-        yield "data: " + json.dumps({"error": {"message": e.description, "code": e.code}}) + "\n\n"
-    except Exception as e:
-        logger.exception("unexpected error in a chat stream")
-        error = {"message": f"internal error: {type(e).__name__}", "code": 500}
-        yield "data: " + json.dumps({"error": error}) + "\n\n"
-    finally:
-        steps.close()  # the client left: stop generating
+        if filename:
+            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
+        folder = huggingface_hub.snapshot_download(repo, local_files_only=True)
+    except Exception:  # not in the cache (the hub's own errors vary by version)
+        return None
+    ggufs = sorted(
+        os.path.relpath(os.path.join(top, name), folder)
+        for top, _, names in os.walk(folder)
+        for name in names
+        if name.endswith(".gguf")
+    )
+    name = TABBY_LAYOUT if TABBY_LAYOUT in ggufs else ggufs[0] if len(ggufs) == 1 else None
+    return os.path.join(folder, name) if name else None
 
 
-GUARDED = ("/", "/metrics")  # besides /v1/* and /v1beta/*, what needs the token when one is set
-
-
-def add_guards(app, tokens, max_body):
-    """The token check, which names the request's user (flask.g.user: a --tokens user, or None),
-    and one error shape for everything: {"error": "..."}."""
-
-    @app.before_request
-    def check_token():
-        g.user = None
-        path = request.path
-        if not tokens.required or not (path.startswith(("/v1/", "/v1beta/")) or path in GUARDED):
-            return None
-        ok, g.user = tokens.user_of(given_token(request.headers.get("Authorization", "")))
-        if ok:
-            return None
-        if path == "/":  # a browser asks for a user name (any) and a password (the token)
-            response = jsonify(error="missing or wrong token: give it as the password")
-            response.headers["WWW-Authenticate"] = 'Basic realm="tabbypy", charset="UTF-8"'
-            return response, 401
-        abort(401, "missing or wrong token: send Authorization: Bearer <token>")
-
-    @app.errorhandler(HTTPException)
-    def http_error(e):
-        return jsonify(error=e.description), e.code
-
-    @app.errorhandler(RequestEntityTooLarge)
-    def too_large(e):
-        return jsonify(error=f"the body is over this server's {max_body} bytes (--max-body)"), 413
-
-    @app.errorhandler(Exception)
-    def server_error(e):
-        app.logger.exception("unexpected error on %s", request.path)
-        return jsonify(error=f"internal error: {type(e).__name__}"), 500
-
-
-def completion_response(completion_id, req, answer):
-    """The JSON answer to a completion request (debug_data when it asked for it)."""
-    response = {"id": completion_id, "choices": [{"index": 0, "text": answer.text}]}
-    if req.debug_data:
-        response["debug_data"] = {}
-        if req.return_snippets:
-            response["debug_data"]["snippets"] = answer.snippets
-        if req.return_prompt:
-            response["debug_data"]["prompt"] = answer.prompt
-    return response
-
-
-def add_completion_routes(app, config, backend, completions, events):
-    health, index = system_info(backend), completions.index
-
-    @app.route("/v1/health", methods=["GET", "POST"])
-    def health_route():
-        repositories = {"repositories": index.stats()} if index else {}
-        return jsonify({**health, **backend.health(), **repositories})
-
-    @app.get("/v1beta/server_setting")
-    def server_setting():
-        return jsonify(disable_client_side_telemetry=not config["client_telemetry"])
-
-    @app.post("/v1/events")
-    def events_route():
-        body = json_body(body_of(request))
-        event = parse_event(body, request.args.get("select_kind"))
-        why = events.write(g.user or get(body, "user", str), event)
-        if why:
-            abort(503, f"the event was not stored: {why}")
-        return "", 200
-
-    @app.post("/v1/completions")
-    def completions_route():
-        started = time.perf_counter()
-        completions.arrived()
-        req = parse_completion(json_body(body_of(request)))
-        req.user = g.user or req.user
-        client = (request.remote_addr, req.user, req.segments.get("filepath"))
-        answer = completions.answer(req, client, ClientGone(request.environ))
-        completion_id, ms = f"cmpl-{uuid.uuid4()}", (time.perf_counter() - started) * 1000
-        if answer.reason != "cancelled":
-            user_agent = request.headers.get("User-Agent")
-            events.write(req.user, completion_event(completion_id, req, answer, user_agent, ms))
-        else:  # a count, for the status page and /metrics: nothing was shown
-            cancelled = {"completion_id": completion_id, "language": req.language}
-            events.write(
-                req.user, {"completion_cancelled": {**cancelled, "total_ms": round(ms, 1)}}
+def download(repo_id, flag="--model"):
+    """owner/repo[:file.gguf] from the Hugging Face hub into its cache, once, with a progress
+    bar; from the cache alone when the hub cannot be reached (found out in a few seconds)."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise SystemExit(
+            f"error: {flag} {repo_id} is a Hugging Face repo id, and downloading it needs "
+            "huggingface_hub: pip install huggingface_hub (or pass a local .gguf file)"
+        ) from None
+    repo, _, filename = repo_id.partition(":")
+    hub = constants.ENDPOINT  # HF_ENDPOINT, or the hub's own
+    offline = bool(constants.HF_HUB_OFFLINE)
+    if offline or not reachable(hub):
+        path = cached_gguf(huggingface_hub, repo, filename)
+        if path is None:
+            raise SystemExit(
+                f"error: {flag} {repo_id}: {offline_help(hub, repo, filename, offline)}"
             )
-        app.logger.info(
-            "%s: %d prompt tokens (%d reused), %d generated, %s; %.1f ms in the model, "
-            "%.1f ms in all",
-            *(completion_id, answer.size, answer.reused, answer.generated, answer.reason),
-            *(answer.ms, ms),
-        )
-        response = jsonify(completion_response(completion_id, req, answer))
-        response.call_on_close(functools.partial(completions.look_ahead, req, answer))
-        return response
+        return path
+    try:
+        if not filename:
+            ggufs = [f for f in huggingface_hub.list_repo_files(repo) if f.endswith(".gguf")]
+            if len(ggufs) != 1 and TABBY_LAYOUT not in ggufs:
+                raise SystemExit(
+                    f"error: {flag} {repo_id}: {len(ggufs)} GGUF files there "
+                    f"({', '.join(ggufs[:8])}); pick one as {repo}:FILE"
+                )
+            filename = ggufs[0] if len(ggufs) == 1 else TABBY_LAYOUT
+        return huggingface_hub.hf_hub_download(repo, filename)
+    except SystemExit:
+        raise
+    except Exception as e:  # no such repo, no such file, disk full: all end start-up the same way
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SystemExit(
+            f"error: {flag} {repo_id}: download failed: {type(e).__name__}: {first} "
+            "(or pass a local .gguf file)"
+        ) from None
 
 
-def add_status_routes(app, config, backend, completions, tokens, usage, metrics, events):
-    @app.get("/")
-    def status_route():
-        about = status_about(config, backend, completions.index, tokens, metrics.started)
-        return app.response_class(status_page(about, *usage.summary()), mimetype="text/html")
+def add_hub_download(server):
+    """Model values that are repo ids (owner/repo, not dir/x.gguf) and not paths: downloaded."""
 
-    @app.get("/metrics")
-    def metrics_route():
-        waiting, kv_bytes, errors = backend.figures()
-        gauges = {
-            "requests_waiting": {(): waiting},
-            "kv_cache_bytes": {(): kv_bytes},
-            "engine_errors_total": {(("status", str(k)),): n for k, n in errors.items()},
-            "events_lost_total": {(): events.lost},
-            "speculations_total": {
-                (("outcome", k),): n for k, n in completions.speculations.items()
-            },
-        }
-        text = metrics.text(gauges)
-        return app.response_class(text, mimetype="text/plain; version=0.0.4; charset=utf-8")
+    def locate(value, flag):
+        hub_id = re.fullmatch(r"[\w.-]+/[\w.-]+(?<!\.gguf)(:.+)?", value)
+        return download(value, flag) if hub_id and not os.path.exists(value) else value
+
+    server.locate = locate
 
 
-def add_chat_routes(app, config, backend, events):
-    @app.post("/v1/chat/completions")
-    @app.post("/v1beta/chat/completions")  # the path of Tabby 0.7-0.10, which clients fall back to
-    def chat_route():
-        if backend.chat_name is None:
-            how = "--chat-model (a GGUF file, a Hugging Face repo id, or 'same')"
-            abort(501, f"no chat model: start the server with {how}")
-        req = parse_chat(json_body(body_of(request)), stream=request.path.startswith("/v1beta/"))
-        req.user = g.user or req.user
-        chat_id, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
-        should_stop = ClientGone(request.environ)
-        steps, size = backend.chat(req, sampling(req, config["temperature"]), should_stop)
-
-        def done(text, n, reason):
-            """Log the answer; -> its finish reason, in OpenAI's words."""
-            if reason != "cancelled":
-                output = {"role": "assistant", "content": text}
-                chat = {"completion_id": chat_id, "input": req.messages, "output": output}
-                events.write(req.user, {"chat_completion": chat})
-            app.logger.info("%s: %d prompt tokens, %d generated, %s", chat_id, size, n, reason)
-            return "length" if reason == "length" else "stop"
-
-        chunk = functools.partial(chat_chunk, chat_id, created, backend.chat_name)
-        if req.stream:
-            stream = chat_stream(steps, req.stop, chunk, done, app.logger)
-            return app.response_class(
-                stream, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        text, n, reason = finish(steps)
-        message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None}
-        usage = {"prompt_tokens": size, "completion_tokens": n, "total_tokens": size + n}
-        return jsonify(
-            id=chat_id,
-            object="chat.completion",
-            created=created,
-            model=backend.chat_name,
-            choices=[{**choice, "finish_reason": done(text, n, reason)}],
-            usage=usage,
-        )
+# ===============================================================================================
+# create_app(): the core's parts, and each capability attached to them. Delete a capability's
+# line here, with its section and its knobs in CONFIG, and the rest still serves.
 
 
 def create_app(config=None):
-    """The Flask app. flask run calls it with nothing: config from the env."""
-    if config is None:
-        try:
-            config = load_config(environ=os.environ)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    check_config(config)
-    backend = open_backend(config)
-    for line in backend.describe():
-        print(line, file=sys.stderr)
-    if not config["token"] and config["host"] not in ("127.0.0.1", "localhost", "::1"):
-        print(
-            f"warning: serving on {config['host']} without a token: anyone who can reach it "
-            f"can use it (set --token or {ENV_PREFIX}TOKEN)",
-            file=sys.stderr,
-        )
-    app = Flask(__name__)
-    app.logger.setLevel(logging.INFO)  # one line per completion
-    app.config["MAX_CONTENT_LENGTH"] = config["max_body"]
-    app.json.ensure_ascii = False
-    tokens = Tokens(config["token"], config["tokens"], app.logger)
-    usage, metrics = Usage(named=lambda user: user in tokens.names), Metrics()
-    events = EventsLog(config, app.logger, readers=(usage, metrics))  # no files made yet
-    for path in day_files(events.folder, HISTORY_DAYS - 1, time.time()):
-        for record in records(path):  # the status page's history (not /metrics': since now)
-            usage.add(record)
-    index = open_index(config, app.logger) if config["repo"] else None
-    add_guards(app, tokens, config["max_body"])
-    completions = Completions(backend, config, index, app.logger)
-    add_completion_routes(app, config, backend, completions, events)
-    add_status_routes(app, config, backend, completions, tokens, usage, metrics, events)
-    add_chat_routes(app, config, backend, events)
-    return app
-
-
-# -----------------------------------------------------------------------------------------------
-# Main: python app.py --flags (flask run calls create_app() itself).
+    """The Flask app. flask run calls it with nothing: config from the environment."""
+    server = open_server(config)
+    add_tokens(server)
+    add_hub_download(server)
+    add_engine(server)
+    serve_completions(server)
+    add_chat(server)
+    add_repository_context(server)
+    add_speculation(server)
+    add_status_page(server)
+    return server.app
 
 
 if __name__ == "__main__":

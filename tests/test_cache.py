@@ -1,7 +1,6 @@
 """Answers without the model: completions kept by prompt (revisits), and speculation (the
 completion the editor will ask for if the user accepts the one shown, made in idle time)."""
 
-import logging
 import re
 import threading
 import time
@@ -56,42 +55,54 @@ def test_a_speculation_begins_once_the_answer_is_sent(make_app, caplog):
     wait_for(caplog, "speculation:")
 
 
-def test_a_request_during_a_speculation_stops_it_and_takes_over_its_tokens(model_path):
+def parts(args, tmp_path):
+    """(the model, the completion service, the speculation's hook) of an app made of args."""
+    config = server.load_config(args + ["--root", str(tmp_path)], environ={})
+    core = server.create_app(config).extensions["tabbypy"]
+    [look_ahead] = core.completions.answered
+    return core.backend, core.completions, look_ahead
+
+
+def asking(completions, look_ahead, language):
+    """ask(prefix, suffix, ahead) -> (its Answer, ms in all), as the route asks (look_ahead
+    once the answer is sent, if ahead)."""
+
+    def ask(prefix, suffix="\n", ahead=True):
+        started, arrivals = time.perf_counter(), completions.arrived()
+        body = {"language": language, "segments": {"prefix": prefix, "suffix": suffix}}
+        req = server.parse_completion(body)
+        answer = completions.answer(req, ("me", None, None), bool)
+        wall = (time.perf_counter() - started) * 1000
+        if ahead:
+            look_ahead(req, answer, arrivals)
+        return answer, wall
+
+    return ask
+
+
+def test_a_request_during_a_speculation_stops_it_and_takes_over_its_tokens(model_path, tmp_path):
     """The model stops speculating when a request comes (inside a token's decode: see the next
     test); when the request is the one speculated, it goes on from the tokens the speculation
     made."""
     args = ["--model", model_path("starcoder", **SLOW), "--temperature", "0", "--time-budget",
             "0", "--max-tokens", "600", "--events", "off"]  # fmt: skip
-    config = server.load_config(args, environ={})  # (1 ms a token, and it never stops by itself)
-    model = server.LocalModel(config)
-    completions = server.Completions(model, config)
-
-    def ask(prefix):
-        started = time.perf_counter()
-        body = {"language": "css", "segments": {"prefix": prefix, "suffix": "\n"}}
-        req = server.parse_completion(body)
-        answer = completions.answer(req, ("me", None, None), bool)
-        wall = (time.perf_counter() - started) * 1000
-        completions.look_ahead(req, answer)  # as the route does once the answer is sent
-        return answer, wall
-
+    model, completions, look_ahead = parts(args, tmp_path)  # (1 ms a token, and never stops)
+    ask = asking(completions, look_ahead, "css")
     shown, _ = ask("a {\n")
     deadline = time.monotonic() + 30  # the speculation of "a {" + shown is under way
-    while sum(map(len, model.partial.values())) < 50 and time.monotonic() < deadline:
+    while sum(map(len, model.ahead.values())) < 50 and time.monotonic() < deadline:
         time.sleep(0.01)
-    other, wall = ask("b {\n")  # another editor asks
+    other, wall = ask("b {\n", ahead=False)  # another editor asks
     assert wall - other.ms < 50  # building the prompt, and one token (a millisecond) at most
-    [(key, done)] = model.partial.items()  # where the speculation was
+    [(key, done)] = model.ahead.items()  # where the speculation was
     assert 0 < len(done) < 600 and len(key) > 600  # (key: the accepted prompt, long)
-    accepted, _ = ask("a {\n" + shown.text)
-    completions.speculating, completions.newest = False, -1  # no more, and b's stops: it would
-    # go on in this process for seconds
+    accepted, _ = ask("a {\n" + shown.text, ahead=False)
     assert (accepted.generated, accepted.reason) == (600, "length")
     assert accepted.text.startswith(model.llm.detokenize(done).decode(errors="ignore")[:20])
     assert accepted.reused == accepted.size  # its prompt was not evaluated again
 
 
-def test_a_request_keeps_the_editors_kv_cache_not_the_speculations(model_path, caplog):
+def test_a_request_keeps_the_editors_kv_cache_not_the_speculations(model_path, caplog, tmp_path):
     """A speculation keeps a copy of the editor's KV cache (its next keystroke gets it back); the
     request that comes after it finished keeps none of the speculation's: the editor did not
     take it (or the completion cache answered that, and the next prompt goes on from it). One
@@ -99,18 +110,9 @@ def test_a_request_keeps_the_editors_kv_cache_not_the_speculations(model_path, c
     caplog.set_level("INFO")
     args = ["--model", model_path("starcoder"), "--temperature", "0", "--time-budget", "0",
             "--events", "off"]  # fmt: skip
-    config = server.load_config(args, environ={})
-    model = server.LocalModel(config)
-    completions = server.Completions(model, config, logger=logging.getLogger("test"))
-
-    def ask(prefix, suffix):
-        req = server.parse_completion({"language": "python", "segments": {"prefix": prefix,
-                                                                          "suffix": suffix}})  # fmt: skip
-        answer = completions.answer(req, ("me", None, None), bool)
-        completions.look_ahead(req, answer)  # as the route does once the answer is sent
-        return answer
-
-    assert ask(PREFIX, SUFFIX).text
+    model, completions, look_ahead = parts(args, tmp_path)
+    ask = asking(completions, look_ahead, "python")
+    assert ask(PREFIX, SUFFIX)[0].text
     wait_for(caplog, "speculation:")  # done: the KV cache holds the speculation's tokens
     model.thread.submit(lambda: None).result()  # (its last steps too)
     speculation = model.llm.input_ids[: model.llm.n_tokens].tolist()

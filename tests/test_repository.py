@@ -196,8 +196,11 @@ def test_the_repository_layout_gives_exact_tokens(model_path, family, rep, sep, 
     model = server.LocalModel(
         server.load_config(["--model", model_path(family), "--ctx", "512"], environ={})
     )
-    context = server.RepoContext("shop", "calc/main.py", (("calc/ops.py", "def f():\n    pass\n"),))
-    tokens, text, size = model.prompt("def run():\n    ", "\n", context)
+    found = [{"filepath": "calc/ops.py", "body": "def f():\n    pass\n", "score": 1.0}]
+    ids_of = server.repo_tokens(model.llm)
+    head, shown = server.repo_head(model, ids_of, 1024, "shop", "calc/main.py", found)
+    assert shown == found
+    tokens, text, size = model.prompt("def run():\n    ", "\n", head)
     assert text == (f"{rep}shop\n{sep}calc/ops.py\ndef f():\n    pass\n{sep}calc/main.py\n"
                     + fim.format("def run():\n    ", "\n"))  # fmt: skip
     assert tokens == model.llm.tokenize(text.encode(), add_bos=False, special=True) and size == len(

@@ -328,16 +328,17 @@ def test_the_history_survives_a_restart(make_app, tmp_path):
     assert again.ids["days-p50"] == before.ids["days-p50"]
 
 
-def test_percentiles_and_tokens_read_as_they_should():
-    buckets = {server.bucket(ms): 1 for ms in (10, 20, 30, 40)}
-    assert server.percentile(buckets, 0.5) == pytest.approx(20, rel=0.011)
-    assert server.percentile(buckets, 0.9) == pytest.approx(40, rel=0.011)
-    assert server.percentile({}, 0.5) is None
-    assert server.given_token("Bearer abc") == "abc"
-    assert (
-        server.given_token("Basic " + __import__("base64").b64encode(b"me:p:w").decode()) == "p:w"
+def test_percentiles_and_tokens_read_as_they_should(make_app):
+    tally = __import__("collections").Counter(
+        {("total_ms", server.bucket(ms)): 1 for ms in (10, 20, 30, 40)}
     )
-    assert server.given_token("Basic !!!") == ""
+    assert server.percentile(tally, "total_ms", 0.5) == pytest.approx(20, rel=0.011)
+    assert server.percentile(tally, "total_ms", 0.9) == pytest.approx(40, rel=0.011)
+    assert server.percentile(tally, "model_ms", 0.5) is None
+    client = make_app(token="p:w")[0].test_client()
+    basic = "Basic " + __import__("base64").b64encode(b"me:p:w").decode()
+    for header, status in (("Bearer p:w", 200), (basic, 200), ("Basic !!!", 401), ("p:w", 401)):
+        assert client.get("/v1/health", headers={"Authorization": header}).status_code == status
     assert server.label_text((("a", 'x"\\\n'),)) == '{a="x\\"\\\\\\n"}'
 
 
