@@ -2081,40 +2081,27 @@ SPECIAL_LOOKING = (
 )
 
 
-class EngineURL(typing.NamedTuple):
-    kind: str  # a key of ENGINES
-    url: urllib.parse.SplitResult
-    base: str  # the URL without the endpoint: where ENGINES' paths go
-    path: str  # base's path
-
-
 def engine_of(config):
-    """The EngineURL that --backend names: its kind (--backend-kind, else told by the URL's
-    path). SystemExit when the URL says too little."""
-    url = urllib.parse.urlsplit(config["backend"])
+    """(kind, the URL split, the base URL where ENGINES' paths go) that --backend names: the
+    kind is --backend-kind, else told by the URL's path. SystemExit when it says too little."""
+    backend, url = config["backend"], urllib.parse.urlsplit(config["backend"])
     try:
         if url.scheme not in ("http", "https") or not url.hostname or url.port == 0:
             raise ValueError
     except ValueError:  # url.port raises it too, for a port that is not a number
-        raise SystemExit(
-            f"error: --backend {config['backend']!r}: not an http:// or https:// URL"
-        ) from None
+        raise SystemExit(f"error: --backend {backend!r}: not an http:// or https:// URL") from None
     path = url.path.rstrip("/")
     told = next((k for k, (endpoint, _) in ENGINES.items() if path.endswith(endpoint)), "")
     kind = config["backend_kind"] or ("openai" if path.endswith("/v1") else told)
     if kind not in ENGINES and kind:
         raise SystemExit(f"error: --backend-kind must be one of {', '.join(ENGINES)}, not {kind!r}")
     if kind not in ENGINES:
-        raise SystemExit(
-            f"error: --backend {config['backend']}: which engine is it? End the URL with "
-            "/completion (llama-server), /v1 (OpenAI-style: vLLM, ...) or /api/generate (Ollama), "
-            "or pass --backend-kind"
-        )
-    for tail in (ENGINES[kind][0], "/v1"):
-        if path.endswith(tail):
-            path = path[: -len(tail)]
-            break
-    return EngineURL(kind, url, f"{url.scheme}://{url.netloc}{path}", path)
+        raise SystemExit(f"error: --backend {backend}: which engine is it? End the URL with "
+                         "/completion (llama-server), /v1 (OpenAI-style: vLLM, ...) or "
+                         "/api/generate (Ollama), or pass --backend-kind")  # fmt: skip
+    tail = next((t for t in (ENGINES[kind][0], "/v1") if path.endswith(t)), "")
+    path = path[: len(path) - len(tail)]
+    return kind, url._replace(path=path), f"{url.scheme}://{url.netloc}{path}"
 
 
 def engine_format(model, override):
@@ -2133,49 +2120,23 @@ def engine_format(model, override):
         )
     markers = re.findall(MARKER, template)
     special = re.compile("|".join([SPECIAL_LOOKING] + [re.escape(m) for m in markers]))
-
-    def defang(text):
-        return special.sub(lambda m: m[0][0] + "\u200b" + m[0][1:], text)
-
+    defang = lambda text: special.sub(lambda m: m[0][0] + "\u200b" + m[0][1:], text)  # noqa: E731
     return template_format(template, {m: m for m in markers}), defang
 
 
 def engine_body(kind, model, prompt, max_tokens, sampling):
     """An engine's streaming completion request for a prompt, already templated. No stop words:
-    an engine holds back text that may begin one ("\n" begins them all) until the next token,
+    an engine holds back text that may begin one ("\\n" begins them all) until the next token,
     which would make every answer that ends at a line end a token late. We stop it ourselves."""
     temperature, seed = sampling
+    if kind == "ollama":
+        options = {"num_predict": max_tokens, "temperature": temperature, "seed": seed}
+        options["repeat_penalty"] = 1.0
+        return {"model": model, "prompt": prompt, "raw": True, "stream": True, "options": options}
+    body = {"prompt": prompt, "temperature": temperature, "seed": seed, "stream": True}
     if kind == "llama.cpp":
-        return {
-            "prompt": prompt,
-            "n_predict": max_tokens,
-            "temperature": temperature,
-            "seed": seed,
-            "stream": True,
-            "cache_prompt": True,
-            "repeat_penalty": 1.0,
-        }
-    if kind == "openai":
-        return {
-            **({"model": model} if model else {}),
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "seed": seed,
-            "stream": True,
-        }
-    return {
-        "model": model,
-        "prompt": prompt,
-        "raw": True,
-        "stream": True,
-        "options": {
-            "num_predict": max_tokens,
-            "temperature": temperature,
-            "seed": seed,
-            "repeat_penalty": 1.0,
-        },
-    }
+        return {**body, "n_predict": max_tokens, "cache_prompt": True, "repeat_penalty": 1.0}
+    return {**body, "max_tokens": max_tokens, **({"model": model} if model else {})}
 
 
 def engine_error(response):
@@ -2194,8 +2155,7 @@ def engine_event(kind, line):
     """(text, finished) of one line of an engine's stream: SSE "data: {json}" lines (llama.cpp,
     openai, chat) or JSON lines (Ollama); (None, False) for the lines between events; 502 for
     others."""
-    line = line.decode("utf-8", "replace").strip()
-    sse = kind != "ollama"
+    line, sse = line.decode("utf-8", "replace").strip(), kind != "ollama"
     if not line or (sse and line.startswith((":", "event:", "id:", "retry:"))):
         return None, False
     if sse and line == "data: [DONE]":
@@ -2206,14 +2166,14 @@ def engine_event(kind, line):
             abort(502, f"engine error: {str(event['error'])[:200]}")
         if kind == "llama.cpp":
             text, finished = event["content"], event.get("stop")
-        elif kind in ("openai", "chat"):
-            if not event["choices"]:  # a usage-only chunk
-                return None, False
+        elif kind == "ollama":
+            text, finished = event["response"], event.get("done")
+        elif not event["choices"]:  # a usage-only chunk
+            return None, False
+        else:
             choice = event["choices"][0]
             text = choice["text"] if kind == "openai" else choice["delta"].get("content") or ""
             finished = choice.get("finish_reason")
-        else:
-            text, finished = event["response"], event.get("done")
         if not isinstance(text, str):
             raise TypeError
         return text, bool(finished)
@@ -2224,10 +2184,8 @@ def engine_event(kind, line):
 def hang_up(sock):
     """The engine sees the end now, whoever else holds the socket: the plain socket's shutdown,
     since an SSL socket's own would unwrap it under its reader."""
-    try:
+    with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
 
 
 def watch(sock, should_stop):
@@ -2253,52 +2211,41 @@ def watch(sock, should_stop):
 
 
 class Engine:
-    """An HTTP inference engine that generates for us. It owns where it is (its URL and kind),
-    what we send it (model name, token) and how long we wait."""
+    """An HTTP inference engine that generates for us: a backend (see LocalModel). It owns where
+    it is (its URL and kind), what we send it (model name, token) and how long we wait."""
 
     def __init__(self, config, counters):
-        self.kind, self.url, self.base, self.path = engine_of(config)
-        self.counters = counters
-        self.model = config["backend_model"]
-        token = config["backend_token"]
-        self.headers = {
-            "Content-Type": "application/json",
-            **({"Authorization": f"Bearer {token}"} if token else {}),
-        }
+        self.kind, self.url, self.base = engine_of(config)
+        self.model, token, self.counters = (
+            config["backend_model"],
+            config["backend_token"],
+            counters,
+        )
+        self.headers = {"Content-Type": "application/json"}
+        self.headers.update({"Authorization": f"Bearer {token}"} if token else {})
         self.timeout, self.ctx = config["backend_timeout"], config["ctx"]
         if self.kind == "ollama" and not self.model:
-            raise SystemExit(
-                "error: --backend-model is needed for Ollama "
-                "(the model's name, e.g. qwen2.5-coder:1.5b-base)"
-            )
+            raise SystemExit("error: --backend-model is needed for Ollama (the model's name, "
+                             "e.g. qwen2.5-coder:1.5b-base)")  # fmt: skip
         override = config["prompt_template"]
         if not self.model and not override:
-            self.model = self.served_model()
+            try:  # the first model the engine lists
+                self.model = self.get("/v1/models", self.timeout)["data"][0]["id"]
+            except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError) as e:
+                raise SystemExit(f"error: --backend {self.base}: cannot ask it which model it "
+                                 f"serves ({e or type(e).__name__}); pass --backend-model NAME "
+                                 "or --prompt-template") from None  # fmt: skip
         self.format, self.defang = engine_format(self.model, override)
-        self.template_source = "--prompt-template" if override else "known for this model name"
+        self.source = "--prompt-template" if override else "known for this model name"
         self.name, self.device = self.model or "Remote", "remote"  # Tabby's name for no name
-        self.chat_model = None  # the name sent for a chat ("": none), set when there is chat
+        self.chat_model = None  # the name sent for a chat ("": none), once there is chat
         self.waiting, self.lock = 0, threading.Lock()  # requests the engine has not begun
 
-    def served_model(self):
-        """The first model the engine lists, or SystemExit."""
-        try:
-            return self.get("/v1/models", self.timeout)["data"][0]["id"]
-        except (OSError, http.client.HTTPException, ValueError, LookupError, TypeError) as e:
-            raise SystemExit(
-                f"error: --backend {self.base}: cannot ask it which model it serves "
-                f"({e or type(e).__name__}); pass --backend-model NAME or --prompt-template"
-            ) from None
-
     def describe(self):
-        how = f"FIM template {self.format.template!r}"
-        if not self.format.fim:
-            how = "prefix-only prompts"
-        return [
-            f"engine {self.kind} at {self.base}, model {self.name}: {how} "
-            f"({self.template_source}); prompts up to ctx {self.ctx} tokens, counted as "
-            f"{BYTES_PER_TOKEN} bytes each"
-        ]
+        how = f"FIM template {self.format.template!r}" if self.format.fim else "prefix-only prompts"
+        return [f"engine {self.kind} at {self.base}, model {self.name}: {how} ({self.source}); "
+                f"prompts up to ctx {self.ctx} tokens, counted as {BYTES_PER_TOKEN} bytes "
+                "each"]  # fmt: skip
 
     def health(self):
         """Whether the engine answers now, asked in 2 s at most."""
@@ -2313,8 +2260,7 @@ class Engine:
     def prompt(self, prefix, suffix, head=None):
         """The prompt as text, its user code kept from looking like special tokens, its size
         guessed. (No head: an engine's model has no repository-level tokens that we know.)"""
-        text = arrange(self.format, self.defang(prefix), self.defang(suffix))[1]
-        return Prompt(None, text, len(text.encode()) // BYTES_PER_TOKEN)
+        return self.raw_prompt(arrange(self.format, self.defang(prefix), self.defang(suffix))[1])
 
     def raw_prompt(self, text):
         return Prompt(None, text, len(text.encode()) // BYTES_PER_TOKEN)
@@ -2324,7 +2270,7 @@ class Engine:
 
     def complete(self, prompt, sampling, limits, reuse=False):
         """Generated for prompt, on this thread: the engine serves several at once (or queues).
-        (reuse: see LocalModel.complete; nothing is kept here to reuse.)"""
+        (reuse: nothing is kept here to reuse.)"""
         t = time.perf_counter()
         body = engine_body(self.kind, self.model, prompt.text, limits.max_tokens, sampling)
         pieces = self.stream(ENGINES[self.kind][0], self.kind, body, limits.should_stop)
@@ -2332,14 +2278,12 @@ class Engine:
         return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
 
     def chat(self, req, sampling, should_stop):
-        body = {
-            **({"model": self.chat_model} if self.chat_model else {}),
-            "messages": req.messages,
-            "temperature": sampling.temperature,
-            "seed": sampling.seed,
-            "stream": True,
-            **({"max_tokens": req.max_tokens} if req.max_tokens else {}),
-        }
+        """(generate() steps of the engine's answer to a ChatRequest, 0: its prompt's size is
+        not known here)."""
+        body = {"messages": req.messages, "temperature": sampling.temperature,
+                "seed": sampling.seed, "stream": True}  # fmt: skip
+        body.update({"model": self.chat_model} if self.chat_model else {})
+        body.update({"max_tokens": req.max_tokens} if req.max_tokens else {})
         pieces = self.stream(CHAT_PATH, "chat", body, should_stop)
         end_of = lambda text: find_stop(text, req.stop)  # noqa: E731
         return generate(pieces, req.max_tokens or math.inf, end_of, should_stop), 0
@@ -2364,7 +2308,7 @@ class Engine:
         if it does not."""
         conn = self.connect(timeout)
         try:
-            conn.request("GET", self.path + path, headers=self.headers)
+            conn.request("GET", self.url.path + path, headers=self.headers)
             response = conn.getresponse()
             body = response.read(1 << 20)
             if response.status != 200:
@@ -2373,51 +2317,42 @@ class Engine:
         finally:
             conn.close()
 
-    def open(self, path, body, should_stop):
-        """(socket, response, watch) of the engine's 200 answer to a POST of body to path, or
-        Nones when should_stop() first. Refused connections and 503s (down, loading, busy) are
-        tried RETRIES times, 0.1 s then 0.2 s apart; any other failure gets a 502 at once, no
-        answer a 504."""
-        for attempt in range(RETRIES):
-            if attempt:
-                time.sleep(0.1 * 2 ** (attempt - 1))
-            conn, watching = self.connect(self.timeout), threading.Event()
-            try:
-                conn.request("POST", self.path + path, json.dumps(body), self.headers)
-                sock = conn.sock
-                watching = watch(sock, should_stop)
-                response = conn.getresponse()
-                if response.status == 200:
-                    return sock, response, watching
-                status, error = response.status, f"answered {engine_error(response)}"
-            except TimeoutError:
-                status, error = 504, f"did not answer within {self.timeout:g} s"
-            except ConnectionError as e:
-                status, error = 503, f"cannot reach it: {e.strerror or type(e).__name__}"
-            except (OSError, http.client.HTTPException) as e:
-                status, error = 502, f"{e or type(e).__name__}"
-            conn.close()
-            watching.set()
-            if should_stop():
-                return None, None, None
-            if status != 503:
-                break
-        self.record(error=504 if status == 504 else 502)
-        abort(504 if status == 504 else 502, f"engine at {self.base}: {error}")
-
     def stream(self, path, kind, body, should_stop):
-        """The pieces of text the engine streams for a request (kind: how to read them), as an
-        iterator. The request is made here, so that an engine that fails at once gets its 502 or
-        504 before anything is answered. Closing the iterator, or should_stop() (see watch),
-        drops the connection at once: the engine stops generating and frees its slot."""
+        """The pieces of text the engine streams for a POST of body to path (kind: how to read
+        them). The request is made here, so that an engine that fails at once gets its 502 or
+        504 before anything is answered: refused connections and 503s (down, loading, busy) are
+        tried RETRIES times, 0.1 s then 0.2 s apart; any other failure gets a 502 at once, no
+        answer a 504. Closing the pieces, or should_stop() (see watch), drops the connection at
+        once: the engine stops generating and frees its slot."""
         self.record(waiting=1)  # until the engine begins to answer
         try:
-            sock, response, watching = self.open(path, body, should_stop)
+            for attempt in range(RETRIES):
+                time.sleep(0.1 * 2 ** (attempt - 1) if attempt else 0)
+                conn, watching = self.connect(self.timeout), threading.Event()
+                try:
+                    conn.request("POST", self.url.path + path, json.dumps(body), self.headers)
+                    sock = conn.sock
+                    watching = watch(sock, should_stop)
+                    response = conn.getresponse()
+                    if response.status == 200:
+                        return self.read(kind, sock, response, watching, should_stop)
+                    status, error = response.status, f"answered {engine_error(response)}"
+                except TimeoutError:
+                    status, error = 504, f"did not answer within {self.timeout:g} s"
+                except ConnectionError as e:
+                    status, error = 503, f"cannot reach it: {e.strerror or type(e).__name__}"
+                except (OSError, http.client.HTTPException) as e:
+                    status, error = 502, f"{e or type(e).__name__}"
+                conn.close()
+                watching.set()
+                if should_stop():
+                    return iter(())
+                if status != 503:
+                    break
         finally:
             self.record(waiting=-1)
-        if response is None:
-            return (piece for piece in ())  # generate() closes it
-        return self.read(kind, sock, response, watching, should_stop)
+        self.record(error=504 if status == 504 else 502)
+        abort(504 if status == 504 else 502, f"engine at {self.base}: {error}")
 
     def read(self, kind, sock, response, watching, should_stop):
         try:
@@ -2451,7 +2386,7 @@ class Engine:
 
 
 def add_engine(server):
-    """With --backend, an Engine is the backend; the knobs of a local model make no sense."""
+    """With --backend, an Engine is the backend (the knobs of a local model make no sense)."""
     config = server.config
     if not config["backend"]:
         return
@@ -2467,7 +2402,14 @@ def add_engine(server):
                          "engine decides")  # fmt: skip
     if not config["backend_timeout"] > 0:
         raise SystemExit("error: --backend-timeout must be more than 0 seconds")
-    server.backend = Engine(config, server.counters)
+    server.backend = engine = Engine(config, server.counters)
+
+    def about():
+        said = engine.health()["backend"]
+        answers = "answers" if said["answers"] else f"does not answer: {said.get('error')}"
+        return [("Engine", f"{engine.base} {answers}", said["answers"])]
+
+    server.about.append(about)
 
 
 # -----------------------------------------------------------------------------------------------
