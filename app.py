@@ -2440,10 +2440,8 @@ def parse_message(message, where):
         if not all(text(part) and isinstance(part.get("text"), str) for part in content):
             abort(400, f'{where}.content parts must all be {{"type": "text", "text": ...}}')
         message = dict(message, content="".join(part["text"] for part in content))
-    return {
-        "role": get(message, "role", str, where + ".", True),
-        "content": get(message, "content", str, where + ".") or "",
-    }
+    return {"role": get(message, "role", str, where + ".", True),
+            "content": get(message, "content", str, where + ".") or ""}  # fmt: skip
 
 
 def parse_chat(body, stream=False):
@@ -2452,26 +2450,20 @@ def parse_chat(body, stream=False):
     messages = get(body, "messages", list, required=True)
     if not messages:
         abort(400, "messages must not be empty")
-    messages = [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)]
     stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (
-        isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)
-    ):
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not (isinstance(stop, list) and all(isinstance(s, str) and s for s in stop)):
         abort(400, "stop must be a string or a list of non-empty strings")
+    asked, max_tokens = get(body, "stream", bool), get(body, "max_tokens", int)
     req = ChatRequest(
-        messages=messages,
-        stop=[clean(s) for s in stop or []],
-        stream=stream,
-        user=get(body, "user", str),
-        temperature=get(body, "temperature", float),
-        seed=get(body, "seed", int),
-        max_tokens=get(body, "max_tokens", int),
+        [parse_message(message, f"messages[{i}]") for i, message in enumerate(messages)],
+        [clean(s) for s in stop],
+        stream if asked is None else asked,
+        get(body, "user", str),
+        get(body, "temperature", float),
+        get(body, "seed", int),
+        get(body, "max_completion_tokens", int) if max_tokens is None else max_tokens,
     )
-    if get(body, "stream", bool) is not None:
-        req.stream = body["stream"]
-    if req.max_tokens is None:
-        req.max_tokens = get(body, "max_completion_tokens", int)  # OpenAI's newer name
     get(body, "model", str)  # checked, not used: there is one chat model
     if req.temperature is not None and not 0 <= req.temperature <= 2:
         abort(400, "temperature must be between 0 and 2")
@@ -2482,52 +2474,19 @@ def parse_chat(body, stream=False):
     return req
 
 
-def held_back(text, stops):
-    """How much of text can be streamed: all but an end that may begin a stop word."""
-    for n in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
-        if any(stop.startswith(text[-n:]) for stop in stops):
-            return len(text) - n
-    return len(text)
-
-
-def deltas(steps, stops):
-    """The new text of each generate() step as (text, None), holding back an end that may begin
-    a stop word; then (the rest, generate()'s (text, pieces, reason))."""
-    sent = 0
-    while True:
-        try:
-            text = next(steps)
-        except StopIteration as end:
-            yield end.value[0][sent:], end.value
-            return
-        end = held_back(text, stops)
-        if end > sent:
-            yield text[sent:end], None
-            sent = end
-
-
 def chat_formatter(llm, override, flag):
     """llama-cpp-python's Jinja2 formatter for the chat model's template: --chat-template, else
     the one in its GGUF metadata; SystemExit without either."""
     template = override or llm.metadata.get("tokenizer.chat_template")
     if not template:
-        raise SystemExit(
-            f"error: {flag}: the model has no chat template in its metadata: pass "
-            "--chat-template (a Jinja2 template), or another model"
-        )
+        raise SystemExit(f"error: {flag}: the model has no chat template in its metadata: pass "
+                         "--chat-template (a Jinja2 template), or another model")  # fmt: skip
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-
-    def text(token):  # "" for a token the model does not have
-        if token < 0:
-            return ""
-        return llama_cpp.llama_vocab_get_text(vocab, token).decode(errors="replace")
-
+    eos, bos = (llama_cpp.llama_vocab_get_text(vocab, t).decode(errors="replace") if t >= 0 else ""
+                for t in (llm.token_eos(), llm.token_bos()))  # fmt: skip
     try:
         return llama_cpp.llama_chat_format.Jinja2ChatFormatter(
-            template=template,
-            eos_token=text(llm.token_eos()),
-            bos_token=text(llm.token_bos()),
-            stop_token_ids=[llm.token_eos()],
+            template=template, eos_token=eos, bos_token=bos, stop_token_ids=[llm.token_eos()]
         )
     except Exception as e:  # jinja2's TemplateSyntaxError and kin
         raise SystemExit(f"error: --chat-template: not a Jinja2 template: {e}") from None
@@ -2576,7 +2535,7 @@ class LocalChat:
         path = model.llm.model_path if name == "same" else server.locate(name, "--chat-model")
         self.llm = load_model(config, path, "--chat-model")
         self.format = chat_formatter(self.llm, config["chat_template"], "--chat-model " + name)
-        self.chat_name = os.path.basename(path) if os.path.exists(name) or name == "same" else name
+        self.name = os.path.basename(path) if os.path.exists(name) or name == "same" else name
         self.model, self.completions, self.ctx = model, server.completions, config["ctx"]
         self.lock = threading.Lock()  # one chat at a time
 
@@ -2622,30 +2581,34 @@ class LocalChat:
             self.lock.release()
 
 
-def chat_chunk(chat_id, created, model, delta, finish_reason=None):
-    """One Server-Sent Event of a streamed chat answer: a chat.completion.chunk."""
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    chunk = {
-        "id": chat_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-    return "data: " + json.dumps(chunk, ensure_ascii=False) + "\n\n"
+def held_back(text, stops):
+    """How much of text can be streamed: all but an end that may begin a stop word."""
+    for n in range(min(len(text), max(map(len, stops), default=1) - 1), 0, -1):
+        if any(stop.startswith(text[-n:]) for stop in stops):
+            return len(text) - n
+    return len(text)
 
 
 def chat_stream(steps, stops, chunk, done, logger):
-    """A chat answer as Server-Sent Events, as Tabby sends them: every event is JSON (no
-    "data: [DONE]"); the role first, then the text as it comes, then the finish reason that
-    done(text, n, reason) gives. An error half way goes in an event of its own."""
+    """A chat answer as Server-Sent Events (chunk(delta, finish reason) each), as Tabby sends
+    them: every event is JSON (no "data: [DONE]"); the role first, then the text as it comes
+    (but an end that may begin a stop word), then the finish reason that done(text, n, reason)
+    gives. An error half way goes in an event of its own."""
+    sent = 0
     try:
         yield chunk({"role": "assistant", "content": ""})
-        for delta, end in deltas(steps, stops):
-            if delta:
-                yield chunk({"content": delta})
+        while True:
+            try:
+                text, end = next(steps), None
+            except StopIteration as stop:
+                text, end = stop.value[0], stop.value
+            upto = len(text) if end else held_back(text, stops)
+            if upto > sent:
+                yield chunk({"content": text[sent:upto]})
+                sent = upto
             if end:
                 yield chunk({}, done(*end))
+                return
     except HTTPException as e:  # the headers are gone: the error goes in the stream
         yield "data: " + json.dumps({"error": {"message": e.description, "code": e.code}}) + "\n\n"
     except Exception as e:
@@ -2658,26 +2621,24 @@ def chat_stream(steps, stops, chunk, done, logger):
 
 def add_chat(server):
     """/v1/chat/completions (and Tabby 0.7-0.10's /v1beta path): 501 without --chat-model."""
-    config, backend, app, chat = server.config, server.backend, server.app, None
-    if config["chat_template"] and not hasattr(backend, "on_thread"):
+    config, backend, app = server.config, server.backend, server.app
+    name, local, chat, chat_name = config["chat_model"], isinstance(backend, LocalModel), None, None
+    if config["chat_template"] and not local:
         raise SystemExit("error: --chat-template: for a local model; with --backend the engine "
                          "decides")  # fmt: skip
-    if config["chat_model"] and hasattr(backend, "chat"):  # an engine's chat
-        name = config["chat_model"]
-        backend.chat_model = backend.model if name == "same" else name
-        chat, chat.chat_name = backend, backend.chat_model or "Remote"
-        print(f"chat model {chat.chat_name} (the engine's)", file=sys.stderr)
-    elif config["chat_model"]:
+    if name and not local:  # the engine's chat
+        chat, backend.chat_model = backend, backend.model if name == "same" else name
+        chat_name = backend.chat_model or "Remote"
+        print(f"chat model {chat_name} (the engine's)", file=sys.stderr)
+    elif name:
         chat = LocalChat(server)
-        source = (
-            "--chat-template" if config["chat_template"] else "the chat template in its metadata"
-        )
-        print(f"chat model {chat.chat_name}: {source}", file=sys.stderr)
+        chat_name, given = chat.name, config["chat_template"]
+        source = "--chat-template" if given else "the chat template in its metadata"
+        print(f"chat model {chat_name}: {source}", file=sys.stderr)
     if chat:
-        server.health.append(lambda: {"chat_model": chat.chat_name, "chat_device": backend.device})
-    server.about.append(
-        lambda: [("Chat", chat.chat_name if chat else "no chat model (chat answers 501)", None)]
-    )
+        server.health.append(lambda: {"chat_model": chat_name, "chat_device": backend.device})
+    shown = chat_name if chat else "no chat model (chat answers 501)"
+    server.about.append(lambda: [("Chat", shown, None)])
     temperature = config["temperature"]
 
     @app.post("/v1/chat/completions")
@@ -2689,8 +2650,7 @@ def add_chat(server):
         req = parse_chat(json_body(body_of(request)), stream=request.path.startswith("/v1beta/"))
         req.user = g.user or req.user
         chat_id, created = f"chatcmpl-{uuid.uuid4()}", int(time.time())
-        should_stop = ClientGone(request.environ)
-        steps, size = chat.chat(req, sampling(req, temperature), should_stop)
+        steps, size = chat.chat(req, sampling(req, temperature), ClientGone(request.environ))
 
         def done(text, n, reason):
             """Log the answer; -> its finish reason, in OpenAI's words."""
@@ -2704,24 +2664,22 @@ def add_chat(server):
             app.logger.info("%s: %d prompt tokens, %d generated, %s", chat_id, size, n, reason)
             return "length" if reason == "length" else "stop"
 
-        chunk = functools.partial(chat_chunk, chat_id, created, chat.chat_name)
+        def chunk(delta, finish_reason=None):
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            event = {"id": chat_id, "object": "chat.completion.chunk", "created": created,
+                     "model": chat_name, "choices": [choice]}  # fmt: skip
+            return "data: " + json.dumps(event, ensure_ascii=False) + "\n\n"
+
         if req.stream:
             stream = chat_stream(steps, req.stop, chunk, done, app.logger)
-            return app.response_class(
-                stream, mimetype="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-        text, n, reason = finish(steps)
+            headers = {"Cache-Control": "no-cache"}
+            return app.response_class(stream, mimetype="text/event-stream", headers=headers)
+        text, n, reason = end = finish(steps)
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": done(*end)}
         usage = {"prompt_tokens": size, "completion_tokens": n, "total_tokens": size + n}
-        return jsonify(
-            id=chat_id,
-            object="chat.completion",
-            created=created,
-            model=chat.chat_name,
-            choices=[{**choice, "finish_reason": done(text, n, reason)}],
-            usage=usage,
-        )
+        return jsonify(id=chat_id, object="chat.completion", created=created, model=chat_name,
+                       choices=[choice], usage=usage)  # fmt: skip
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3312,8 +3270,8 @@ def add_repository_context(server):
 
 
 # -----------------------------------------------------------------------------------------------
-# The status page (GET /) and /metrics, from the counters: HTML made here with inline CSS and
-# SVG, no scripts, aggregates only (nothing of anyone's code); Prometheus' text format.
+# Status page and /metrics (GET /, GET /metrics), from the counters: HTML made here with inline
+# CSS and SVG, no scripts, aggregates only (nothing of anyone's code); Prometheus' text format.
 
 # name: (type, help). Each is tabbypy_ + name; labels are added where they are counted.
 # fmt: off
