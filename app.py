@@ -10,15 +10,13 @@ the tabby-agent client) get fill-in-the-middle completions from a local GGUF mod
 
 `python app.py --help` lists every option with its environment variable.
 
-The core comes first: a complete completion server on a local model, in the order a request
-meets it (config, data tables, the prompt, the editor's cut, request parsing, the generation
-loop, the local model, the completion service, counters and the events log, routes). Then, after
-"# Capabilities beyond the core", one section per capability: remote engines, chat, repository
-context, speculation, the status page and /metrics, tokens per developer, Hugging Face download.
-The core names nothing they define: each attaches itself in create_app() (at the end) through
-what the core offers anyone (the backend's methods, the service's hooks, the Flask app, the
-counters). Delete a section, its line in create_app() and its knobs in CONFIG, and the rest
-still serves.
+The core comes first, a complete server on a local model in the order a request meets it:
+config, data tables, the prompt, the editor's cut, parsing, the generation loop, the local model,
+the completion service, counters, the events log, routes. After "# Capabilities beyond the core"
+comes a section per capability (engines, chat, speculation, repository context, the status page
+and /metrics, tokens per developer, Hugging Face download), which attaches itself with one line
+in create_app(), at the end, through what the core offers anyone: delete the section and that
+line, and the rest still serves.
 """
 
 from __future__ import annotations
@@ -70,7 +68,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge  # noqa: E4
 
 # -----------------------------------------------------------------------------------------------
 # Config: the only place knobs live. Each is a flag --key-name and an env var TABBYPY_KEY_NAME.
-# The core's come first, then each capability's under its section's title (deleted with it).
+# The core's are here; each capability adds its own at the top of its section.
 
 ENV_PREFIX = "TABBYPY_"
 # fmt: off
@@ -109,35 +107,6 @@ CONFIG = {
     "client_telemetry": (False, "let tabby-agent send its anonymous usage statistics to TabbyML"),
     "host": ("127.0.0.1", "address to listen on (python app.py only; flask run has --host)"),
     "port": (8080, "port to listen on (python app.py only; flask run has --port)"),
-    # Remote engines
-    "backend": ("", "URL of an inference engine to generate with instead of --model: llama-server "
-                    "(.../completion), an OpenAI-style server such as vLLM (.../v1) or Ollama "
-                    "(.../api/generate)"),
-    "backend_kind": ("", "llama.cpp, openai or ollama; empty: told by the --backend URL's path"),
-    "backend_model": ("", "model name sent to the engine, and which picks the FIM template; "
-                          "empty: the engine's first (llama.cpp, openai)"),
-    "backend_token": ("", "bearer token sent to the engine"),
-    "backend_timeout": (10.0, "seconds to wait for the engine to connect or send its next piece; "
-                              "then 504"),
-    # Chat
-    "chat_model": ("", "instruct model for /v1/chat/completions: GGUF file (or repo id), or "
-                       "'same' (--model, if it has a chat template); with --backend, the "
-                       "engine's model name ('same': --backend-model). Empty: no chat"),
-    "chat_template": ("", "Jinja2 chat template, for a chat model without one in its GGUF "
-                          "metadata"),
-    # Repository context
-    "repo": ((), "a repository whose code completions draw on: a git checkout, or a git URL "
-                 "cloned into ROOT/repositories; once for each (index: ROOT/index/code.sqlite3)"),
-    "repo_refresh": (60, "seconds between looks at the repositories for changes (a URL's remote: "
-                         "60 times as long)"),
-    "repo_context_tokens": (1024, "tokens of repository context, for a model that has "
-                                  "repository-level tokens (Qwen2.5-Coder, StarCoder2)"),
-    # Speculation
-    "speculate": (True, "when the model is idle, compute the completion the editor will ask for "
-                        "if the user accepts the one shown (needs --completion-cache)"),
-    # Tokens per developer
-    "tokens": ("", "file of tokens, one per developer: a 'user token' pair a line (# comments); a "
-                   "request's user is its token's; read again when it changes"),
 }
 # fmt: on
 
@@ -177,15 +146,13 @@ def load_config(argv=(), environ=None):
     for key, (default, help) in CONFIG.items():
         env = ENV_PREFIX + key.upper()
         repeated = isinstance(default, tuple)  # a flag given once for each value
-        shown = {True: "true", False: "false", (): "none", "": "none"}.get(default, default)
+        shown = str(default).lower() if type(default) is bool else default
+        shown = "none" if default in ("", ()) else shown
         kind = {bool: "BOOL", int: "N", float: "X", tuple: "VALUE"}.get(type(default), "TEXT")
-        parser.add_argument(
-            "--" + key.replace("_", "-"),
-            dest=key,
-            metavar=kind,
-            action="append" if repeated else "store",
-            help=f"{help} (default: {shown}; env {env}{', comma-separated' if repeated else ''})",
-        )
+        more = ", comma-separated" if repeated else ""
+        parser.add_argument("--" + key.replace("_", "-"), dest=key, metavar=kind,
+                            action="append" if repeated else "store",
+                            help=f"{help} (default: {shown}; env {env}{more})")  # fmt: skip
         config[key] = convert(environ[env], default, env) if env in environ else default
     args, extra = parser.parse_known_args(list(argv))
     if extra:
@@ -200,12 +167,12 @@ def load_config(argv=(), environ=None):
 
 def check_config(config):
     """SystemExit with one line naming the flag, for the core's settings that cannot work."""
-    if config["device"] not in ("cpu", "gpu"):
-        raise SystemExit(f"error: --device must be cpu or gpu, not {config['device']!r}")
-    if config["repack"] not in ("auto", "true", "false"):
-        raise SystemExit(f"error: --repack must be auto, true or false, not {config['repack']!r}")
-    if config["events"] not in ("full", "meta", "off"):
-        raise SystemExit(f"error: --events must be full, meta or off, not {config['events']!r}")
+    choices = {"device": ("cpu", "gpu"), "repack": ("auto", "true", "false"),
+               "events": ("full", "meta", "off")}  # fmt: skip
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            named = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
+            raise SystemExit(f"error: --{key} must be {named}, not {config[key]!r}")
     for key in ("events_days", "kv_cache_mb", "completion_cache"):
         if config[key] < 0:
             raise SystemExit(f"error: --{key.replace('_', '-')} must be 0 or more")
@@ -327,8 +294,7 @@ UNKNOWN_LANGUAGE = {"line_comment": "", "top_level_keywords": []}
 # emits "\n\n    " as one piece), and the special tokens of common FIM and chat formats.
 # fmt: off
 DEFAULT_STOP_WORDS = (
-    ["\n\n"]
-    + ["\n\n" + " " * n for n in range(2, 15, 2)]
+    ["\n\n"] + ["\n\n" + " " * n for n in range(2, 15, 2)]
     + ["\n\n" + "\t" * n for n in range(1, 8)]
     + ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", " <EOT>", "<|fim_prefix|>",
        "<|fim_suffix|>", "<|fim_middle|>", "<|file_separator|>", "<|system|>", "<|user|>",
@@ -337,17 +303,13 @@ DEFAULT_STOP_WORDS = (
 # fmt: on
 
 SNIPPET_BUDGET = 768  # characters of declarations and snippets put before the prefix (Tabby's)
-SNIPPET_LISTS = [  # the request's snippets, in the order they get the budget
-    "declarations",
-    "relevant_snippets_from_changed_files",
-    "relevant_snippets_from_recently_opened_files",
-]
+SNIPPET_LISTS = ["declarations", "relevant_snippets_from_changed_files",  # in the order they get
+                 "relevant_snippets_from_recently_opened_files"]  # the budget  # fmt: skip
 PREFIX_STEP = 16  # lines a too-long prefix loses at a time, so its start (and the KV cache) stays
 SAMPLE_CHARS = 1024  # a longer line's tokens are estimated from those of its start
 KV_KEPT = 32  # tokens of the KV cache that a new prompt must drop for a copy to be kept
-# llama.cpp attends over the KV cache up to the next multiple of 256 cells past the last one used
-# (its padding): a prompt's batches end on such multiples, or a batch ending just past one attends
-# over 255 empty cells (bench/README.md)
+# llama.cpp attends over the KV cache up to the next multiple of 256 cells past the last one used:
+# a prompt's batches end on such multiples (one just past attends over 255 empty cells)
 KV_PAD = 256
 LAST_ANSWERS = 64  # clients whose last answer is kept, for typed-through answers
 
@@ -365,10 +327,8 @@ def stop_words(language):
 
 def find_stop(text, words, tail=""):
     """Where generated text ends for the earliest stop word in tail + text that ends inside text,
-    or None. tail is the end of the prompt: as in Tabby, a stop word may begin there.
-
-    Tabby checks whether the prompt plus the generated text ends with a stop word after each
-    token; searching the whole new text as well also catches a stop word inside one token."""
+    or None. tail is the end of the prompt: as in Tabby, a stop word may begin there (Tabby looks
+    at the end after each token; the whole text also catches a stop word inside one token)."""
     both = tail + text
     hits = [both.find(w, max(0, len(tail) - len(w) + 1)) for w in words]
     hit = min((i for i in hits if i >= 0), default=None)
@@ -385,10 +345,7 @@ def pick_snippets(segments):
             if used + size > SNIPPET_BUDGET:
                 break
             used += size
-            score = snippet.get("score", 1.0)
-            picked.append(
-                {"filepath": snippet["filepath"], "body": snippet["body"], "score": score}
-            )
+            picked.append({**snippet, "score": snippet.get("score", 1.0)})
     return picked
 
 
@@ -412,8 +369,6 @@ def build_prefix(language, prefix, snippets):
 # server stops generating where the agent is sure to cut, so that nothing it would show is lost.
 
 CLOSING = re.compile(r"(?:[)\]}>\"'`]|/>)*")  # the agent's "only closing characters" (fill-in-line)
-# lines before the cursor that the agent sends, the cursor's own too (maxPrefixLines)
-AGENT_LINES = 20
 
 
 class Cursor(typing.NamedTuple):
@@ -481,22 +436,11 @@ def scope_ended(text, cursor):
     return False
 
 
-def accepted_prefix(prefix, text):
-    """The prefix tabby-agent sends once the user accepts text: prefix and text, in its window
-    of AGENT_LINES lines. (A prefix already longer came from another client: all of it.)"""
-    if prefix.count("\n") >= AGENT_LINES:
-        return prefix + text
-    lines = (prefix + text).split("\n")
-    return "\n".join(lines[-AGENT_LINES:])
-
-
 def text_end(text, stops, tail, cursor):
     """Where a completion's text ends: at the earliest of Tabby's stop words (see find_stop); in
-    the middle of a line, after the first line's newline (the agent trims a first line that
-    repeats the rest of the cursor line only when a second line follows), once what follows it
-    cannot begin a stop word there (then a Tabby server answers the first line alone, and so must
-    we); else at its end once the editor is sure to cut what comes next (see scope_ended); else
-    None."""
+    the middle of a line, after the first line's newline once what follows cannot begin a stop
+    word there (a Tabby server answers the first line alone then, and the agent trims it only
+    when a second line follows); else at its end once the editor is sure to cut (scope_ended)."""
     stop = find_stop(text, stops, tail)
     if stop is not None:
         return stop
@@ -542,28 +486,18 @@ class PromptFormat(typing.NamedTuple):
 
     template: str  # in Tabby's syntax: "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>"
     specials: dict  # each marker in it -> its token id (a local model), or itself (an engine)
-    parts: list  # the template split at its markers and slots (split_template)
+    parts: list  # the template split at its markers and slots
     fim: bool  # it has a {suffix}: else prompts are prefix-only
     line_last: bool  # the cursor line may go after it (see arrange)
 
 
-def split_template(template, specials):
-    """'<PRE> {prefix} <SUF>{suffix} <MID>' ->
-    ['<PRE>', ' ', '{prefix}', ' ', '<SUF>', '{suffix}', ' ', '<MID>']."""
+def template_format(template, specials):
+    """The PromptFormat of a template whose markers are the keys of specials, its parts
+    '<PRE> {prefix} <SUF>{suffix} <MID>' -> ['<PRE>', ' ', '{prefix}', ' ', '<SUF>', ...]."""
     names = ["{prefix}", "{suffix}"] + sorted(specials, key=len, reverse=True)
     parts = re.split("(" + "|".join(map(re.escape, names)) + ")", template)
-    return [part for part in parts if part]
-
-
-def template_format(template, specials):
-    """The PromptFormat of a template whose markers are the keys of specials."""
-    return PromptFormat(
-        template,
-        specials,
-        parts=split_template(template, specials),
-        fim="{suffix}" in template,
-        line_last=not template.endswith("{prefix}"),
-    )
+    return PromptFormat(template, specials, [part for part in parts if part],
+                        "{suffix}" in template, not template.endswith("{prefix}"))  # fmt: skip
 
 
 def fill_template(parts, specials, prefix, suffix):
@@ -638,14 +572,8 @@ def fit_prompt(prefix, suffix, count, budget):
 # -----------------------------------------------------------------------------------------------
 # Request parsing: a body in, a named record out, or a 400 that says what was expected.
 
-KINDS = {
-    str: "a string",
-    int: "an integer",
-    float: "a number",
-    bool: "true or false",
-    list: "a list",
-    dict: "an object",
-}
+KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+         list: "a list", dict: "an object"}  # fmt: skip
 
 
 def clean(text):
@@ -716,11 +644,9 @@ def parse_snippet(item, where):
     """One of a request's snippets, {filepath, body, score?}, or a 400 naming where it is."""
     if not isinstance(item, dict):
         abort(400, f"{where} must be an object")
-    snippet = {
-        "filepath": get(item, "filepath", str, where + ".", True),
-        "body": get(item, "body", str, where + ".", True),
-        "score": get(item, "score", float, where + "."),
-    }
+    snippet = {"filepath": get(item, "filepath", str, where + ".", True),
+               "body": get(item, "body", str, where + ".", True),
+               "score": get(item, "score", float, where + ".")}  # fmt: skip
     return {k: v for k, v in snippet.items() if v is not None}
 
 
@@ -729,25 +655,18 @@ def parse_completion(body):
     debug = get(body, "debug_options", dict)
     raw_prompt = get(debug or {}, "raw_prompt", str, "debug_options.")
     segments = get(body, "segments", dict, required=raw_prompt is None) or {}
-    req = CompletionRequest(
-        segments={},
-        language=get(body, "language", str) or "unknown",
-        user=get(body, "user", str),
-        temperature=get(body, "temperature", float),
-        seed=get(body, "seed", int),
-        raw_prompt=raw_prompt,
-        debug_data=debug is not None,
-    )
+    req = CompletionRequest({}, get(body, "language", str) or "unknown", get(body, "user", str),
+                            get(body, "temperature", float), get(body, "seed", int), raw_prompt,
+                            debug is not None)  # fmt: skip
     if get(body, "mode", str) not in (None, "standard"):
         abort(400, 'mode must be "standard" (next_edit_suggestion is not supported)')
     if req.temperature is not None and req.temperature < 0:
         abort(400, "temperature must be 0 or more")
     if req.seed is not None and req.seed < 0:
         abort(400, "seed must be 0 or more")
-    req.return_snippets = bool(get(debug or {}, "return_snippets", bool, "debug_options."))
-    req.return_prompt = bool(get(debug or {}, "return_prompt", bool, "debug_options."))
-    off = get(debug or {}, "disable_retrieval_augmented_code_completion", bool, "debug_options.")
-    req.retrieval = not off
+    option = lambda key: bool(get(debug or {}, key, bool, "debug_options."))  # noqa: E731
+    req.return_snippets, req.return_prompt = option("return_snippets"), option("return_prompt")
+    req.retrieval = not option("disable_retrieval_augmented_code_completion")
     if raw_prompt is None:
         req.segments["prefix"] = get(segments, "prefix", str, "segments.", required=True)
     for key in ("suffix", "filepath", "git_url", "clipboard"):
@@ -755,8 +674,9 @@ def parse_completion(body):
     for key in SNIPPET_LISTS:
         items = get(segments, key, list, "segments.")
         if items is not None:
+            where = f"segments.{key}"
             req.segments[key] = [
-                parse_snippet(item, f"segments.{key}[{i}]") for i, item in enumerate(items)
+                parse_snippet(item, f"{where}[{i}]") for i, item in enumerate(items)
             ]
     return req
 
@@ -771,19 +691,14 @@ def parse_event(body, select_kind=None):
     kind = get(body, "type", str, required=True)
     if kind in SERVER_EVENTS:
         abort(400, f"type {kind} is the server's own record of what it served, not an event")
-    fields = {
-        "completion_id": get(body, "completion_id", str, required=True),
-        "choice_index": get(body, "choice_index", int, required=True),
-        "view_id": get(body, "view_id", str),
-        "elapsed": get(body, "elapsed", int),
-        "kind": None if select_kind is None else clean(select_kind),
-    }
+    fields = {"completion_id": get(body, "completion_id", str, required=True),
+              "choice_index": get(body, "choice_index", int, required=True),
+              "view_id": get(body, "view_id", str), "elapsed": get(body, "elapsed", int),
+              "kind": None if select_kind is None else clean(select_kind)}  # fmt: skip
     return {kind: {k: v for k, v in fields.items() if v is not None}}
 
 
-class Sampling(typing.NamedTuple):
-    temperature: float
-    seed: int  # 32 bits, as llama.cpp's seeds are
+Sampling = collections.namedtuple("Sampling", "temperature seed")  # (a 32-bit seed: llama.cpp's)
 
 
 def sampling(req, temperature):
@@ -809,11 +724,10 @@ class Limits(typing.NamedTuple):
 
 def generate(pieces, max_tokens, end_of=lambda text: None, should_stop=lambda: False, budget=0):
     """The one generation loop, over the pieces a model or an engine generates (bytes or str,
-    about a token each; empty while it is busy). It takes them until: they end ("eos");
-    end_of(text) gives where the text ends ("stop": stop words, scope); max_tokens ("length");
-    budget seconds spent, then at the next line end ("time"); should_stop() (the client hung
-    up: "cancelled", and no text). Then it closes pieces, which for an engine drops the
-    connection. Yields the text so far after each piece (for streaming); returns
+    about a token each; empty while it is busy), until: they end ("eos"); end_of(text) says where
+    the text ends ("stop"); max_tokens ("length"); budget seconds spent, then at the next line end
+    ("time"); should_stop(), the client hung up ("cancelled", no text). Then it closes pieces (an
+    engine's connection drops). Yields the text so far after each piece (for streaming); returns
     (text, pieces taken, reason): run it with finish() when only that matters."""
     raw, text, n, start, late = b"", "", 0, time.monotonic(), None
     try:
@@ -851,24 +765,26 @@ def finish(steps):
             return end.value
 
 
-class Generated(typing.NamedTuple):
-    """A completion as a backend generated it."""
+class Answer(typing.NamedTuple):
+    """A completion: a backend's (text, reason, tokens, ms), then the service's (and its prompt)."""
 
     text: str
-    generated: int  # pieces (tokens) taken
-    reason: str  # generate()'s: eos, stop, length, time, cancelled
-    reused: int = 0  # prompt tokens the KV cache already held
-    ms: float = 0  # time in the model (or engine)
+    prompt: str = ""  # as Tabby logs it
+    reason: str = ""  # generate()'s, or "typed through", "cached", "speculated" (made ahead)
+    snippets: list = []  # in the prompt: the editor's, and any others
+    size: int = 0  # prompt tokens
+    reused: int = 0  # of them, already in the KV cache
+    generated: int = 0  # tokens
+    ms: float = 0  # in the model (or engine)
 
 
 # -----------------------------------------------------------------------------------------------
 # The local model: llama.cpp through llama-cpp-python, on one thread of its own.
 
 
-class Prompt(typing.NamedTuple):
-    tokens: list | None  # for a local model (an engine tokenizes the text itself)
-    text: str  # as Tabby logs it
-    size: int  # in tokens (an engine's: estimated)
+# a prompt: its tokens (a local model's: an engine tokenizes the text itself), its text (as Tabby
+# logs it) and its size in tokens (an engine's: estimated)
+Prompt = collections.namedtuple("Prompt", "tokens text size")
 
 
 def physical_cores():
@@ -876,16 +792,9 @@ def physical_cores():
     each."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpus = f.read().split("\n\n")
-        cores = {
-            tuple(
-                line.split(":")[1].strip()
-                for line in cpu.splitlines()
-                if line.startswith(("physical id", "core id"))
-            )
-            for cpu in cpus
-            if "core id" in cpu
-        }
+            cpus = [cpu.splitlines() for cpu in f.read().split("\n\n") if "core id" in cpu]
+        ids = ("physical id", "core id")
+        cores = {tuple(line for line in cpu if line.startswith(ids)) for cpu in cpus}
         return max(1, min(len(cores), len(os.sched_getaffinity(0))))
     except (OSError, AttributeError):
         return os.cpu_count() or 1
@@ -895,23 +804,19 @@ def load_model(config, path, flag="--model"):
     """A llama_cpp.Llama for a --model (or --chat-model) file, or SystemExit with one line that
     says what to fix."""
     if llama_cpp is None and isinstance(LLAMA_CPP_ERROR, ImportError):
-        raise SystemExit(
-            f"error: {flag} needs llama-cpp-python: pip install llama-cpp-python "
-            "(or use --backend URL of an engine)"
-        )
+        raise SystemExit(f"error: {flag} needs llama-cpp-python: pip install llama-cpp-python "
+                         "(or use --backend URL of an engine)")  # fmt: skip
     if llama_cpp is None:
-        raise SystemExit(
-            f"error: {flag}: llama-cpp-python cannot load llama.cpp ({LLAMA_CPP_ERROR}); a GPU "
-            "build needs the GPU's driver and runtime (or reinstall the CPU build: pip install "
-            "--force-reinstall --no-cache-dir llama-cpp-python)"
-        )
+        raise SystemExit(f"error: {flag}: llama-cpp-python cannot load llama.cpp "
+                         f"({LLAMA_CPP_ERROR}); a GPU build needs the GPU's driver and runtime "
+                         "(or reinstall the CPU build: pip install --force-reinstall "
+                         "--no-cache-dir llama-cpp-python)")  # fmt: skip
     if not os.path.isfile(path):
         raise SystemExit(f"error: {flag} {path}: no such file")
     if config["device"] == "gpu" and not llama_cpp.llama_supports_gpu_offload():
-        raise SystemExit(
-            "error: --device gpu: this llama-cpp-python was built without a GPU backend "
-            '(reinstall it with CMAKE_ARGS="-DGGML_CUDA=on", see README)'
-        )
+        raise SystemExit("error: --device gpu: this llama-cpp-python was built without a GPU "
+                         'backend (reinstall it with CMAKE_ARGS="-DGGML_CUDA=on", see '
+                         "README)")  # fmt: skip
     settings = {key: config[key] for key in ("ctx", "threads", "flash_attn", "device")}
     repack = config["repack"] == "true"
     if config["repack"] == "auto":
@@ -925,11 +830,9 @@ def load_model(config, path, flag="--model"):
 
 @contextlib.contextmanager
 def repacking(on):
-    """llama.cpp's weight repacking (use_extra_bufts) on or off for the Llama made meanwhile.
-    Llama() takes no argument for it and makes its parameters with llama_model_default_params(),
-    so that function is wrapped for the while (a hack: one Llama made at a time)."""
-    module = llama_cpp.llama_cpp
-    default = module.llama_model_default_params
+    """llama.cpp's weight repacking (use_extra_bufts) on or off for a Llama made meanwhile: Llama()
+    has no argument for it, so llama_model_default_params() is wrapped (a hack: one at a time)."""
+    module, default = llama_cpp.llama_cpp, llama_cpp.llama_cpp.llama_model_default_params
 
     def params():
         made = default()
@@ -944,20 +847,13 @@ def repacking(on):
 
 
 def llama(path, settings, repack):
-    """The Llama of a GGUF file, with the settings of load_model (ctx, threads, flash_attn,
-    device)."""
-    threads = settings["threads"] or physical_cores()
+    """The Llama of a GGUF file, with load_model's settings (ctx, threads, flash_attn, device)."""
+    threads, gpu = settings["threads"] or physical_cores(), settings["device"] == "gpu"
     with repacking(repack):
-        return llama_cpp.Llama(
-            model_path=path,
-            n_ctx=settings["ctx"],
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=512,
-            flash_attn=settings["flash_attn"],
-            n_gpu_layers=-1 if settings["device"] == "gpu" else 0,
-            verbose=False,
-        )
+        return llama_cpp.Llama(model_path=path, n_ctx=settings["ctx"], n_threads=threads,
+                               n_threads_batch=threads, n_batch=512, verbose=False,
+                               flash_attn=settings["flash_attn"],
+                               n_gpu_layers=-1 if gpu else 0)  # fmt: skip
 
 
 # A test load runs app.py in a child process: llama.cpp that crashes there (a segfault in its
@@ -983,16 +879,14 @@ def trial(path, settings, repack):
     except subprocess.TimeoutExpired:
         return f"did not end within {TRIAL_SECONDS} s"
     if status < 0:
-        names = {s.value: s.name for s in signal.Signals}
-        return f"died of {names.get(-status, f'signal {-status}')}"
+        return f"died of {signal.Signals(-status).name}"
     return f"exited with status {status}" if status else None
 
 
 @functools.lru_cache(maxsize=None)  # each model file once: the tests make many servers of one
 def safe_repack(path, stat, settings, flag):
-    """--repack auto: whether weight repacking stays on, told by test loads in a child process:
-    yes when one with it on ends well; no when that one dies and one with it off ends well;
-    SystemExit when both die. stat: the file's mtime and size, so that a new file is tried."""
+    """--repack auto: whether repacking stays on, told by test loads in a child process: yes when
+    one with it ends well, no when one without it does, else SystemExit. stat: the file's."""
     why = trial(path, settings, True)
     if why is None:
         return True
@@ -1025,17 +919,12 @@ def find_template(llm, override):
             return template, specials
         if override:
             missing = next(m for m, i in specials.items() if i is None)
-            raise SystemExit(
-                f"error: --prompt-template: {missing!r} is not a special token of this model "
-                "(a model without FIM tokens can only complete from the prefix: leave the "
-                "template empty)"
-            )
+            raise SystemExit(f"error: --prompt-template: {missing!r} is not a special token of "
+                             "this model (a model without FIM tokens can only complete from "
+                             "the prefix: leave the template empty)")  # fmt: skip
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    ids = [
-        llama_cpp.llama_vocab_fim_pre(vocab),
-        llama_cpp.llama_vocab_fim_suf(vocab),
-        llama_cpp.llama_vocab_fim_mid(vocab),
-    ]
+    ids = [fim(vocab) for fim in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf,
+                                  llama_cpp.llama_vocab_fim_mid)]  # fmt: skip
     if min(ids) < 0:
         return "{prefix}", {}
     pre, suf, mid = (llama_cpp.llama_vocab_get_text(vocab, i).decode(errors="replace") for i in ids)
@@ -1075,14 +964,9 @@ def common_prefix(a, b):
 
 def save_kv(llm, buffer):
     """(tokens, buffer, bytes) of what the KV cache holds: llama.cpp's own copy of its sequence,
-    written into buffer (kv_size() bytes or more)."""
+    written into buffer (llama_state_seq_get_size() bytes or more)."""
     size = llama_cpp.llama_state_seq_get_data(llm.ctx, buffer, len(buffer), 0)
     return llm.input_ids[: llm.n_tokens].tolist(), buffer, size
-
-
-def kv_size(llm):
-    """Bytes that save_kv() writes for what the KV cache holds."""
-    return llama_cpp.llama_state_seq_get_size(llm.ctx, 0) if llm.n_tokens else 0
 
 
 def load_kv(llm, saved):
@@ -1096,9 +980,8 @@ def load_kv(llm, saved):
 
 
 def keep_kv(llm, tokens):
-    """Keep what the KV cache holds of the start of tokens (all but the last, whose logits the
-    first token is sampled from: a decode must make them) and drop the rest; -> how many tokens
-    it keeps."""
+    """Keep what the KV cache holds of the start of tokens (but the last, whose logits a decode
+    must make for the first token), drop the rest; -> how many tokens it keeps."""
     reused = common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens[:-1])
     llm.n_tokens = reused  # eval() drops the KV cache from here on
     return reused
@@ -1106,10 +989,9 @@ def keep_kv(llm, tokens):
 
 @contextlib.contextmanager
 def abortable(llm, should_stop, every=0.005):
-    """Within it, a decode of llm asks should_stop() (at most once in every seconds: a clock
-    first, cheap) from inside llama.cpp, through its abort callback, which runs with the GIL
-    after each step of the graph; on a yes llm.eval raises aborted (llama.cpp drops that
-    batch). The callback set before, if any, comes back after."""
+    """Within it, a decode of llm asks should_stop() (once in every seconds at most) after each
+    step of the graph, through llama.cpp's abort callback; on a yes llm.eval raises aborted
+    (llama.cpp drops that batch). The callback set before, if any, comes back after."""
     last = [time.monotonic()]  # when should_stop() was last asked (a list: abort sets it)
 
     def abort(_):
@@ -1134,11 +1016,10 @@ def aborted(error):
 
 
 def eval_prompt(llm, tokens, should_stop, every=0.005):
-    """Evaluate tokens after what the KV cache holds, in full batches (as fast as llama.cpp goes:
-    64-token chunks cost a quarter more) that end on multiples of KV_PAD (the first is shorter),
-    abortable() by should_stop, so that a client that hangs up stops even a long batch; ->
-    whether it evaluated them all. (Not during generation: the callback costs a call with the
-    GIL for each step of the graph.)"""
+    """Evaluate tokens after what the KV cache holds, in full batches (64-token chunks cost a
+    quarter more) that end on multiples of KV_PAD (the first is shorter), abortable() by
+    should_stop, so that a client that hangs up stops even a long batch; -> whether it evaluated
+    them all. (Not during generation: the callback costs a call with the GIL a graph step.)"""
     pad = min(KV_PAD, llm.n_batch)
     first = llm.n_batch - llm.n_tokens % pad if len(tokens) > llm.n_batch else len(tokens)
     try:
@@ -1155,10 +1036,9 @@ def eval_prompt(llm, tokens, should_stop, every=0.005):
 
 def model_tokens(llm, tokens, temperature, seed, should_stop=lambda: False, every=0.005):
     """The ids of the tokens the model generates after tokens, until an end-of-generation or
-    other special token. What keep_kv() did not keep is evaluated first, the last token with the
-    rest (generate() then finds the whole prompt evaluated and samples at once, where on its own
-    the last token would cost a decode more), in full batches that should_stop() (asked once in
-    every seconds at most) cuts short: nothing comes then (see eval_prompt)."""
+    other special token. What keep_kv() did not keep is evaluated first with eval_prompt(), the
+    last token too (llm.generate() then samples at once: on its own it would cost a decode more);
+    nothing comes when should_stop() cuts that short."""
     todo = tokens[llm.n_tokens :]
     if not tokens or todo and not eval_prompt(llm, todo, should_stop, every):
         return  # (an empty prompt: a model without a BOS token has nothing to go on)
@@ -1174,22 +1054,23 @@ def model_tokens(llm, tokens, temperature, seed, should_stop=lambda: False, ever
 def model_pieces(llm, tokens, temperature, seed, should_stop=lambda: False):
     """The bytes of each token that model_tokens() gives."""
     vocab = llama_cpp.llama_model_get_vocab(llm.model)
-    for token in model_tokens(llm, tokens, temperature, seed, should_stop):
-        yield token_bytes(vocab, token)
+    return (
+        token_bytes(vocab, t) for t in model_tokens(llm, tokens, temperature, seed, should_stop)
+    )
 
 
 def gpu_name():
     """What llama.cpp offloads to, as /v1/health names the device: cuda, metal, ..."""
     backends = llama_cpp.llama_print_system_info().decode()
-    gpus = ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL")
-    return next((name.lower() for name in gpus if name in backends), "gpu")
+    return next((n.lower() for n in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if n in backends),
+                "gpu")  # fmt: skip
 
 
 class LocalModel:
     """llama.cpp in this process: the core's backend. It owns the Llama, the one thread that runs
     it and the KV caches of editors taking turns. A backend has prompt(prefix, suffix, head),
-    raw_prompt(text), count(text), complete(prompt, sampling, limits, reuse) -> Generated,
-    health(), describe(), figures() and name, device, format (its PromptFormat)."""
+    raw_prompt(text), count(text), complete(prompt, sampling, limits, reuse) -> Answer,
+    describe(), figures() and name, device, format (its PromptFormat)."""
 
     def __init__(self, config, path=None):
         self.llm = load_model(config, path or config["model"])
@@ -1200,46 +1081,36 @@ class LocalModel:
         protected = {self.llm.token_bos(), self.llm.token_eos(), *self.format.specials.values()}
         # While the user types on a line, only that line changes: the other pieces of the prompt
         # (the text above, the suffix) come from here instead of the tokenizer.
-        self.tokenize = functools.lru_cache(maxsize=64)(
-            lambda text: tuple(tokenize_text(self.llm, text, protected))
-        )
+        tokenize = lambda text: tuple(tokenize_text(self.llm, text, protected))  # noqa: E731
+        self.tokenize = functools.lru_cache(maxsize=64)(tokenize)
         model = config["model"]
         self.name = os.path.basename(model) if os.path.exists(model) else model
         self.device = gpu_name() if config["device"] == "gpu" else "cpu"
-        # The model runs on a thread of its own: a Llama context is not thread-safe, flask run
-        # serves each request on a new thread, and llama.cpp's OpenMP workers belong to the
-        # calling thread (a new caller pays ~4 ms to start them). Its jobs (a request, a chat
-        # step, work in idle time) queue for it first come first served, so that one editor's
-        # stream of requests cannot starve another's.
+        # The model runs on a thread of its own: a Llama is not thread-safe, flask run serves
+        # each request on a new thread, and llama.cpp's OpenMP workers belong to the calling
+        # thread. Its jobs (a request, a chat step, work in idle time) queue for it first come
+        # first served: one editor's stream of requests cannot starve another's.
         self.thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="model")
         self.waiting, self.waiting_lock = 0, threading.Lock()  # requests queued, not begun
         # Copies of the KV cache kept when another prompt took its place (least recently used
-        # first, --kv-cache-mb in all), so that editors taking turns, and an editor coming back
-        # after an abandoned request, get theirs back instead of evaluating their prompts again.
-        # Found by what they hold, not by whose they were: editors cannot be told apart. The
-        # buffers of copies that went are kept for the next ones (kv_bytes counts all buffers).
-        # On the model thread only, as are: the tokens made in idle time for a prompt, which a
-        # request of it goes on from ({prompt tokens: tokens}, one at a time), and whether the
-        # KV cache holds finished work of idle time.
+        # first, --kv-cache-mb in all, free buffers too), so that editors taking turns get theirs
+        # back instead of evaluating their prompts again; found by what they hold (editors cannot
+        # be told apart). On the model thread only, as are the tokens made in idle time for a
+        # prompt ({prompt tokens: tokens}, one at a time), which a request of it goes on from, and
+        # whether the KV cache holds finished work of idle time.
         self.kv_saved, self.kv_bytes, self.kv_ids = collections.OrderedDict(), 0, itertools.count()
         self.kv_free, self.kv_limit = [], config["kv_cache_mb"] << 20
         self.ahead, self.idle_kv = {}, False
-        warm_up = self.prompt("def main():\n    ", "\n").tokens  # pages in the weights,
-        self.thread.submit(  # and starts the OpenMP workers
-            lambda: finish(generate(model_pieces(self.llm, warm_up, 0, 0), 2))
-        ).result()
+        warm_up = model_pieces(self.llm, self.prompt("def main():\n    ", "\n").tokens, 0, 0)
+        self.thread.submit(finish, generate(warm_up, 2)).result()  # pages in the weights, starts
+        # the OpenMP workers
 
     def describe(self):
-        how = f"FIM template {self.format.template!r}"
-        if not self.format.fim:
-            how = "no FIM tokens, prefix-only prompts"
-        threads = self.llm.context_params.n_threads
+        how = "no FIM tokens, prefix-only prompts"
+        how = f"FIM template {self.format.template!r}" if self.format.fim else how
         off = "" if self.llm.model_params.use_extra_bufts else ", weight repacking off"
-        return [f"model {self.name}: {how}; ctx {self.ctx}, {threads} threads, device "
-                f"{self.device}{off}"]  # fmt: skip
-
-    def health(self):
-        return {}
+        return [f"model {self.name}: {how}; ctx {self.ctx}, {self.llm.context_params.n_threads} "
+                f"threads, device {self.device}{off}"]  # fmt: skip
 
     def prompt(self, prefix, suffix, head=None):
         """The template's special tokens as ids, the rest tokenized as plain text; head (a
@@ -1260,13 +1131,13 @@ class LocalModel:
         return len(self.llm.tokenize(text.encode(), add_bos=False, special=False))
 
     def complete(self, prompt, sampling, limits, reuse=False):
-        """Generated for prompt, on the model thread when its turn comes (or "cancelled" while it
+        """The Answer to prompt, on the model thread when its turn comes (or "cancelled" while it
         waits, without touching the model); with reuse (no temperature or seed of the request's
         own), going on from tokens made ahead for this prompt, if any."""
 
         def run():
             if limits.should_stop():  # gone while it waited: the KV cache stays as it is
-                return Generated("", 0, "cancelled")
+                return Answer("", reason="cancelled")
             t = time.perf_counter()
             done = self.ahead.get(tuple(prompt.tokens), []) if reuse else []
             tokens = prompt.tokens + done  # (a new list: done may be made ahead still)
@@ -1279,15 +1150,15 @@ class LocalModel:
                 yield from model_pieces(self.llm, tokens, *sampling, limits.should_stop)
 
             text, n, reason = finish(generate(pieces(), *limits))
-            return Generated(text, n, reason, reused, (time.perf_counter() - t) * 1000)
+            ms = (time.perf_counter() - t) * 1000
+            return Answer(text, reason=reason, reused=reused, generated=n, ms=ms)
 
-        return self.on_thread(limits.should_stop, run) or Generated("", 0, "cancelled")
+        return self.on_thread(limits.should_stop, run) or Answer("", reason="cancelled")
 
     def on_thread(self, should_stop, work, *args):
         """work(*args) run on the model thread when its turn comes, or None when should_stop()
         while it waits. Once started, work checks should_stop itself, and this thread sleeps
-        until it ends (waking it every 10 ms took a core from the model's threads a hundred
-        times a second, for nothing)."""
+        until it ends (waking every 10 ms took a core from the model's threads, for nothing)."""
         started = threading.Event()
 
         def begin():
@@ -1315,16 +1186,15 @@ class LocalModel:
         """Before a prompt of tokens (one of work in idle time with idle): if a kept copy holds
         more of its start than the KV cache does, put that copy back; if the KV cache would lose
         worth tokens or more to it, keep a copy of it first, unless it holds finished work of
-        idle time and this is a request's prompt (the editor did not take that completion, or
-        took it from the completion cache and this prompt goes on from it: either way no prompt
-        would use the copy). On the model thread."""
+        idle time and this is a request's prompt (no prompt would use that copy: the editor did
+        not take that completion, or took it and goes on from it). On the model thread."""
         held = self.llm.input_ids[: self.llm.n_tokens].tolist()
         here = common_prefix(held, tokens)
         holds = {k: common_prefix(kept, tokens) for k, (kept, _, _) in self.kv_saved.items()}
         best = max(holds, key=holds.get, default=None)
         mine = self.kv_saved.pop(best) if best is not None and holds[best] > here else None
         worth_it = len(held) - here >= worth and (idle or not self.idle_kv)
-        size = kv_size(self.llm) if worth_it else 0
+        size = llama_cpp.llama_state_seq_get_size(self.llm.ctx, 0) if worth_it and held else 0
         if 0 < size <= self.kv_limit:
             covered = [k for k, (kept, _, _) in self.kv_saved.items() if held[: len(kept)] == kept]
             for key in covered:  # held holds all that those did
@@ -1363,25 +1233,7 @@ class LocalModel:
 # The completion service: a parsed request in, an Answer out, with what latency needs per client.
 
 
-class Answer(typing.NamedTuple):
-    text: str
-    prompt: str  # as Tabby logs it
-    reason: str  # generate()'s, or "typed through", "cached", "speculated" (made ahead)
-    snippets: list = []  # in the prompt: the editor's, and any others
-    size: int = 0  # prompt tokens
-    reused: int = 0  # of them, already in the KV cache
-    generated: int = 0  # tokens
-    ms: float = 0  # in the model (or engine)
-
-
-class LastAnswer(typing.NamedTuple):
-    """A client's last completion, which it may type through."""
-
-    language: str
-    suffix: str
-    prefix: str  # of the request
-    text: str  # the completion
-    prompt: str  # as logged
+LastAnswer = collections.namedtuple("LastAnswer", "language suffix prefix text prompt")
 
 
 class Job(typing.NamedTuple):
@@ -1407,18 +1259,16 @@ UNKEPT = ("cancelled", "time")
 class Completions:
     """Completions for clients, a client being one (address, user, file): several editors may be
     one client (tabby-agent sends no identity, a team's proxy one address), so a client's state
-    only ever saves work. Under a lock it owns the last answers of the last few clients, for
-    typed-through answers, and the completions kept by prompt (a completion made ahead is kept
-    with ahead=True until a request uses it). Capabilities hook in through context (more for a
-    prompt) and answered (what to do once an answer is sent)."""
+    only ever saves work. Under a lock it owns the last answers of the last few clients (to type
+    through) and the completions kept by prompt (one made ahead flagged until a request uses it).
+    Capabilities hook in through context and answered (see __init__)."""
 
     def __init__(self, backend, config, counters=None):
         self.backend, self.counters = backend, counters or Counters()
         self.max_tokens, self.temperature = config["max_tokens"], config["temperature"]
         self.budget = config["time_budget"] / 1000
         self.room = config["ctx"] - config["max_tokens"]  # for the prompt, in tokens
-        self.lock = threading.Lock()
-        self.last_answers = collections.OrderedDict()
+        self.lock, self.last_answers = threading.Lock(), collections.OrderedDict()
         self.cache, self.cache_size = collections.OrderedDict(), config["completion_cache"]
         self.arrivals = 0  # requests so far: work in idle time stops when a request comes
         # (request, its snippets) -> (more snippets, (a Prompt before it, its snippets) or None)
@@ -1460,12 +1310,12 @@ class Completions:
         if text and req.raw_prompt is None:
             self.remember(client, req.language, seg["suffix"], seg["prefix"], text, job.prompt.text)
         reused = job.prompt.size if out.reason in ("cached", "speculated") else out.reused
-        return Answer(text, job.prompt.text, out.reason, job.snippets, job.prompt.size, reused,
-                      out.generated, out.ms)  # fmt: skip
+        return out._replace(text=text, prompt=job.prompt.text, snippets=job.snippets,
+                            size=job.prompt.size, reused=reused)  # fmt: skip
 
     def prepare(self, req, should_stop):
-        """The Job of a request: its snippets (the editor's, then those of context), its
-        document, its prompt fitted to the context; or None when should_stop() first."""
+        """The Job of a request (the editor's snippets, then context's; the prompt fitted to
+        the context), or None when should_stop() first."""
         if req.raw_prompt is None:
             snippets = pick_snippets(req.segments) if req.retrieval else []
             more, head = self.context(req, snippets) if req.retrieval else ([], None)
@@ -1484,7 +1334,7 @@ class Completions:
         return Job(prompt, doc, lambda text: text_end(text, stops, tail, doc.cursor), shown)
 
     def cached(self, key):
-        """The Generated kept for key, as an answer made without the model ("cached", or
+        """The Answer kept for key, as one made without the model ("cached", or
         "speculated" the first time one made ahead is used), or None."""
         with self.lock:
             kept = self.cache.get(key)
@@ -1509,10 +1359,10 @@ class Completions:
 
     def fit(self, prefix, suffix, should_stop, make):
         """make(prefix, suffix), the backend's Prompt, cut to the room the context has for it; or
-        None when should_stop() first. Tokenizing is slow (2 µs a character and more, for some
-        vocabularies), so text far from the cursor is never tokenized: lines are counted from the
-        cursor outward until the room is full, the cut is chosen on those counts (fit_prompt),
-        and the prompt made once (again, shorter by what the counts missed, in the rare case)."""
+        None when should_stop() first. Tokenizing is slow (2 µs a character and more), so text far
+        from the cursor is never tokenized: lines are counted from the cursor outward until the
+        room is full, the cut chosen on those counts (fit_prompt), the prompt made once (rarely
+        again, shorter by what the counts missed)."""
         if len(prefix.encode()) + len(suffix.encode()) + 8 <= self.room:  # a token: a byte or more
             return make(prefix, suffix)
         above, below = prefix.splitlines(keepends=True), suffix.splitlines(keepends=True)
@@ -1561,9 +1411,7 @@ class Completions:
         start of that completion since, or None."""
         with self.lock:
             last = self.last_answers.get(client)
-        if last is None or (language, suffix) != (last.language, last.suffix):
-            return None
-        if not prefix.startswith(last.prefix):
+        if not last or (language, suffix) != last[:2] or not prefix.startswith(last.prefix):
             return None
         typed, text = prefix[len(last.prefix) :], last.text
         if typed and text.startswith(typed) and len(text) > len(typed):
@@ -1579,122 +1427,55 @@ class Completions:
 
 
 # -----------------------------------------------------------------------------------------------
-# Counters: what the server did, counted where it happens. /metrics reads them since start-up,
-# as Prometheus wants them; the status page reads a Tally a day (its history from the events
-# log, read at start-up) and a minute.
+# Counters: what the server did, counted where it happens, as Prometheus wants them (since
+# start-up) and as anyone else wants to be told (the status page keeps a tally a day).
 
-HISTORY_DAYS = 14  # days of tallies kept
-RECENT_IDS = 10_000  # completions whose views and selects are matched to their day and language
-BUCKET = math.log(1.02)  # latencies are tallied in buckets 2 % wide: percentiles within 1 %
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # Prometheus' buckets
 
 
-def bucket(ms):
-    """The latency bucket of ms milliseconds (see BUCKET)."""
-    return round(math.log(max(ms, 0.01)) / BUCKET)
-
-
 class Counters:
-    """Under one lock: Prometheus' counters since start-up ({(name, labels): value}, anyone's:
-    a capability adds its own), and a Tally (a Counter) of completions for each of the last
-    HISTORY_DAYS days and of the last hour's minutes: "served", "cancelled", "typed",
-    "prompt_tokens", "reused_tokens", ("total_ms" or "model_ms", bucket), and ("served",
-    "viewed" or "selected", language, user). A view or select counts once for its completion,
-    on its day and under its language (for the last RECENT_IDS completions)."""
+    """Under one lock, {(name, labels): value} since start-up, anyone's (a capability counts its
+    own); and the functions told of each completion and each view or select, as
+    tell(ts, kind, completion id, language, user, its Answer or None, ms in all)."""
 
     def __init__(self):
-        self.lock, self.started = threading.Lock(), time.time()
-        self.values = collections.Counter()
-        self.days, self.minutes = {}, {}  # "YYYY-MM-DD" or minute number -> Tally
-        self.recent = collections.OrderedDict()  # completion id -> [language, day, views]
+        self.lock, self.started, self.values = threading.Lock(), time.time(), collections.Counter()
+        self.told = []
 
     def add(self, name, n=1, **labels):
         with self.lock:
             self.values[name, tuple(sorted(labels.items()))] += n
 
     def observe(self, name, seconds):
-        """A histogram's sample (under the lock): its bucket (counted up to it when shown) and
-        its sum."""
+        """A histogram's sample (under the lock): its bucket (cumulated when shown), its sum."""
         self.values[name, (("le", next((b for b in SECONDS if seconds <= b), math.inf)),)] += 1
         self.values[name + "_sum", ()] += seconds
 
-    def completion(self, ts, cid, language, user, a=None, total_ms=0, live=True):
-        """Count a completion answered at ts (a: its Answer; None: cancelled); live: now, else
-        read from the history (the tallies only)."""
-        day, reason = time.strftime("%Y-%m-%d", time.gmtime(ts)), a.reason if a else "cancelled"
+    def completion(self, cid, language, user, a, ms):
+        """Count a completion answered (a: its Answer) or cancelled (a: None)."""
+        reason, values = a.reason if a else "cancelled", self.values
         with self.lock:
-            if live:
-                self.values["completions_total", (("language", language), ("reason", reason))] += 1
-                self.observe("completion_seconds", total_ms / 1000)
-            if live and a:
-                for name, n in (
-                    ("prompt", a.size),
-                    ("reused", a.reused),
-                    ("generated", a.generated),
-                ):
-                    self.values[name + "_tokens_total", ()] += n
-                if reason != "typed through":
-                    self.observe("completion_model_seconds", a.ms / 1000)
-            tallies = [self.tally(self.days, day, HISTORY_DAYS)]
-            if ts > time.time() - 3600:
-                tallies.append(self.tally(self.minutes, int(ts // 60), 60))
-            for tally in tallies:
-                if a is None:
-                    tally["cancelled"] += 1
-                    continue
-                tally.update(served=1, typed=reason == "typed through", prompt_tokens=a.size,
-                             reused_tokens=a.reused)  # fmt: skip
-                tally["total_ms", bucket(total_ms)] += 1
-                tally["model_ms", bucket(a.ms)] += reason != "typed through"
-                tally["served", language, user] += 1
-            if a and cid:
-                self.seen(cid, language, day)
+            values["completions_total", (("language", language), ("reason", reason))] += 1
+            self.observe("completion_seconds", ms / 1000)
+            for name, n in zip(
+                ("prompt", "reused", "generated"), (a.size, a.reused, a.generated) if a else ()
+            ):
+                values[name + "_tokens_total", ()] += n
+            if a and reason != "typed through":
+                self.observe("completion_model_seconds", a.ms / 1000)
+        for tell in self.told:
+            tell(time.time(), "completion", cid, language, user, a, ms)
 
-    def event(self, ts, kind, cid, user):
-        """Count a view or select of the completion cid (once for it: a select is a view too)."""
-        with self.lock:
-            day = time.strftime("%Y-%m-%d", time.gmtime(ts))
-            language, day, views = self.seen(cid, "unknown", day)
-            tally = self.tally(self.days, day, HISTORY_DAYS)
-            for what in ("viewed", "selected")[: 2 if kind == "select" else 1]:
-                if what not in views:
-                    views.add(what)
-                    tally[what, language, user] += 1
-
-    def seen(self, cid, language, day):
-        """[language, day, views] of a recent completion (made for one not seen)."""
-        if cid not in self.recent:
-            self.recent[cid] = [language, day, set()]
-            if len(self.recent) > RECENT_IDS:
-                self.recent.popitem(last=False)
-        return self.recent[cid]
-
-    def tally(self, table, key, most):
-        """table's Tally for key, made if new; the oldest go when there are more than most."""
-        if key not in table:
-            table[key] = collections.Counter()
-            for old in sorted(table)[:-most]:
-                del table[old]
-        return table[key]
-
-    def summary(self, now=None):
-        """(the last hour's Tally, the last HISTORY_DAYS days', [(day, its Tally)] oldest first)."""
-        now, ago = time.time() if now is None else now, range(HISTORY_DAYS - 1, -1, -1)
-        names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in ago]
-        with self.lock:  # sums made here are copies: the tallies go on changing
-            hour = sum(
-                (t for m, t in self.minutes.items() if m > now // 60 - 60), collections.Counter()
-            )
-            days = [(day, self.days.get(day, collections.Counter()).copy()) for day in names]
-        return hour, sum((t for _, t in days), collections.Counter()), days
+    def event(self, kind, cid, user):
+        """Tell of a view or select of the completion cid."""
+        for tell in self.told:
+            tell(time.time(), kind, cid, None, user, None, 0)
 
 
 # -----------------------------------------------------------------------------------------------
 # The events log: Tabby's layout, so that its analytics read ours.
 
-# what the server logs of its own answers (and of requests that its client abandoned), and what
-# tabby-agent sends; others count as "other"
-EVENTS = ("completion", "completion_cancelled", "chat_completion", "view", "select", "dismiss")
+EVENTS = (*SERVER_EVENTS, "view", "select", "dismiss")  # and tabby-agent's; others: "other"
 
 
 def without_code(event):
@@ -1710,10 +1491,9 @@ def without_code(event):
 
 def can_make(folder):
     """Whether folder is, or could be made, a folder we can write to (without making it)."""
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    return os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
 
 
 def append(path, data):
@@ -1740,9 +1520,8 @@ def append(path, data):
 
 class EventsLog:
     """ROOT/events/YYYY-MM-DD.json (a UTC day), a JSON line per event. It owns the folder, what
-    is kept (--events: all, no code, nothing; --events-days) and the lock that keeps lines
-    whole. A log that fails (the folder gone, the disk full) must not fail the completion that
-    it logs: it counts the events it could not store, and says so once. Each event is counted."""
+    is kept (--events, --events-days) and the lock that keeps lines whole. A log that fails (the
+    folder gone, the disk full) must not fail the completion it logs: it counts what it lost."""
 
     def __init__(self, config, logger, counters):
         self.counters = counters
@@ -1770,8 +1549,7 @@ class EventsLog:
         return today
 
     def prune_daily(self):
-        while True:
-            time.sleep(86400 - time.time() % 86400 + 1)  # just after midnight, UTC
+        while not time.sleep(86400 - time.time() % 86400 + 1):  # just after midnight, UTC
             with self.lock:
                 self.today = self.prune(time.time())
 
@@ -1812,23 +1590,13 @@ def completion_event(completion_id, req, answer, user_agent, ms):
     snippets in its prompt, the editor's and the repository's; tokens, finish reason, ms in the
     model and in all)."""
     segments = {k: v for k, v in req.segments.items() if v is not None}
-    return {
-        "completion": {
-            "completion_id": completion_id,
-            "language": req.language,
-            "prompt": answer.prompt,
-            "segments": segments,
-            "choices": [{"index": 0, "text": answer.text}],
-            "user_agent": user_agent,
-            "snippets": answer.snippets,
-            "prompt_tokens": answer.size,
-            "reused_tokens": answer.reused,
-            "generated_tokens": answer.generated,
-            "finish_reason": answer.reason,
-            "model_ms": round(answer.ms, 1),
-            "total_ms": round(ms, 1),
-        }
-    }
+    return {"completion": {
+        "completion_id": completion_id, "language": req.language, "prompt": answer.prompt,
+        "segments": segments, "choices": [{"index": 0, "text": answer.text}],
+        "user_agent": user_agent, "snippets": answer.snippets, "prompt_tokens": answer.size,
+        "reused_tokens": answer.reused, "generated_tokens": answer.generated,
+        "finish_reason": answer.reason, "model_ms": round(answer.ms, 1), "total_ms": round(ms, 1),
+    }}  # fmt: skip
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1873,20 +1641,17 @@ class ClientGone:
         self.sock = environ.get("werkzeug.socket")
 
     def __call__(self):
-        if self.sock is None:
-            return False
-        try:
-            # closed: its end is all there is to read (the plain socket's recv: an SSL socket's
+        try:  # closed: its end is all there is to read (the plain socket's recv: an SSL socket's
             # refuses to peek; flask run --cert serves those)
-            return self.stirs(0) and socket.socket.recv(self.sock, 1, socket.MSG_PEEK) == b""
+            peek = lambda: socket.socket.recv(self.sock, 1, socket.MSG_PEEK)  # noqa: E731
+            return self.sock is not None and self.stirs(0) and peek() == b""
         except (OSError, ValueError):
             return True
 
     def stirs(self, timeout):
         """Whether the client's socket has something to read (data, or its end) within timeout
-        seconds (without a socket: False, after 10 ms). poll(), where there is one: select()
-        refuses file descriptors past 1023, which a busy server has. Raises OSError or
-        ValueError for a closed socket."""
+        seconds (no socket: False, after 10 ms); OSError or ValueError when it is closed. poll():
+        select() refuses file descriptors past 1023, which a busy server has."""
         if self.sock is None:
             return time.sleep(0.01) or False
         if not hasattr(select, "poll"):  # Windows, whose select() has no such limit
@@ -1903,27 +1668,10 @@ def system_info(backend):
         with open("/proc/cpuinfo") as f:
             names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
             cpu_info = next(names, cpu_info)
-    version = {
-        "build_date": "",
-        "build_timestamp": "",
-        "git_sha": "",
-        "git_describe": TABBY_VERSION,
-    }
+    version = dict.fromkeys(("build_date", "build_timestamp", "git_sha"), "")
     return {"model": backend.name, "device": backend.device, "arch": platform.machine(),
             "cpu_info": cpu_info, "cpu_count": os.cpu_count(), "cuda_devices": [],
-            "version": version}  # fmt: skip
-
-
-def completion_response(completion_id, req, answer):
-    """The JSON answer to a completion request (debug_data when it asked for it)."""
-    response = {"id": completion_id, "choices": [{"index": 0, "text": answer.text}]}
-    if req.debug_data:
-        response["debug_data"] = {}
-        if req.return_snippets:
-            response["debug_data"]["snippets"] = answer.snippets
-        if req.return_prompt:
-            response["debug_data"]["prompt"] = answer.prompt
-    return response
+            "version": {**version, "git_describe": TABBY_VERSION}}  # fmt: skip
 
 
 GUARDED = ("/", "/metrics")  # besides /v1/* and /v1beta/*, what needs a token when one is set
@@ -1944,10 +1692,8 @@ def open_server(config):
     app.json.ensure_ascii = False
     counters = Counters()
     events = EventsLog(config, app.logger, counters)  # no files made yet
-    server = Server(
-        config, app, counters, events, {config["token"]: None} if config["token"] else None
-    )
-    app.extensions["tabbypy"] = server
+    tokens = {config["token"]: None} if config["token"] else None
+    app.extensions["tabbypy"] = server = Server(config, app, counters, events, tokens)
 
     @app.before_request
     def check_token():
@@ -1973,8 +1719,8 @@ def open_server(config):
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(e):
-        limit = config["max_body"]
-        return jsonify(error=f"the body is over this server's {limit} bytes (--max-body)"), 413
+        return jsonify(error=f"the body is over this server's {config['max_body']} bytes "
+                             "(--max-body)"), 413  # fmt: skip
 
     @app.errorhandler(Exception)
     def server_error(e):
@@ -2002,10 +1748,7 @@ def serve_completions(server):
 
     @app.route("/v1/health", methods=["GET", "POST"])
     def health_route():
-        more = [part() for part in server.health]
-        return jsonify(
-            {**health, **server.backend.health(), **dict(kv for m in more for kv in m.items())}
-        )
+        return jsonify(functools.reduce(lambda a, part: {**a, **part()}, server.health, health))
 
     @app.get("/v1beta/server_setting")
     def server_setting():
@@ -2017,7 +1760,7 @@ def serve_completions(server):
         event = parse_event(body, request.args.get("select_kind"))
         ((kind, fields),) = event.items()
         if kind in ("view", "select"):
-            counters.event(time.time(), kind, fields["completion_id"], g.user)
+            counters.event(kind, fields["completion_id"], g.user)
         why = events.write(g.user or get(body, "user", str), event)
         if why:
             abort(503, f"the event was not stored: {why}")
@@ -2034,22 +1777,21 @@ def serve_completions(server):
         answer = answer._replace(ms=round(answer.ms, 1))  # counted as logged, so a restart agrees
         language = req.language if req.language in (*LANGUAGE, "unknown") else "other"
         served = answer if answer.reason != "cancelled" else None
-        counters.completion(time.time(), completion_id, language, g.user, served, ms)
+        counters.completion(completion_id, language, g.user, served, ms)
         if served:
             user_agent = request.headers.get("User-Agent")
             events.write(req.user, completion_event(completion_id, req, answer, user_agent, ms))
         else:  # a count, for the status page and /metrics: nothing was shown
-            cancelled = {"completion_id": completion_id, "language": req.language}
-            events.write(
-                req.user, {"completion_cancelled": {**cancelled, "total_ms": round(ms, 1)}}
-            )
-        app.logger.info(
-            "%s: %d prompt tokens (%d reused), %d generated, %s; %.1f ms in the model, "
-            "%.1f ms in all",
-            *(completion_id, answer.size, answer.reused, answer.generated, answer.reason),
-            *(answer.ms, ms),
-        )
-        response = jsonify(completion_response(completion_id, req, answer))
+            cancelled = {"completion_id": completion_id, "language": req.language, "total_ms": ms}
+            events.write(req.user, {"completion_cancelled": cancelled})
+        app.logger.info("%s: %d prompt tokens (%d reused), %d generated, %s; %.1f ms in the "
+                        "model, %.1f ms in all", completion_id, answer.size, answer.reused,
+                        answer.generated, answer.reason, answer.ms, ms)  # fmt: skip
+        body = {"id": completion_id, "choices": [{"index": 0, "text": answer.text}]}
+        if req.debug_data:  # debug_options was sent
+            body["debug_data"] = {"snippets": answer.snippets} if req.return_snippets else {}
+            body["debug_data"].update({"prompt": answer.prompt} if req.return_prompt else {})
+        response = jsonify(body)
         for then in completions.answered:  # once the answer is sent: till then the CPU is its
             response.call_on_close(functools.partial(then, req, answer, arrivals))
         return response
@@ -2062,6 +1804,20 @@ def serve_completions(server):
 # -----------------------------------------------------------------------------------------------
 # Remote engines (--backend): the prompt is built here, an inference engine generates, streaming
 # back pieces of text that feed the same generate() loop as a local model's tokens.
+
+# fmt: off
+CONFIG.update({
+    "backend": ("", "URL of an inference engine to generate with instead of --model: llama-server "
+                    "(.../completion), an OpenAI-style server such as vLLM (.../v1) or Ollama "
+                    "(.../api/generate)"),
+    "backend_kind": ("", "llama.cpp, openai or ollama; empty: told by the --backend URL's path"),
+    "backend_model": ("", "model name sent to the engine, and which picks the FIM template; "
+                          "empty: the engine's first (llama.cpp, openai)"),
+    "backend_token": ("", "bearer token sent to the engine"),
+    "backend_timeout": (10.0, "seconds to wait for the engine to connect or send its next piece; "
+                              "then 504"),
+})
+# fmt: on
 
 # kind: (its completion endpoint, a cheap GET that shows it answers), under the engine's base URL
 ENGINES = {
@@ -2269,13 +2025,13 @@ class Engine:
         return len(text.encode()) / BYTES_PER_TOKEN
 
     def complete(self, prompt, sampling, limits, reuse=False):
-        """Generated for prompt, on this thread: the engine serves several at once (or queues).
+        """The Answer to prompt, on this thread: the engine serves several at once (or queues).
         (reuse: nothing is kept here to reuse.)"""
         t = time.perf_counter()
         body = engine_body(self.kind, self.model, prompt.text, limits.max_tokens, sampling)
         pieces = self.stream(ENGINES[self.kind][0], self.kind, body, limits.should_stop)
         text, n, reason = finish(generate(pieces, *limits))
-        return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
+        return Answer(text, reason=reason, generated=n, ms=(time.perf_counter() - t) * 1000)
 
     def chat(self, req, sampling, should_stop):
         """(generate() steps of the engine's answer to a ChatRequest, 0: its prompt's size is
@@ -2403,6 +2159,7 @@ def add_engine(server):
     if not config["backend_timeout"] > 0:
         raise SystemExit("error: --backend-timeout must be more than 0 seconds")
     server.backend = engine = Engine(config, server.counters)
+    server.health.append(engine.health)
 
     def about():
         said = engine.health()["backend"]
@@ -2415,6 +2172,16 @@ def add_engine(server):
 # -----------------------------------------------------------------------------------------------
 # Chat (--chat-model): OpenAI's /v1/chat/completions, which Tabby's extensions use for inline
 # edits, explanations and commit messages; from a chat model here, or from the engine's.
+
+# fmt: off
+CONFIG.update({
+    "chat_model": ("", "instruct model for /v1/chat/completions: GGUF file (or repo id), or "
+                       "'same' (--model, if it has a chat template); with --backend, the "
+                       "engine's model name ('same': --backend-model). Empty: no chat"),
+    "chat_template": ("", "Jinja2 chat template, for a chat model without one in its GGUF "
+                          "metadata"),
+})
+# fmt: on
 
 
 @dataclasses.dataclass
@@ -2687,9 +2454,28 @@ def add_chat(server):
 # the user accepts the one shown (llama.vim's speculative FIM), kept in the completion cache. One
 # job on the model's queue; a request that comes stops it, within a token's decode.
 
+# fmt: off
+CONFIG.update({
+    "speculate": (True, "when the model is idle, compute the completion the editor will ask for "
+                        "if the user accepts the one shown (needs --completion-cache)"),
+})
+# fmt: on
+
+
+AGENT_LINES = 20  # lines before the cursor that tabby-agent sends, the cursor's own too
+
+
+def accepted_prefix(prefix, text):
+    """The prefix tabby-agent sends once the user accepts text: prefix and text, in its window
+    of AGENT_LINES lines. (A prefix already longer came from another client: all of it.)"""
+    if prefix.count("\n") >= AGENT_LINES:
+        return prefix + text
+    lines = (prefix + text).split("\n")
+    return "\n".join(lines[-AGENT_LINES:])
+
 
 def speculate(model, prompt, sampling, limits):
-    """Generated for prompt, on the model thread, or None when limits.should_stop() first (a
+    """The Answer to prompt, on the model thread, or None when limits.should_stop() first (a
     request came): then the tokens made so far stay in model.ahead, for a request of this prompt
     to go on from, and the editor's KV cache in a copy, for its next keystroke."""
     llm, done, t = model.llm, [], time.perf_counter()
@@ -2716,7 +2502,7 @@ def speculate(model, prompt, sampling, limits):
     if reason == "cancelled":
         return None
     model.ahead, model.idle_kv = {}, True  # finished: no request goes on from it
-    return Generated(text, n, reason, 0, (time.perf_counter() - t) * 1000)
+    return Answer(text, reason=reason, generated=n, ms=(time.perf_counter() - t) * 1000)
 
 
 def add_speculation(server):
@@ -2771,6 +2557,17 @@ def add_speculation(server):
 # name used near it (the function being called, the class being built), then Tabby's BM25 over
 # the prefix's words. Tabby's rules (crates/tabby/src/services/code.rs, completion_prompt.rs,
 # crates/tabby-index/src/code/) where they are the point: the same filters, chunk size, budget.
+
+# fmt: off
+CONFIG.update({
+    "repo": ((), "a repository whose code completions draw on: a git checkout, or a git URL "
+                 "cloned into ROOT/repositories; once for each (index: ROOT/index/code.sqlite3)"),
+    "repo_refresh": (60, "seconds between looks at the repositories for changes (a URL's remote: "
+                         "60 times as long)"),
+    "repo_context_tokens": (1024, "tokens of repository context, for a model that has "
+                                  "repository-level tokens (Qwen2.5-Coder, StarCoder2)"),
+})
+# fmt: on
 
 # file extension -> language, as the editor names it
 EXTENSIONS = {
@@ -3294,6 +3091,84 @@ METRICS = {
 # fmt: on
 
 
+HISTORY_DAYS = 14  # days of tallies kept
+RECENT_IDS = 10_000  # completions whose views and selects are matched to their day and language
+BUCKET = math.log(1.02)  # latencies are tallied in buckets 2 % wide: percentiles within 1 %
+
+
+def bucket(ms):
+    """The latency bucket of ms milliseconds (see BUCKET)."""
+    return round(math.log(max(ms, 0.01)) / BUCKET)
+
+
+class Tallies:
+    """What the page shows, told by the counters (see Counters.told): under a lock, a Tally (a
+    Counter) of completions for each of the last HISTORY_DAYS days and of the last hour's
+    minutes: "served", "cancelled", "typed", "prompt_tokens", "reused_tokens", ("total_ms" or
+    "model_ms", bucket), and ("served", "viewed" or "selected", language, user). A view or
+    select counts once for its completion, on its day and under its language (for the last
+    RECENT_IDS completions)."""
+
+    def __init__(self):
+        self.lock, self.days, self.minutes = threading.Lock(), {}, {}  # day or minute -> Tally
+        self.recent = collections.OrderedDict()  # completion id -> [language, day, views]
+
+    def tell(self, ts, kind, cid, language, user, a, ms):
+        day = time.strftime("%Y-%m-%d", time.gmtime(ts))
+        with self.lock:
+            if kind in ("view", "select"):
+                language, day, views = self.seen(cid, "unknown", day)
+                tally = self.tally(self.days, day, HISTORY_DAYS)
+                for what in ("viewed", "selected")[: 2 if kind == "select" else 1]:
+                    if what not in views:
+                        views.add(what)
+                        tally[what, language, user] += 1
+                return
+            tallies = [self.tally(self.days, day, HISTORY_DAYS)]
+            if ts > time.time() - 3600:
+                tallies.append(self.tally(self.minutes, int(ts // 60), 60))
+            for tally in tallies:
+                if a is None:
+                    tally["cancelled"] += 1
+                    continue
+                typed = a.reason == "typed through"
+                tally.update(served=1, typed=typed, prompt_tokens=a.size, reused_tokens=a.reused)
+                tally["total_ms", bucket(ms)] += 1
+                tally["model_ms", bucket(a.ms)] += not typed
+                tally["served", language, user] += 1
+            if a and cid:
+                self.seen(cid, language, day)
+
+    def seen(self, cid, language, day):
+        """[language, day, views] of a recent completion (made for one not seen)."""
+        if cid not in self.recent:
+            self.recent[cid] = [language, day, set()]
+            if len(self.recent) > RECENT_IDS:
+                self.recent.popitem(last=False)
+        return self.recent[cid]
+
+    def tally(self, table, key, most):
+        """table's Tally for key, made if new; the oldest go when there are more than most."""
+        if key not in table:
+            table[key] = collections.Counter()
+            for old in sorted(table)[:-most]:
+                del table[old]
+        return table[key]
+
+    def summary(self, now=None):
+        """(the last hour's Tally, the last HISTORY_DAYS days', [(day, its Tally)] oldest first)."""
+        now, ago, none = (
+            time.time() if now is None else now,
+            range(HISTORY_DAYS - 1, -1, -1),
+            collections.Counter(),
+        )
+        names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in ago]
+        with self.lock:  # sums made here are copies: the tallies go on changing
+            hour = sum((t for m, t in self.minutes.items() if m > now // 60 - 60), none.copy())
+            days = [(day, self.days.get(day, none).copy()) for day in names]
+        return hour, sum((t for _, t in days), none.copy()), days
+
+
 def percentile(tally, name, share):
     """The latency (ms) below which share of a Tally's completions fall, by name: "total_ms" or
     "model_ms"."""
@@ -3463,7 +3338,7 @@ def count_of(value, most=1e12):
     return value if ok and 0 <= value <= most else 0  # (NaN fails both)
 
 
-def tally_history(counters, record, named):
+def tally_history(tallies, record, named):
     """Count a record of the events log (of days before this process) in the tallies. The log
     is a file anyone may edit: a record this server did not write is skipped, and only users
     that named(user) keeps, and known languages, count apart, so that what clients send cannot
@@ -3476,17 +3351,16 @@ def tally_history(counters, record, named):
     cid, language = fields.get("completion_id"), fields.get("language")
     cid = cid if isinstance(cid, str) else None
     language = language if language in (*LANGUAGE, "unknown") else language and "other" or "unknown"
+    size, reused = (int(count_of(fields.get(key))) for key in ("prompt_tokens", "reused_tokens"))
+    a = Answer(
+        "", "", fields.get("finish_reason"), [], size, reused, 0, count_of(fields.get("model_ms"))
+    )
     if kind in ("view", "select") and cid:
-        counters.event(ts, kind, cid, user)
+        tallies.tell(ts, kind, cid, None, user, None, 0)
     elif kind in ("completion", "completion_cancelled"):
-        size, reused = (
-            int(count_of(fields.get(key))) for key in ("prompt_tokens", "reused_tokens")
-        )
-        reason = fields.get("finish_reason")
-        a = Answer("", "", reason, [], size, reused, 0, count_of(fields.get("model_ms")))
         served = a if kind == "completion" else None
-        counters.completion(
-            ts, cid, language, user, served, count_of(fields.get("total_ms")), live=False
+        tallies.tell(
+            ts, "completion", cid, language, user, served, count_of(fields.get("total_ms"))
         )
 
 
@@ -3534,11 +3408,12 @@ def metrics_text(values, gauges):
 def add_status_page(server):
     """GET / and /metrics, and the history of the last HISTORY_DAYS days read into the tallies
     (from the events log: a restart keeps the page's figures)."""
-    config, counters, app = server.config, server.counters, server.app
+    config, counters, app, tallies = server.config, server.counters, server.app, Tallies()
     named = lambda user: user in (server.tokens or {}).values()  # noqa: E731  (a token names it)
     for path in day_files(server.events.folder, HISTORY_DAYS - 1, time.time()):
         for record in records(path):
-            tally_history(counters, record, named)
+            tally_history(tallies, record, named)
+    counters.told.append(tallies.tell)
 
     @app.get("/")
     def status_route():
@@ -3564,7 +3439,7 @@ def add_status_page(server):
             ("Settings", settings, None),
             ("Access", access, None),
         ]
-        page = status_page(about, *counters.summary())
+        page = status_page(about, *tallies.summary())
         return app.response_class(page, mimetype="text/html")
 
     @app.get("/metrics")
@@ -3581,6 +3456,13 @@ def add_status_page(server):
 # name. The file is read again when it changes (a thread looks every second), so that a token is
 # revoked without a restart; a file that cannot be read keeps the tokens it had, one that is
 # gone keeps none.
+
+# fmt: off
+CONFIG.update({
+    "tokens": ("", "file of tokens, one per developer: a 'user token' pair a line (# comments); a "
+                   "request's user is its token's; read again when it changes"),
+})
+# fmt: on
 
 
 def read_tokens(path, bad=None):

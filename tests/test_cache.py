@@ -17,7 +17,7 @@ PREFIX, SUFFIX = "def add(a, b):\n    ", "\n\n\ndef main():\n    print(add(1, 2)
 
 def reasons(caplog):
     """The finish reason of each completion logged so far."""
-    return re.findall(r"\d+ generated, ([\w ]+);", caplog.text)
+    return re.findall(r"cmpl-[\w-]+: .*? generated, ([\w ]+);", caplog.text)  # (not speculations)
 
 
 def wait_for(caplog, text, timeout=30):

@@ -219,7 +219,7 @@ def fill(template, prefix, suffix):
 @pytest.mark.parametrize("template", list(server.FIM_TEMPLATES) + ["{prefix}"])
 def test_fill_template_gives_tabbys_prompt_string(template):
     specials = {m: 100 + i for i, m in enumerate(re.findall(server.MARKER, template))}
-    parts = server.split_template(template, specials)
+    parts = server.template_format(template, specials).parts
     prefix, suffix = "def f(x):\n    {suffix} <fim_middle>", "\n    return y\n"
     pieces, text = server.fill_template(parts, specials, prefix, suffix)
     assert text == fill(template, prefix, suffix)
@@ -232,7 +232,7 @@ def test_fill_template_gives_tabbys_prompt_string(template):
 
 def test_fill_template_joins_template_text_with_user_text():
     specials = {"<PRE>": 1, "<SUF>": 2, "<MID>": 3}
-    parts = server.split_template("<PRE> {prefix} <SUF>{suffix} <MID>", specials)
+    parts = server.template_format("<PRE> {prefix} <SUF>{suffix} <MID>", specials).parts
     assert server.fill_template(parts, specials, "a", "b")[0] == [1, " a ", 2, "b ", 3]
 
 
