@@ -1799,7 +1799,7 @@ def serve_completions(server):
 
 # Capabilities beyond the core
 # ===============================================================================================
-# Each section below can be deleted, with its line in create_app() and its knobs in CONFIG.
+# Each section below can be deleted with its line in create_app(); its knobs go with it.
 
 # -----------------------------------------------------------------------------------------------
 # Remote engines (--backend): the prompt is built here, an inference engine generates, streaming

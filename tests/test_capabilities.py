@@ -1,5 +1,5 @@
-"""Every capability is a section of app.py that can be deleted: cut the section, its line in
-create_app() and its knobs in CONFIG, and what remains is a server that passes the core tests.
+"""Every capability is a section of app.py that can be deleted: cut the section (its knobs are
+in it) and its line in create_app(), and what remains is a server that passes the core tests.
 For each section this writes the cut file to a folder of its own, beside copies of the core
 tests, and runs them there: the server starts as a process and answers, and test_completions.py
 passes."""
@@ -47,7 +47,7 @@ def test_the_cut_server_starts_and_answers(model_path, tmp_path):
 
 
 def cut(source, name):
-    """source without the section titled name, its knobs and its line in create_app()."""
+    """source without the section titled name and its line in create_app()."""
     lines = source.splitlines(keepends=True)
     rule = "# " + "-" * 95 + "\n"
     start = next(i for i, line in enumerate(lines) if re.match(rf"# {re.escape(name)}[ :(]", line))
@@ -57,10 +57,6 @@ def cut(source, name):
     adds = re.findall(r"^def (add_\w+)\(server\)", section, re.M)
     assert len(adds) == 1, (name, adds)  # one line attaches it
     kept = lines[: start - 1] + lines[end:]
-    knobs = next((i for i, line in enumerate(kept) if line == f"    # {name}\n"), None)
-    if knobs is not None:  # its group of CONFIG, up to the next group or the table's end
-        last = next(i for i in range(knobs + 1, len(kept)) if re.match(r"    # |}", kept[i]))
-        kept[knobs:last] = []
     attach = [i for i, line in enumerate(kept) if line.strip() == f"{adds[0]}(server)"]
     assert len(attach) == 1, (name, adds)
     del kept[attach[0]]
