@@ -6,48 +6,6 @@ import pytest
 
 import app as server
 
-LANGUAGE_NAMES = [name for entry in server.LANGUAGES for name in entry["languages"]]
-
-
-@pytest.mark.parametrize("language", LANGUAGE_NAMES)
-def test_stop_words_follow_tabbys_formula(language):
-    entry = server.LANGUAGE[language]
-    words = server.stop_words(language)
-    assert words[: len(server.DEFAULT_STOP_WORDS)] == server.DEFAULT_STOP_WORDS
-    for kw in entry["top_level_keywords"]:
-        assert "\n" + kw in words
-    if entry["line_comment"]:
-        assert "\n" + entry["line_comment"] in words
-    else:
-        assert len(words) == len(server.DEFAULT_STOP_WORDS) + len(entry["top_level_keywords"])
-    assert "\n" not in words  # a known language keeps multi-line completions
-
-
-def test_tabbys_default_stop_words():
-    assert server.DEFAULT_STOP_WORDS[:15] == [
-        "\n\n",
-        "\n\n  ",
-        "\n\n    ",
-        "\n\n      ",
-        "\n\n        ",
-        "\n\n          ",
-        "\n\n            ",
-        "\n\n              ",
-        "\n\n\t",
-        "\n\n\t\t",
-        "\n\n\t\t\t",
-        "\n\n\t\t\t\t",
-        "\n\n\t\t\t\t\t",
-        "\n\n\t\t\t\t\t\t",
-        "\n\n\t\t\t\t\t\t\t",
-    ]
-    assert server.stop_words("python")[-5:] == ["\n#", "\ndef", "\nfrom", "\nclass", "\nimport"]
-
-
-@pytest.mark.parametrize("language", ["json", "yaml", "plaintext", "unknown", ""])
-def test_an_unknown_language_stops_at_a_newline(language):
-    assert "\n" in server.stop_words(language)
-
 
 @pytest.mark.parametrize(
     "tail, text, expected",
