@@ -243,8 +243,20 @@ def test_the_time_budget_ends_at_a_line_end(model_path):
     )  # spent at once: the line being written ends it
 
 
-def test_threads_default_to_physical_cores():
-    assert 1 <= server.physical_cores() <= os.cpu_count()
+def test_threads_default_to_physical_cores(make_app, capsys):
+    """--threads 0 gives llama.cpp a thread per physical core this process may run on (as the
+    kernel's topology counts them: hyper-threads of one core are one), and start-up says so."""
+    topology = "/sys/devices/system/cpu/cpu{}/topology/{}"
+    cores = {
+        tuple(
+            open(topology.format(cpu, name)).read() for name in ("physical_package_id", "core_id")
+        )
+        for cpu in os.sched_getaffinity(0)
+    }
+    make_app(threads=0)
+    make_app(threads=3)
+    said = re.findall(r"ctx \d+, (\d+) threads", capsys.readouterr().err)
+    assert said == [str(len(cores)), "3"]
 
 
 def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog):
@@ -288,7 +300,7 @@ def test_a_client_that_hangs_up_stops_a_long_prompt_in_the_middle_of_a_batch(mod
         conn = socket.create_connection(("127.0.0.1", port))
         conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
                      b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)  # fmt: skip
-        time.sleep(0.15)
+        time.sleep(whole / 4)  # in the first of its 512-token batches (they end at 39 % and 79 %)
         closed = time.monotonic()
         conn.close()
         while output(proc).count("prompt tokens") < 2 and time.monotonic() < closed + 30:
@@ -298,7 +310,8 @@ def test_a_client_that_hangs_up_stops_a_long_prompt_in_the_middle_of_a_batch(mod
         log = stop(proc)
     tokens, generated, reason = re.findall(r"(\d+) prompt tokens.*?(\d+) generated, (\w+);", log)[1]
     assert reason == "cancelled" and generated == "0" and int(tokens) > 1000
-    assert whole > 1 and noticed < 0.1, (whole, noticed)  # within its first 512-token batch
+    # inside the first batch: a check between batches would notice 14 % of whole later
+    assert noticed < min(0.1, whole / 8), (whole, noticed)
 
 
 def test_a_long_prompt_after_kept_tokens_goes_in_batches_that_end_where_llamas_kv_view_ends(
