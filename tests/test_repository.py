@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import llama_cpp
 import pytest
 from conftest import ROOT, read_events, start_server, stop
 from tabbyagent import LinesAgent
@@ -206,21 +207,32 @@ def test_the_repository_layout_gives_exact_tokens(model_path, family, rep, sep, 
     assert [t for t in tokens if t < 7] == ids  # repo_name, file_sep x2, then FIM
 
 
-def test_the_repository_code_keeps_to_its_budget_and_the_context(make_app, repo, tmp_path):
+def test_the_repository_code_keeps_to_its_budget_and_the_context(make_app, model_path, repo):
     """--repo-context-tokens is a budget in tokens, and never more than half the room the
-    context has: a small --ctx gets less of the repository, not an error."""
-    for n in range(40):  # many definitions of names the prefix uses
-        (repo / "calc" / f"more{n}.py").write_text(f"def run(cart, n={n}):\n" + "    x = 1\n" * 40)
+    context has: a small --ctx gets less of the repository, not an error, and what it gets
+    fills its budget (the first file left out would not have fit)."""
+    for n in range(40):  # many definitions of the name the prefix calls, more than fit
+        body = "    items = [item * 2 for item in items]\n" * (n % 7)
+        (repo / "calc" / f"more{n}.py").write_text(f"def compute_total(items, tax={n}):\n" + body)
     git("add", ".", cwd=repo)
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "more", cwd=repo)
-    for ctx in (256, 512, 4096):
-        client = make_app("qwen", repo=(str(repo),), ctx=ctx, max_tokens=16)[0].test_client()
-        found, prompt = snippets(client)
-        room = (ctx - 16) // 2 if ctx < 4096 else 1024
+    vocab = llama_cpp.Llama(model_path("qwen"), vocab_only=True, verbose=False)
+
+    def tokens(text):
+        return len(vocab.tokenize(text.encode(), add_bos=False, special=True))
+
+    for ctx, budget in ((256, 1024), (512, 1024), (4096, 1024), (4096, 150)):
+        app = make_app(
+            "qwen", repo=(str(repo),), ctx=ctx, max_tokens=16, repo_context_tokens=budget
+        )
+        found, prompt = snippets(app[0].test_client())
+        room = min(budget, (ctx - 16) // 2)
         head = prompt[: prompt.index("<|fim_prefix|>")]
-        assert (
-            head.startswith("<|repo_name|>shop\n") and len(head.encode()) <= room
-        )  # a byte a token
+        files = [f"<|file_sep|>{s['filepath']}\n{s['body']}" for s in found]
+        kept = [text for text in files if text in head]
+        assert head.startswith("<|repo_name|>shop\n") and kept and kept == files[: len(kept)]
+        assert tokens(head) <= room
+        assert kept == files or tokens(head) + tokens(files[len(kept)]) > room, ctx
 
 
 def test_the_current_file_is_never_its_own_context(make_app, repo):
