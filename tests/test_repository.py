@@ -107,18 +107,28 @@ def test_a_file_url_is_cloned_and_health_says_what_is_indexed(make_app, repo, tm
     assert (info["name"], info["files"], info["chunks"]) == ("shop", 3, 3)  # README.md is not code
 
 
+def seconds_until(done, timeout=10):
+    """How long until done() says yes (None: not within timeout seconds)."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if done():
+            return time.monotonic() - start
+        time.sleep(0.05)
+    return None
+
+
 def test_a_repository_that_changes_is_indexed_again(make_app, repo):
+    """Every --repo-refresh seconds (and a moment to index what changed: 0.5 s here, on 2 busy
+    cores, for a repository this small)."""
     client = make_app(repo=(str(repo),), repo_refresh=1)[0].test_client()
     ops = repo / "calc" / "ops.py"
     ops.write_text(FILES["calc/ops.py"].replace("compute_total", "total_of"))  # no longer defined
-    deadline = time.monotonic() + 20
-    while snippets(client)[0] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert snippets(client)[0] == []
+    took = [seconds_until(lambda: snippets(client)[0] == [])]
     ops.write_text(FILES["calc/ops.py"])
-    while not snippets(client)[0] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert [s["filepath"] for s in snippets(client)[0]] == ["calc/ops.py"]
+    took.append(
+        seconds_until(lambda: [s["filepath"] for s in snippets(client)[0]] == ["calc/ops.py"])
+    )
+    assert None not in took and max(took) < 1.5, took
 
 
 def test_the_editors_snippets_come_first_in_the_budget(make_app, repo):
@@ -276,16 +286,17 @@ def test_a_name_being_typed_brings_no_snippet_until_it_is_done(make_app, repo):
 
 
 def test_a_commit_is_indexed_within_seconds(make_app, repo):
-    """A new HEAD (a commit, a checkout, a pull) is seen within a few seconds, whatever
-    --repo-refresh says."""
+    """A new HEAD (a commit, a checkout, a pull) is seen at the next look at HEAD, every 2
+    seconds, whatever --repo-refresh says (and indexed in a moment: 0.5 s here)."""
     client = make_app(repo=(str(repo),), repo_refresh=600)[0].test_client()
     ops = repo / "calc" / "ops.py"
-    ops.write_text(FILES["calc/ops.py"].replace("compute_total", "total_of"))
-    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "rename", cwd=repo)
-    deadline = time.monotonic() + 15
-    while snippets(client)[0] and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert snippets(client)[0] == []
+    took = []
+    for name in ("total_of", "compute_total"):
+        ops.write_text(FILES["calc/ops.py"].replace("compute_total", name))
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", name, cwd=repo)
+        found = name == "compute_total"
+        took.append(seconds_until(lambda: bool(snippets(client)[0]) == found))
+    assert None not in took and max(took) < 2.5, took
 
 
 def test_the_real_agent_sends_the_git_url_and_gets_the_other_files_code(
