@@ -9,9 +9,24 @@ has the same files):
 - crates/tabby-common/src/languages.rs: DEFAULT_STOP_WORDS, UNKNOWN_LANGUAGE's line comment,
   and get_stop_words(), which stop_words() follows;
 - crates/tabby-inference/src/code.rs and decoding.rs: decode(), Tabby's stop condition.
+
+PROMPT_TEMPLATES come from TabbyML/registry-tabby's models.json at REGISTRY_COMMIT.
 """
 
 TABBY_COMMIT = "d4c033a138646524c545a0ead22690ef8ec05175"
+REGISTRY_COMMIT = "7a9d54ebee2720c1322cf05b6c8150512f95a029"  # 2025-05-21
+
+# models.json's prompt_template values, and the first few models that have each
+PROMPT_TEMPLATES = {
+    "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>": ["StarCoder-1B", "StarCoder2-3B",
+                                                             "CodeQwen-7B"],
+    "<PRE> {prefix} <SUF>{suffix} <MID>": ["CodeLlama-7B", "CodeLlama-13B"],
+    "<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>": ["DeepSeekCoder-1.3B",
+                                                               "DeepSeek-Coder-V2-Lite"],
+    "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>": ["CodeGemma-2B",
+                                                                   "Qwen2.5-Coder-1.5B"],
+    "[SUFFIX]{suffix}[PREFIX]{prefix}": ["Codestral-22B"],
+}  # fmt: skip
 
 # (languages, line_comment, top_level_keywords) of each entry of languages.toml
 # fmt: off

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import tabby_reference as tabby
 
 import app as server
 
@@ -174,9 +175,13 @@ def fill(template, prefix, suffix):
     )
 
 
-@pytest.mark.parametrize("template", list(server.FIM_TEMPLATES) + ["{prefix}"])
+MARKER = r"<[^\s<>{}]+>|\[[A-Z]+\]"  # a special token in a template: <...> or [UPPER]
+
+
+@pytest.mark.parametrize("template", list(tabby.PROMPT_TEMPLATES) + ["{prefix}"])
 def test_fill_template_gives_tabbys_prompt_string(template):
-    specials = {m: 100 + i for i, m in enumerate(re.findall(server.MARKER, template))}
+    """Every prompt template of Tabby's registry, filled as Tabby fills it."""
+    specials = {m: 100 + i for i, m in enumerate(re.findall(MARKER, template))}
     parts = server.split_template(template, specials)
     prefix, suffix = "def f(x):\n    {suffix} <fim_middle>", "\n    return y\n"
     pieces, text = server.fill_template(parts, specials, prefix, suffix)
@@ -184,7 +189,7 @@ def test_fill_template_gives_tabbys_prompt_string(template):
     # the template's markers become ids in order; all else, user text that looks like a marker too, stays text
     assert [p for p in pieces if isinstance(p, int)] == list(specials.values())
     assert "".join(p for p in pieces if isinstance(p, str)) == fill(
-        re.sub(server.MARKER, "", template), prefix, suffix
+        re.sub(MARKER, "", template), prefix, suffix
     )
 
 

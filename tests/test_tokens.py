@@ -3,12 +3,13 @@
 import re
 
 import pytest
+import tabby_reference as tabby
 import tinymodel
 from conftest import generate
 
 import app as server
 
-EXPECTED = {  # family -> the template the server must pick
+EXPECTED = {  # family -> the template the server must pick (Tabby's registry's, but two)
     "starcoder": "<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>",
     "codegemma": "<|fim_prefix|>{prefix}<|fim_suffix|>{suffix}<|fim_middle|>",
     "deepseek": "<｜fim▁begin｜>{prefix}<｜fim▁hole｜>{suffix}<｜fim▁end｜>",
@@ -33,6 +34,11 @@ def local(path, template=""):
     """A LocalModel on the tiny model at path, as start-up makes it."""
     config = server.load_config(["--model", path, "--ctx", "512"], environ={})
     return server.LocalModel(dict(config, prompt_template=template))
+
+
+def test_the_expected_templates_are_tabbys():
+    known = set(EXPECTED.values()) - {EXPECTED["custom"], EXPECTED["plain"]}
+    assert known == set(tabby.PROMPT_TEMPLATES)
 
 
 @pytest.mark.parametrize("family", EXPECTED)
