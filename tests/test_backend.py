@@ -310,6 +310,23 @@ def test_the_engine_connection_is_dropped_at_the_stop_word(stub, backend_app):
     )  # the next piece after "\n\n" finds it gone
 
 
+def test_the_time_budget_ends_an_engines_answer_at_a_line_end_and_it_is_not_kept(
+    stub, backend_app, tmp_path
+):
+    """--time-budget 375 against an engine that sends a piece every 0.25 s: the budget is spent
+    during the second line, which ends the answer; such an answer is not kept, so the same
+    request goes to the engine again."""
+    stub.pieces, stub.delay = ["x = 1", "\n    y", " = 2", "\n    z = 3", "\n    w = 4"], 0.25
+    client = backend_app(stub.url + "/completion", time_budget=375)
+    for _ in range(2):
+        assert complete(client, "def f():\n    ", "\n") == "x = 1\n    y = 2"
+    reasons = [
+        e["event"]["completion"]["finish_reason"]
+        for e in read_events(tmp_path / "tabby" / "events")
+    ]
+    assert reasons == ["time", "time"] and len(stub.requests) == 2
+
+
 @pytest.fixture
 def served(stub, tmp_path):
     """A server process in front of the stub (only Werkzeug's server shows us a hang-up)."""

@@ -17,7 +17,7 @@ import time
 import llama_cpp
 import pytest
 import tinymodel
-from conftest import complete, generate, output, start_server, stop
+from conftest import complete, generate, output, read_events, start_server, stop
 
 import app as server
 
@@ -241,6 +241,19 @@ def test_the_time_budget_ends_at_a_line_end(model_path):
         "total = a + b",
         "time",
     )  # spent at once: the line being written ends it
+
+
+def test_a_request_past_its_time_budget_ends_at_a_line_end_and_is_not_kept(make_app):
+    """--time-budget 1: a prompt of 2,400 tokens takes longer than 1 ms to evaluate, so the
+    budget is spent by the first token and the answer ends with the line being written; such an
+    answer is not kept, so the same request goes to the model again."""
+    app, events = make_app(time_budget=1, speculate=False)
+    client = app.test_client()
+    prefix = "x = 1\n" * 600 + PREFIX
+    assert complete(client, prefix, SUFFIX) == "total = a + b"
+    assert complete(client, prefix, SUFFIX) in ("total = a + b", "total = a + b\n    return total")
+    reasons = [e["event"]["completion"]["finish_reason"] for e in read_events(events)]
+    assert reasons[0] == "time" and reasons[1] != "cached", reasons
 
 
 def test_threads_default_to_physical_cores(make_app, capsys):
