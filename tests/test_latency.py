@@ -272,11 +272,13 @@ def test_threads_default_to_physical_cores(make_app, capsys):
     assert said == [str(len(cores)), "3"]
 
 
-def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog):
+@pytest.mark.parametrize("kv_cache_mb", [1024, 0])
+def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog, kv_cache_mb):
     """Two editors behind one address, sending no file path (tabby-agent over LSP): the KV cache
-    each one's prompt left is found again by what it holds, not by whose it was."""
+    each one's prompt left is found again by what it holds, not by whose it was. With
+    --kv-cache-mb 0 none is kept: each editor's prompt is evaluated again."""
     caplog.set_level("INFO")
-    client = make_app()[0].test_client()
+    client = make_app(kv_cache_mb=kv_cache_mb)[0].test_client()
 
     def ask(prefix):
         body = {"language": "python", "segments": {"prefix": prefix, "suffix": "\n"}}
@@ -290,10 +292,15 @@ def test_editors_taking_turns_get_their_kv_cache_back(make_app, caplog):
     )
     ask(a)
     assert ask(b)[1] < 8  # another editor takes the model: nothing of a's prompt is of use to it
-    prompt, reused = ask(a + "x = ")
-    assert reused >= prompt - 8  # a's prompt came back from its kept copy, not evaluated again
-    prompt, reused = ask(b + "y = ")
-    assert reused >= prompt - 8
+    for prefix in (a + "x = ", b + "y = "):
+        prompt, reused = ask(prefix)
+        if kv_cache_mb:  # its prompt came back from its kept copy, not evaluated again
+            assert reused >= prompt - 8
+        else:
+            assert reused < 8
+    metrics = client.get("/metrics").get_data(as_text=True)
+    kept = int(re.search(r"^tabbypy_kv_cache_bytes (\d+)", metrics, re.M).group(1))
+    assert kept > 0 if kv_cache_mb else kept == 0
 
 
 def test_a_client_that_hangs_up_stops_a_long_prompt_in_the_middle_of_a_batch(model_path, tmp_path):
