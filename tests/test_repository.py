@@ -238,6 +238,7 @@ def test_the_repository_code_keeps_to_its_budget_and_the_context(make_app, model
         found, prompt = snippets(app[0].test_client())
         room = min(budget, (ctx - 16) // 2)
         head = prompt[: prompt.index("<|fim_prefix|>")]
+        # (debug_data lists the files found, those the budget left out too)
         files = [f"<|file_sep|>{s['filepath']}\n{s['body']}" for s in found]
         kept = [text for text in files if text in head]
         assert head.startswith("<|repo_name|>shop\n") and kept and kept == files[: len(kept)]
