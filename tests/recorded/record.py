@@ -38,7 +38,8 @@ CASES = {
     "llama-server-scripted": (
         "scripted",
         ["--max-tokens", "64"],
-        {"language": "python", "seed": 7, "segments": {"prefix": "def f(a, b):\n    ", "suffix": "\n"}},
+        {"language": "python", "seed": 7,
+         "segments": {"prefix": "def f(a, b):\n    ", "suffix": "\n"}},
     ),
     "llama-server-random": (
         "random",
@@ -66,8 +67,8 @@ CASES = {
 # word; the second ends (its model's end-of-text) after non-ASCII text.
 OLLAMA = [
     ("ollama-scripted",
-     ["total", " =", " a", " +", " b", "\n    ", "return", " a", " <", " b", " &&", " b", " >", " 0",
-      "\n\n", "class", " Calc", ":", "\n  ", "pass", "\n"], "stop"),
+     ["total", " =", " a", " +", " b", "\n    ", "return", " a", " <", " b", " &&", " b", " >",
+      " 0", "\n\n", "class", " Calc", ":", "\n  ", "pass", "\n"], "stop"),
     ("ollama-eos", ["x", " = ", "\u00e9t\u00e9", " +", " 1"], "stop"),
 ]  # fmt: skip
 
@@ -98,7 +99,8 @@ def write_ollama(model="qwen2.5-coder:1.5b-base"):
                 text = text.replace(char, escaped)
             lines.append((text + "\n").encode())
         head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
-                b"Date: Fri, 04 Dec 2026 17:15:20 GMT\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+                b"Date: Fri, 04 Dec 2026 17:15:20 GMT\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
         body = b"".join(b"%x\r\n%s\r\n" % (len(line), line) for line in lines) + b"0\r\n\r\n"
         with open(os.path.join(HERE, f"{name}.response"), "wb") as f:
             f.write(head + body)
