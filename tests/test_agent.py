@@ -5,7 +5,7 @@ import re
 import time
 
 import pytest
-from conftest import ROOT, read_events, start_engine, start_server, stop
+from conftest import ROOT, output, read_events, start_engine, start_server, stop
 from tabbyagent import Agent
 
 DOC = "import math\n\n\ndef add(a, b):\n    \n\n\ndef main():\n    print(add(1, 2))\n"
@@ -111,22 +111,29 @@ def test_the_readmes_agent_config_keeps_the_agent_on_loopback(serve, agent_cli, 
     assert "tabbyml.com" in runs["without"][1], runs["without"]  # the guard caught its reports
 
 
-def test_what_the_agent_asks_after_an_accept_was_computed_ahead(serve, agent):
+def test_what_the_agent_asks_after_an_accept_was_computed_ahead(model_path, tmp_path, agent):
     """The user accepts the completion shown; the editor asks again where it ends, and the agent
     sends its 20-line window, moved down by the lines accepted: the server's speculation made
     that very request, so its answer comes without the model."""
-    url, events = serve()
-    above = "".join(f"x{i} = {i}\n" for i in range(30))  # more than the agent's window
-    doc = above + DOC
-    line = doc[: doc.index("def add")].count("\n") + 1
-    client = agent(url)
-    [shown] = client.complete(doc, {"line": line, "character": 4})
-    time.sleep(1)  # the model is idle: time to speculate (a few milliseconds here)
-    cursor = doc.index("    \n\n\ndef main") + 4
-    accepted = doc[:cursor] + shown + doc[cursor:]
-    end = accepted[: cursor + len(shown)]
-    position = {"line": end.count("\n"), "character": len(end) - end.rfind("\n") - 1}
-    client.complete(accepted, position, uri="file:///project/accepted.py")
-    reasons = [e["event"]["completion"]["finish_reason"] for e in read_events(events)
-               if "completion" in e["event"]]  # fmt: skip
+    proc, url = start_server(["--model", model_path(), "--root", str(tmp_path / "tabby")])
+    try:
+        above = "".join(f"x{i} = {i}\n" for i in range(30))  # more than the agent's window
+        doc = above + DOC
+        line = doc[: doc.index("def add")].count("\n") + 1
+        client = agent(url)
+        [shown] = client.complete(doc, {"line": line, "character": 4})
+        deadline = time.monotonic() + 10  # the model is idle: it speculates (milliseconds)
+        while "speculation:" not in output(proc) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cursor = doc.index("    \n\n\ndef main") + 4
+        accepted = doc[:cursor] + shown + doc[cursor:]
+        end = accepted[: cursor + len(shown)]
+        position = {"line": end.count("\n"), "character": len(end) - end.rfind("\n") - 1}
+        client.complete(accepted, position, uri="file:///project/accepted.py")
+    finally:
+        stop(proc)
+    events = read_events(tmp_path / "tabby" / "events")
+    reasons = [
+        e["event"]["completion"]["finish_reason"] for e in events if "completion" in e["event"]
+    ]
     assert reasons == ["stop", "speculated"]

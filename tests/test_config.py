@@ -1,6 +1,7 @@
 """One config table for `python app.py` flags and `flask run` env vars."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -10,9 +11,32 @@ from conftest import ROOT
 import app as server
 
 
+def readme_options():
+    """The README's table of options: {flag: (environment variable, default as written)}."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    rows = re.findall(r"^\| `(--[a-z-]+)` \| `(TABBYPY_[A-Z_]+)`[^|]*\|([^|]*)\|", readme, re.M)
+    return {flag: (env, default.strip().strip("`")) for flag, env, default in rows}
+
+
+def test_the_readme_lists_every_option_with_its_default():
+    """What the README's table says, not what the config table says of itself."""
+    config, table = server.load_config([], environ={}), readme_options()
+    assert sorted(table) == sorted("--" + key.replace("_", "-") for key in config)
+    for key, default in config.items():
+        env, written = table["--" + key.replace("_", "-")]
+        assert env == "TABBYPY_" + key.upper()
+        if default in ("", ()):  # nothing: the README says what happens then
+            assert written == "" or written.startswith(("none", "from the", "the engine's")), key
+        elif isinstance(default, bool):
+            assert written == str(default).lower(), key
+        elif isinstance(default, (int, float)):
+            assert float(written.split()[0]) == default, (key, written)
+        else:
+            assert written == default, key
+
+
 def test_defaults_come_from_the_table():
     config = server.load_config([], environ={})
-    assert config == {key: default for key, (default, _) in server.CONFIG.items()}
     assert (
         config["host"],
         config["port"],

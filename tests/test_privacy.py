@@ -4,6 +4,7 @@ import datetime
 import http.client
 import json
 import os
+import time
 
 from conftest import read_events, start_server, stop
 
@@ -106,3 +107,30 @@ def test_events_days_deletes_old_day_files_at_start_up(model_path, tmp_path):
     proc, _ = start_server(["--model", model_path(), "--root", str(tmp_path), "--events-days", "2"])
     stop(proc)
     assert sorted(os.listdir(folder)) == sorted([names[0], names[1], "notes.txt"])
+
+
+def test_events_days_deletes_the_oldest_day_file_after_midnight_while_running(
+    make_app, tmp_path, monkeypatch
+):
+    """The server's clock is set to 1.5 s before a UTC midnight: at start-up the day file two
+    days old goes; just after midnight, with no event to write, so does the one that has become
+    two days old; the next event goes to the new day's file."""
+    real_time = time.time
+    midnight = (real_time() // 86400 + 30) * 86400  # a midnight, 30 days on (no real file's)
+    offset = midnight - 1.5 - real_time()
+    monkeypatch.setattr(time, "time", lambda: real_time() + offset)
+    day = lambda n: time.strftime("%Y-%m-%d.json", time.gmtime(midnight + n * 86400))  # noqa: E731
+    folder = tmp_path / "tabby" / "events"  # (make_app's --root)
+    folder.mkdir(parents=True)
+    for n in (-3, -2, -1):  # the day before yesterday, yesterday, today
+        (folder / day(n)).write_text('{"user": null, "ts": 0, "event": {"view": {}}}\n')
+    (folder / "notes.txt").write_text("not a day file\n")
+    client = make_app(events_days=2)[0].test_client()
+    assert sorted(os.listdir(folder)) == sorted([day(-2), day(-1), "notes.txt"])
+    deadline = real_time() + 10
+    while (folder / day(-2)).exists() and real_time() < deadline:
+        time.sleep(0.05)
+    assert time.time() > midnight and sorted(os.listdir(folder)) == sorted([day(-1), "notes.txt"])
+    event = {"type": "view", "completion_id": "c", "choice_index": 0}
+    assert client.post("/v1/events", json=event).status_code == 200
+    assert sorted(os.listdir(folder)) == sorted([day(-1), day(0), "notes.txt"])

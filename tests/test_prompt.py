@@ -3,50 +3,9 @@
 import re
 
 import pytest
+import tabby_reference as tabby
 
 import app as server
-
-LANGUAGE_NAMES = [name for entry in server.LANGUAGES for name in entry["languages"]]
-
-
-@pytest.mark.parametrize("language", LANGUAGE_NAMES)
-def test_stop_words_follow_tabbys_formula(language):
-    entry = server.LANGUAGE[language]
-    words = server.stop_words(language)
-    assert words[: len(server.DEFAULT_STOP_WORDS)] == server.DEFAULT_STOP_WORDS
-    for kw in entry["top_level_keywords"]:
-        assert "\n" + kw in words
-    if entry["line_comment"]:
-        assert "\n" + entry["line_comment"] in words
-    else:
-        assert len(words) == len(server.DEFAULT_STOP_WORDS) + len(entry["top_level_keywords"])
-    assert "\n" not in words  # a known language keeps multi-line completions
-
-
-def test_tabbys_default_stop_words():
-    assert server.DEFAULT_STOP_WORDS[:15] == [
-        "\n\n",
-        "\n\n  ",
-        "\n\n    ",
-        "\n\n      ",
-        "\n\n        ",
-        "\n\n          ",
-        "\n\n            ",
-        "\n\n              ",
-        "\n\n\t",
-        "\n\n\t\t",
-        "\n\n\t\t\t",
-        "\n\n\t\t\t\t",
-        "\n\n\t\t\t\t\t",
-        "\n\n\t\t\t\t\t\t",
-        "\n\n\t\t\t\t\t\t\t",
-    ]
-    assert server.stop_words("python")[-5:] == ["\n#", "\ndef", "\nfrom", "\nclass", "\nimport"]
-
-
-@pytest.mark.parametrize("language", ["json", "yaml", "plaintext", "unknown", ""])
-def test_an_unknown_language_stops_at_a_newline(language):
-    assert "\n" in server.stop_words(language)
 
 
 @pytest.mark.parametrize(
@@ -216,9 +175,13 @@ def fill(template, prefix, suffix):
     )
 
 
-@pytest.mark.parametrize("template", list(server.FIM_TEMPLATES) + ["{prefix}"])
+MARKER = r"<[^\s<>{}]+>|\[[A-Z]+\]"  # a special token in a template: <...> or [UPPER]
+
+
+@pytest.mark.parametrize("template", list(tabby.PROMPT_TEMPLATES) + ["{prefix}"])
 def test_fill_template_gives_tabbys_prompt_string(template):
-    specials = {m: 100 + i for i, m in enumerate(re.findall(server.MARKER, template))}
+    """Every prompt template of Tabby's registry, filled as Tabby fills it."""
+    specials = {m: 100 + i for i, m in enumerate(re.findall(MARKER, template))}
     parts = server.template_format(template, specials).parts
     prefix, suffix = "def f(x):\n    {suffix} <fim_middle>", "\n    return y\n"
     pieces, text = server.fill_template(parts, specials, prefix, suffix)
@@ -226,7 +189,7 @@ def test_fill_template_gives_tabbys_prompt_string(template):
     # the template's markers become ids in order; all else, user text that looks like a marker too, stays text
     assert [p for p in pieces if isinstance(p, int)] == list(specials.values())
     assert "".join(p for p in pieces if isinstance(p, str)) == fill(
-        re.sub(server.MARKER, "", template), prefix, suffix
+        re.sub(MARKER, "", template), prefix, suffix
     )
 
 

@@ -6,7 +6,9 @@ import http.client
 import json
 import random
 import re
+import resource
 import shutil
+import signal
 import threading
 import time
 
@@ -334,6 +336,35 @@ def test_a_failing_events_log_costs_events_not_completions(make_app, caplog):
     assert client.post("/v1/events", json=EVENT).status_code == 503
     failures = [r for r in caplog.records if "events log: cannot write" in r.getMessage()]
     assert len(failures) == 2
+
+
+def test_a_full_disk_cuts_no_line_in_the_events_log(make_app, caplog):
+    """A write that the disk cuts short is taken back: the day file keeps whole lines only, the
+    completion is answered, the event is counted lost, and once there is room again events are
+    stored whole. (The disk fills up as far as RLIMIT_FSIZE: a write past it is cut short there,
+    as on a full disk; SIGXFSZ, which would end the process, is ignored meanwhile.)"""
+    caplog.set_level("INFO")
+    app, events = make_app()
+    client = app.test_client()
+    assert complete(client, PREFIX, SUFFIX)
+    [path] = events.glob("*.json")
+    before = path.read_bytes()
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:  # room for 40 more bytes: less than an event's line
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 40, hard))
+        assert complete(client, PREFIX, SUFFIX) == "total = a + b\n    return total"
+        r = client.post("/v1/events", json=EVENT)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    assert r.status_code == 503 and "No space left on device" in r.get_json()["error"]
+    assert path.read_bytes() == before  # the line cut short is gone
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "tabbypy_events_lost_total 2" in metrics
+    assert client.post("/v1/events", json=EVENT).status_code == 200
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 2 and all(json.loads(line) for line in lines)
 
 
 def test_a_body_over_the_limit_names_the_limit_and_the_knob(make_app):
