@@ -2516,9 +2516,9 @@ def add_speculation(server):
     def look_ahead(req, answer, arrivals):
         """On the request's thread, once answer is sent (arrivals: the count when it came). Not
         after a typed-through answer: the one it comes from was speculated on."""
-        if not answer.text or req.raw_prompt or req.wants_variety:
+        if not answer.text or answer.reason == "typed through":
             return
-        if answer.reason == "typed through":
+        if req.raw_prompt is not None or req.wants_variety:
             return
         stale = lambda: completions.arrivals != arrivals  # noqa: E731
         segments = dict(req.segments, prefix=accepted_prefix(req.segments["prefix"], answer.text))
@@ -2529,16 +2529,11 @@ def add_speculation(server):
             if job is None or key in completions.cache:
                 return
         limits = Limits(completions.max_tokens, job.end_of, stale, completions.budget)
+        sampled = sampling(ahead, completions.temperature)
 
         def run():  # on the model thread, after any request queued before it
             try:
-                out = (
-                    None
-                    if stale()
-                    else speculate(
-                        model, job.prompt, sampling(ahead, completions.temperature), limits
-                    )
-                )
+                out = None if stale() else speculate(model, job.prompt, sampled, limits)
             except Exception:  # (the server stopping, say): this one is lost, not the model
                 return logger.exception("a speculation failed")
             if out is not None and out.reason not in UNKEPT:
