@@ -29,10 +29,18 @@ def clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
+@pytest.fixture(scope="session", params=tabbyagent.VERSIONS)
+def agent_cli(request):
+    """The real tabby-agent's script, each version in turn (1.5.0 installed with npm into
+    tests/.agent on first use)."""
+    return tabbyagent.install(request.param)
+
+
 @pytest.fixture(scope="session")
-def agent_cli():
-    """The real tabby-agent's cli.js (installed with npm into tests/.agent on first use)."""
-    return tabbyagent.install()
+def lines_agent_cli():
+    """tabby-agent 1.5.0, whose JSON-lines protocol the Vim and IntelliJ plugins speak (1.9.0-dev
+    speaks LSP only)."""
+    return tabbyagent.install("1.5.0")
 
 
 @pytest.fixture(scope="session")

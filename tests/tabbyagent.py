@@ -1,5 +1,6 @@
-"""The real client for end-to-end tests: tabby-agent 1.5.0 (what the Tabby IDE extensions run),
-installed from npm once into tests/.agent and driven over LSP as an editor drives it.
+"""The real client for end-to-end tests, driven over LSP as an editor drives it: tabby-agent
+1.5.0, the newest on npm (installed once into tests/.agent), and 1.9.0-dev, what Tabby's VS Code
+extension 1.28 bundles (built from Tabby's source: tests/clients/tabby-agent-1.9.0-dev/README.md).
 
 Each agent gets a throwaway HOME, its telemetry off, and a guard that refuses every connection
 off loopback (and records the try)."""
@@ -10,9 +11,12 @@ import queue
 import shutil
 import subprocess
 import threading
+import time
 
-AGENT_VERSION = "1.5.0"
-AGENT_DIR = os.path.join(os.path.dirname(__file__), ".agent")
+HERE = os.path.dirname(__file__)
+AGENT_DIR = os.path.join(HERE, ".agent")
+VERSIONS = ["1.5.0", "1.9.0-dev"]
+NEWEST = os.path.join(HERE, "clients", "tabby-agent-1.9.0-dev", "tabby-agent.js")
 
 GUARD_JS = r"""
 // loaded with node --require: no DNS lookup or TCP connect off loopback; each refusal is recorded
@@ -34,8 +38,10 @@ dns.lookup = function (host, ...rest) {
 """
 
 
-def install():
-    """The path of the agent's cli.js, installed with npm on first use."""
+def install(version="1.5.0"):
+    """The path of that version's script: 1.5.0's cli.js is installed with npm on first use."""
+    if version == "1.9.0-dev":
+        return NEWEST
     cli = os.path.join(AGENT_DIR, "node_modules", "tabby-agent", "dist", "cli.js")
     if not os.path.exists(cli):
         assert shutil.which("npm") and shutil.which("node"), (
@@ -50,7 +56,7 @@ def install():
                 "--no-fund",
                 "--prefix",
                 AGENT_DIR,
-                f"tabby-agent@{AGENT_VERSION}",
+                "tabby-agent@1.5.0",
             ],
             check=True,
             capture_output=True,
@@ -81,9 +87,9 @@ class Agent:
             "NODE_OPTIONS": f"--require {home / 'guard.js'}",
         }
         self.home, self.next_id, self.messages, self.notifications = home, 0, queue.Queue(), []
-        self.initialized = False
+        self.initialized, self.newest = False, cli == NEWEST
         self.proc = subprocess.Popen(
-            ["node", cli, "--lsp", "--stdio"],
+            ["node", cli, "--stdio"] if self.newest else ["node", cli, "--lsp", "--stdio"],
             cwd=home,
             env=env,
             stdin=subprocess.PIPE,
@@ -108,28 +114,40 @@ class Agent:
         self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(data) + data)
         self.proc.stdin.flush()
 
-    def request(self, method, params, timeout=60):
+    def request(self, method, params, timeout=60, whole=False):
+        """Its result (whole: the whole answer, an error perhaps)."""
         self.next_id += 1
         self.send({"id": self.next_id, "method": method, "params": params})
         while True:
             message = self.messages.get(timeout=timeout)  # queue.Empty ends a stuck test
             if message.get("id") == self.next_id and "method" not in message:
-                return message.get("result")
+                return message if whole else message.get("result")
             if "id" in message and "method" in message:
                 self.send({"id": message["id"], "result": None})  # a request from the agent
             else:
                 self.notifications.append(message)
 
-    def complete(self, text, position, uri="file:///project/demo.py", language="python"):
-        """Open a document and ask for a completion at position: the ghost texts an editor would show."""
+    def complete(self, text, position, uri="file:///project/demo.py", language="python",
+                 manual=False, root=None, wait=30):  # fmt: skip
+        """Open a document and ask for a completion at position: the ghost texts an editor would
+        show (1.9.0-dev: as VS Code asks, with an inline completion, typed or manual=True; each
+        text replaces its range, in self.shown). root: the workspace folder's URI. 1.9.0-dev
+        answers an error until its health check has found a model: asked again for up to wait s."""
         if not self.initialized:
+            kind = "inlineCompletion" if self.newest else "completion"
+            folders = [{"uri": root, "name": "project"}] if root else None
             self.request(
                 "initialize",
                 {
                     "processId": None,
-                    "rootUri": None,
+                    "rootUri": root,
+                    "workspaceFolders": folders,
                     "clientInfo": {"name": "pytest"},
-                    "capabilities": {"textDocument": {"completion": {}}},
+                    "capabilities": {"textDocument": {kind: {}}},
+                    # VS Code's extension tells 1.9.0-dev its trigger mode (its default: auto)
+                    "initializationOptions": {
+                        "config": {"inlineCompletion": {"triggerMode": "auto"}}
+                    },
                 },
             )
             self.send({"method": "initialized", "params": {}})
@@ -142,10 +160,23 @@ class Agent:
                 },
             }
         )
-        result = self.request(
-            "textDocument/completion", {"textDocument": {"uri": uri}, "position": position}
-        )
-        return [item["textEdit"]["newText"] for item in result["items"]]
+        where = {"textDocument": {"uri": uri}, "position": position}
+        if not self.newest:
+            result = self.request("textDocument/completion", where)
+            self.shown = [(item["textEdit"]["newText"], item["textEdit"]["range"])
+                          for item in result["items"]]  # fmt: skip
+            return [text for text, _ in self.shown]
+        deadline = time.monotonic() + wait
+        where["context"] = {"triggerKind": 0 if manual else 1}  # Invoked, Automatic
+        while "error" in (
+            answer := self.request("textDocument/inlineCompletion", where, whole=True)
+        ):
+            if time.monotonic() > deadline:
+                return []
+            time.sleep(0.05)
+        items = (answer["result"] or {"items": []})["items"]
+        self.shown = [(item["insertText"], item["range"]) for item in items]
+        return [text for text, _ in self.shown]
 
     def close(self):
         try:

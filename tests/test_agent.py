@@ -1,12 +1,16 @@
-"""End to end with the real client: tabby-agent 1.5.0 (what the Tabby IDE extensions run), over LSP."""
+"""End to end with the real client over LSP: tabby-agent 1.5.0 and 1.9.0-dev (tests/tabbyagent.py),
+the same tests with each; what only one version does has a test of its own."""
 
+import json
 import os
 import re
+import threading
 import time
+import urllib.request
 
 import pytest
 from conftest import ROOT, output, read_events, start_engine, start_server, stop
-from tabbyagent import Agent
+from tabbyagent import Agent, install
 
 DOC = "import math\n\n\ndef add(a, b):\n    \n\n\ndef main():\n    print(add(1, 2))\n"
 CURSOR = {"line": 4, "character": 4}
@@ -44,14 +48,20 @@ def agent(agent_cli, tmp_path):
 
 def test_the_editor_shows_our_completion(serve, agent):
     url, events = serve()
-    shown = agent(url).complete(DOC, CURSOR)
+    client = agent(url)
+    shown = client.complete(DOC, CURSOR)
     [record] = [e["event"]["completion"] for e in read_events(events) if "completion" in e["event"]]
     assert record["segments"] == {
         "prefix": "import math\n\n\ndef add(a, b):\n    ",
         "suffix": "\n\n\ndef main():\n    print(add(1, 2))\n",
+        # 1.9.0-dev: always (outside a workspace and a git repository: the file's URI)
+        **({"filepath": "file:///project/demo.py"} if client.newest else {}),
     }
     assert record["choices"][0]["text"] == "total = a + b\n    return total"
     assert shown == [record["choices"][0]["text"]]
+    if client.newest:  # what VS Code's status bar item says (README)
+        status = client.request("tabby/status", {})
+        assert status["tooltip"] == "Tabby: Automatic Code Completion Enabled", status
 
 
 def test_the_editor_shows_an_engines_completion(model_path, tmp_path, agent):
@@ -77,15 +87,21 @@ def test_with_the_right_token(serve, agent):
 
 @pytest.mark.parametrize("token", [None, "wrong"])
 def test_without_the_right_token_the_agent_reports_unauthorized(serve, agent, token):
+    """1.5.0 says so in a message; 1.9.0-dev asks nothing until it is let in, and its status
+    (VS Code's status bar item) says so."""
     url, events = serve("--token", "s3cret")
     client = agent(url, token=token)
-    assert client.complete(DOC, CURSOR) == []
-    messages = [
-        n["params"]["message"]
-        for n in client.notifications
-        if n.get("method") == "window/showMessage"
-    ]
-    assert any("unauthorized" in m for m in messages), client.notifications
+    assert client.complete(DOC, CURSOR, wait=2) == []
+    if client.newest:
+        status = client.request("tabby/status", {})
+        assert (status["status"], status["tooltip"]) == (
+            "unauthorized",
+            "Tabby: Authorization Required",
+        )
+    else:
+        messages = [n["params"]["message"] for n in client.notifications
+                    if n.get("method") == "window/showMessage"]  # fmt: skip
+        assert any("unauthorized" in m for m in messages), client.notifications
     assert read_events(events) == []
 
 
@@ -137,3 +153,109 @@ def test_what_the_agent_asks_after_an_accept_was_computed_ahead(model_path, tmp_
         e["event"]["completion"]["finish_reason"] for e in events if "completion" in e["event"]
     ]
     assert reasons == ["stop", "speculated"]
+
+
+# --- What only tabby-agent 1.9.0-dev does, each asked through it as VS Code asks
+
+
+@pytest.fixture
+def newest(tmp_path):
+    """newest(url) -> tabby-agent 1.9.0-dev for the server at url; each closed after the test."""
+    agents = []
+
+    def make(url, **kw):
+        agents.append(Agent(install("1.9.0-dev"), tmp_path / f"newest{len(agents)}", url, **kw))
+        return agents[-1]
+
+    yield make
+    for a in agents:
+        assert a.close() == "", "the agent tried to reach beyond loopback"
+
+
+def completions_logged(events):
+    return [e["event"]["completion"] for e in read_events(events) if "completion" in e["event"]]
+
+
+@pytest.mark.parametrize(
+    "line, script",
+    [("    print(│)", "total)"), ("    foo(a, │);", "b, total);")],
+)
+def test_closing_characters_are_left_to_the_answer(model_path, tmp_path, newest, line, script):
+    """1.9.0-dev leaves a line's closing characters out of the suffix and replaces them with the
+    completion: the answer must keep the ones the model writes, or the editor deletes the
+    user's. (The model here writes script after the code before the cursor.)"""
+    before, after = line.split("│")
+    doc = f"def add(a, b):\n{before}{after}\n"
+    model = model_path(fim_script=script + "\n", plain_script=script + "\n")
+    proc, url = start_server(["--model", model,
+                              "--root", str(tmp_path / "tabby")])  # fmt: skip
+    try:
+        client = newest(url)
+        shown = client.complete(doc, {"line": 1, "character": len(before)})
+    finally:
+        stop(proc)
+    [record] = completions_logged(tmp_path / "tabby" / "events")
+    assert record["segments"]["suffix"] == "\n"  # the closing characters left out
+    assert record["choices"][0]["text"] == script + "\n"  # all the model wrote
+    assert client.shown == [(script, {"start": {"line": 1, "character": len(before)},
+                                      "end": {"line": 1, "character": len(line) - 1}})]  # fmt: skip
+    assert shown == [script]
+
+
+def test_a_manual_trigger_gets_distinct_completions(model_path, tmp_path, newest):
+    """Alt+\\ in VS Code: up to 3 requests at temperature 0.8, and the editor offers the distinct
+    answers. None of them may come from the completion cache (one cached text, three times);
+    the automatic request that came first sent no temperature, and its answer is cached."""
+    model = model_path(weights="random", newlines=False, seed=3)  # seldom repeats itself
+    proc, url = start_server(["--model", model, "--root", str(tmp_path / "tabby"),
+                              "--max-tokens", "8", "--time-budget", "0"])  # fmt: skip
+    try:
+        client = newest(url)
+        typed = client.complete(DOC, CURSOR)
+        again = client.complete(DOC, CURSOR, uri="file:///project/again.py")
+        manual = client.complete(DOC, CURSOR, manual=True)
+    finally:
+        stop(proc)
+    reasons = [r["finish_reason"] for r in completions_logged(tmp_path / "tabby" / "events")]
+    assert typed and again == typed and reasons[:2] == ["length", "cached"]
+    assert len(set(manual)) == len(manual) >= 2, manual
+    assert "cached" not in reasons[2:] and len(reasons) >= 4, reasons
+
+
+def test_a_blank_prefix_is_answered(serve, newest):
+    """1.9.0-dev asks at the very start of a file too (1.5.0 does not)."""
+    url, events = serve()
+    client = newest(url)
+    client.complete(DOC, CURSOR)  # connected
+    client.complete(
+        "\n\ndef main():\n    pass\n", {"line": 0, "character": 0}, uri="file:///p/b.py"
+    )
+    assert [r["segments"]["prefix"] for r in completions_logged(events)][1:] == [""]
+
+
+def test_health_checks_wait_for_nothing(model_path, tmp_path):
+    """The agent asks /v1/health every 60 s (30 s while it is not connected), from every editor:
+    each answer comes at once while the model is busy with someone's long completion, and
+    leaves nothing in the events log."""
+    proc, url = start_server(["--model", model_path(weights="random", newlines=False, n_embd=512,
+                                                    n_layer=8, n_ff=1024, n_head=8, n_head_kv=4),
+                              "--root", str(tmp_path / "tabby"), "--max-tokens", "1500",
+                              "--time-budget", "0"])  # fmt: skip
+    try:
+        body = json.dumps({"language": "css", "segments": {"prefix": "a {\n", "suffix": "\n"}})
+        busy = threading.Thread(target=lambda: urllib.request.urlopen(
+            urllib.request.Request(url + "/v1/completions", body.encode(),
+                                   {"Content-Type": "application/json"}), timeout=120).read())  # fmt: skip
+        busy.start()
+        time.sleep(0.3)
+        took = []
+        for _ in range(20):
+            started = time.monotonic()
+            urllib.request.urlopen(url + "/v1/health", timeout=30).read()
+            took.append(time.monotonic() - started)
+        still_busy = busy.is_alive()
+        busy.join(120)
+    finally:
+        stop(proc)
+    assert still_busy and max(took) < 0.25, took
+    assert len(read_events(tmp_path / "tabby" / "events")) == 1  # the completion's, alone

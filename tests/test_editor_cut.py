@@ -73,8 +73,8 @@ CASES = [
         "def f():\n    try:\n        │\n",
         "x = g()\n    except ValueError:\n        x = None\n    return x",
     ),  # 4
-    ("python", "def f(a):\n    compute(│, 2)\n", "a, 2)\n    x = 1"),  # 5
-    ("python", "def f(x):\n    print(│, end='')\n", "x, end='')\n    return x\n"),  # 5
+    ("python", "def f(a):\n    compute(│, 2)\n", "alpha, 2)\n    x = 1"),  # 5
+    ("python", "def f(x):\n    print(│, end='')\n", "value, end='')\n    return x\n"),  # 5
     # the first line does not end as the line after the cursor does: the agent drops it
     blank("python", "def f(a):\n    compute(│, 2)\n", "a, b)\n    x = 1"),
     ("python", "def f(a, b):\n    result = foo(│)\n", "a, b)\n    return result"),
@@ -130,7 +130,7 @@ CASES = [
         "function f(a) {\n  if (a) {\n    │\n  }\n}\n",
         "b();\n  } else {\n    c();\n  }\n  d();\n}",
     ),  # 4
-    ("javascript", "function f(a) {\n  console.log(│);\n}\n", "a);\n  x = 1;"),  # 5
+    ("javascript", "function f(a) {\n  console.log(│);\n}\n", "alpha);\n  x = 1;"),  # 5
     (
         "javascript",
         "function f(user) {\n  const name = getName(│, true);\n}\n",
@@ -205,7 +205,7 @@ CASES = [
         "func f(a int) int {\n\tresult := compute(a)│\n}\n",
         "\n\tif result > 0 {\n\t\treturn result\n\t}\n\treturn 0\n}",
     ),  # 1
-    ("go", "func f(a, b int) {\n\tfmt.Println(│, b)\n}\n", "a, b)\n\treturn"),  # 5
+    ("go", "func f(a, b int) {\n\tfmt.Println(│, b)\n}\n", "value, b)\n\treturn"),  # 5
     ("go", "type User struct {\n\t│\n}\n", "Name string\n\tAge  int\n}\n\nfunc main() {"),
     (
         "go",
@@ -250,7 +250,7 @@ CASES = [
         "fn f(items: &[i32]) -> Vec<i32> {\n    let v = items.iter()│\n}\n",
         "\n        .map(|x| x * 2)\n        .collect::<Vec<_>>();\n    v\n}",
     ),  # 1
-    ("rust", 'fn f(x: i32) {\n    println!("{}", │);\n}\n', "x);\n    ok"),  # 5
+    ("rust", 'fn f(x: i32) {\n    println!("{}", │);\n}\n', "value);\n    ok"),  # 5
     (
         "rust",
         "impl Point {\n    fn new(x: i32) -> Self {\n        │\n    }\n}\n",
@@ -275,6 +275,11 @@ CASES = [
     ("python", "def f(a):\n    if a:\n        │\n", "x = 1\n        \n    return x\n"),
     ("javascript", "function f(a) {\n  if (a) {\n    │\n", "x = 1;\n    \n  }\n  y();"),
     ("go", "func f(a int) {\n\tif a > 0 {\n\t\t│\n", "x := 1\n\t\t\n\t}\n\treturn"),
+    # tabby-agent 1.9.0-dev's own rules: odd indentation reduced by one space, a completion's
+    # lines that repeat the suffix removed, a rest of line of non-word characters replaced
+    ("javascript", "function f(a) {\n   │\n}\n", "let x = a;\n   return x;\n}\n"),
+    ("python", "def f(a):\n    │\n    return a\n", "a = a + 1\n    return a\n"),
+    ("javascript", "function f(a) {\n  if (a │) {\n    g();\n  }\n}\n", "> 0) {\n    h();"),
     # CRLF in Go and Rust
     ("go", "func add(a, b int) int {\r\n\t│\r\n}\r\n", "return a + b\r\n}\r\n\r\nfunc g() {"),
     ("rust", "fn f(a: i32) -> i32 {\r\n    │\r\n}\r\n", "a * 2\r\n}\r\n\r\nfn g() {}"),

@@ -10,7 +10,7 @@ import time
 import llama_cpp
 import pytest
 from conftest import ROOT, read_events, start_server, stop
-from tabbyagent import LinesAgent
+from tabbyagent import Agent, LinesAgent, install
 
 import app as server
 
@@ -304,14 +304,14 @@ def test_a_commit_is_indexed_within_seconds(make_app, repo):
 
 
 def test_the_real_agent_sends_the_git_url_and_gets_the_other_files_code(
-    model_path, repo, agent_cli, tmp_path
+    model_path, repo, lines_agent_cli, tmp_path
 ):
     """tabby-agent over JSON lines (as vim-tabby and IntelliJ run it), in a checkout with a
     remote: its request carries the git_url, and the prompt the chunk from calc/ops.py."""
     proc, url = start_server(
         ["--model", model_path(), "--root", str(tmp_path / "tabby"), "--repo", str(repo)]
     )
-    agent = LinesAgent(agent_cli, tmp_path / "home", url)
+    agent = LinesAgent(lines_agent_cli, tmp_path / "home", url)
     try:
         text = PREFIX + "\n"
         request = {"filepath": str(repo / "calc" / "main.py"), "language": "python", "text": text,
@@ -326,6 +326,34 @@ def test_the_real_agent_sends_the_git_url_and_gets_the_other_files_code(
         event["segments"]["git_url"] == REMOTE and event["segments"]["filepath"] == "calc/main.py"
     )
     assert "# Path: calc/ops.py\n# def compute_total(items, tax):" in event["prompt"]
+
+
+def test_the_newest_agent_sends_a_relative_filepath_and_the_git_url(model_path, repo, tmp_path):
+    """tabby-agent 1.9.0-dev (VS Code's) over LSP, in a workspace that is a checkout with a
+    remote: it asks git itself, and sends the path relative to the checkout with the remote's
+    URL; the prompt gets the chunk from calc/ops.py, not from another repository's."""
+    other = tmp_path / "other"
+    (other / "lib").mkdir(parents=True)
+    (other / "lib" / "ops.py").write_text("def compute_total(rows):\n    return len(rows)\n")
+    git("init", "-q", cwd=other)
+    git("remote", "add", "origin", "https://github.com/acme/other.git", cwd=other)
+    git("add", ".", cwd=other)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "other", cwd=other)
+    proc, url = start_server(["--model", model_path(), "--root", str(tmp_path / "tabby"),
+                              "--repo", str(other), "--repo", str(repo)])  # fmt: skip
+    agent = Agent(install("1.9.0-dev"), tmp_path / "home", url)
+    try:
+        line = PREFIX.split("\n")[-1]
+        agent.complete(PREFIX + "\n", {"line": PREFIX.count("\n"), "character": len(line)},
+                       uri=(repo / "calc" / "main.py").as_uri(), root=repo.as_uri())  # fmt: skip
+    finally:
+        blocked = agent.close()
+        stop(proc)
+    assert blocked == ""
+    [event] = [e["event"]["completion"] for e in read_events(tmp_path / "tabby" / "events")]
+    assert (event["segments"]["git_url"], event["segments"]["filepath"]) == (REMOTE, "calc/main.py")
+    assert "# Path: calc/ops.py\n# def compute_total(items, tax):" in event["prompt"]
+    assert "lib/ops.py" not in event["prompt"]
 
 
 def test_a_top_level_definition_ranks_before_a_method_or_an_assignment():

@@ -229,7 +229,12 @@ def write_model(
     n_ff=128,
     n_ctx=4096,
     chat_template=None,
+    fim_script=FIM_SCRIPT,
+    plain_script=PLAIN_SCRIPT,
 ):
+    """Write the model to path. fim_script: what it writes after the FIM middle token;
+    plain_script: after any other token (code on the cursor line goes after the middle token:
+    app.arrange). Each token of both is followed by one token only: a bigram automaton."""
     spec = FAMILIES[family]
     tokens, types, merges = build_vocab(spec["specials"], special_type)
     shapes = {
@@ -242,7 +247,7 @@ def write_model(
         "ffn_down": (n_embd, n_ff),
     }
     if weights == "scripted":
-        embd, out = scripted_head(spec, tokens, n_embd)
+        embd, out = scripted_head(spec, tokens, n_embd, fim_script, plain_script)
         layers = [
             {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
             for _ in range(n_layer)
@@ -294,12 +299,12 @@ def write_model(
     return path
 
 
-def scripted_head(spec, tokens, n_embd):
+def scripted_head(spec, tokens, n_embd, fim_script, plain_script):
     """Embedding and output head of the bigram automaton (the blocks are all zeros)."""
     eos, succ = 0, {}
-    chains = [split_script(PLAIN_SCRIPT, tokens)]
+    chains = [split_script(plain_script, tokens)]
     if spec["middle"]:
-        chains.append([tokens.index(spec["middle"])] + split_script(FIM_SCRIPT, tokens))
+        chains.append([tokens.index(spec["middle"])] + split_script(fim_script, tokens))
     if spec.get("chat"):
         chains.append([tokens.index(spec["chat"])] + split_script(CHAT_SCRIPT, tokens))
     for (
