@@ -68,9 +68,10 @@ def install(version="1.5.0"):
 class Agent:
     """tabby-agent --lsp --stdio, driven as an editor drives it."""
 
-    def __init__(self, cli, home, endpoint, token=None, config="", whole_config=None):
+    def __init__(self, cli, home, endpoint, token=None, config="", whole_config=None, vscode=None):
         """An agent for the server at endpoint; config: more of its config.toml; whole_config:
-        all of it, as it is."""
+        all of it, as it is; vscode: more of what VS Code's extension tells 1.9.0-dev from its
+        own settings (its trigger mode: automatic, VS Code's default)."""
         os.makedirs(home / ".tabby-client" / "agent")
         (home / ".tabby-client" / "agent" / "config.toml").write_text(
             whole_config
@@ -88,6 +89,7 @@ class Agent:
         }
         self.home, self.next_id, self.messages, self.notifications = home, 0, queue.Queue(), []
         self.initialized, self.newest = False, cli == NEWEST
+        self.vscode = {"inlineCompletion": {"triggerMode": "auto"}, **(vscode or {})}
         self.proc = subprocess.Popen(
             ["node", cli, "--stdio"] if self.newest else ["node", cli, "--lsp", "--stdio"],
             cwd=home,
@@ -144,10 +146,7 @@ class Agent:
                     "workspaceFolders": folders,
                     "clientInfo": {"name": "pytest"},
                     "capabilities": {"textDocument": {kind: {}}},
-                    # VS Code's extension tells 1.9.0-dev its trigger mode (its default: auto)
-                    "initializationOptions": {
-                        "config": {"inlineCompletion": {"triggerMode": "auto"}}
-                    },
+                    "initializationOptions": {"config": self.vscode},
                 },
             )
             self.send({"method": "initialized", "params": {}})

@@ -127,6 +127,22 @@ def test_the_readmes_agent_config_keeps_the_agent_on_loopback(serve, agent_cli, 
     assert "tabbyml.com" in runs["without"][1], runs["without"]  # the guard caught its reports
 
 
+def test_vscodes_settings_keep_the_newest_agent_on_loopback(serve, tmp_path):
+    """VS Code's extension gives its agent the endpoint and "Tabby › Config: Telemetry"
+    (tabby.config.telemetry: true, "Disable anonymous usage tracking") from its own settings: with
+    that ticked, the README's config block is not needed. Without it, the guard sees the try."""
+    url, _ = serve()
+    tried = {}
+    for disable in (True, False):
+        client = Agent(install("1.9.0-dev"), tmp_path / f"vscode-{disable}", url, whole_config="",
+                       vscode={"server": {"endpoint": url, "token": ""},
+                               "anonymousUsageTracking": {"disable": disable}})  # fmt: skip
+        shown = client.complete(DOC, CURSOR)
+        tried[disable] = shown, client.close()
+    assert tried[True] == (["total = a + b\n    return total"], "")
+    assert "tabbyml.com" in tried[False][1], tried
+
+
 def test_what_the_agent_asks_after_an_accept_was_computed_ahead(model_path, tmp_path, agent):
     """The user accepts the completion shown; the editor asks again where it ends, and the agent
     sends its 20-line window, moved down by the lines accepted: the server's speculation made
