@@ -65,6 +65,7 @@ except (ImportError, OSError, RuntimeError) as e:  # not installed, or its llama
     llama_cpp, LLAMA_CPP_ERROR = None, e  # load (a GPU build without its driver): load_model says
 from flask import Flask, abort, g, jsonify, request  # noqa: E402
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
 
 # -----------------------------------------------------------------------------------------------
 # Config: the only place knobs live. Each is a flag --key-name and an env var TABBYPY_KEY_NAME.
@@ -99,8 +100,8 @@ CONFIG = {
                   "empty: no auth"),
     "root": ("~/.tabby", "data directory: events go to ROOT/events/YYYY-MM-DD.json, as Tabby "
                          "writes them"),
-    "events": ("full", "what the events log keeps: full (Tabby's layout, the code around the "
-                       "cursor too), meta (ids, language, sizes, timings: no code) or off"),
+    "events": ("meta", "what the events log keeps: meta (ids, language, sizes, timings: no "
+                       "code), full (Tabby's layout: the code around the cursor too) or off"),
     "events_days": (0, "days of events kept: older day files are deleted at start-up and daily; "
                        "0: all"),
     "max_body": (1 << 20, "largest request body in bytes; larger ones get 413"),
@@ -846,8 +847,17 @@ def repacking(on):
         module.llama_model_default_params = default
 
 
+@(llama_cpp.llama_log_callback if llama_cpp else lambda f: f)
+def llama_log(level, text, _):
+    """llama.cpp's log: errors only (as verbose=False), but not two that say nothing is wrong: a
+    model with sliding-window attention loaded, and a decode stopped for a hang-up (abortable)."""
+    if level == 3 and not re.search(rb"full-size SWA cache|removing memory module", text):
+        sys.stderr.write(text.decode(errors="replace"))
+
+
 def llama(path, settings, repack):
     """The Llama of a GGUF file, with load_model's settings (ctx, threads, flash_attn, device)."""
+    llama_cpp.llama_log_set(llama_log, None)
     threads, gpu = settings["threads"] or physical_cores(), settings["device"] == "gpu"
     with repacking(repack):
         return llama_cpp.Llama(model_path=path, n_ctx=settings["ctx"], n_threads=threads,
@@ -1430,8 +1440,6 @@ class Completions:
 # Counters: what the server did, counted where it happens, as Prometheus wants them (since
 # start-up) and as anyone else wants to be told (the status page keeps a tally a day).
 
-SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # Prometheus' buckets
-
 
 class Counters:
     """Under one lock, {(name, labels): value} since start-up, anyone's (a capability counts its
@@ -1446,23 +1454,9 @@ class Counters:
         with self.lock:
             self.values[name, tuple(sorted(labels.items()))] += n
 
-    def observe(self, name, seconds):
-        """A histogram's sample (under the lock): its bucket (cumulated when shown), its sum."""
-        self.values[name, (("le", next((b for b in SECONDS if seconds <= b), math.inf)),)] += 1
-        self.values[name + "_sum", ()] += seconds
-
     def completion(self, cid, language, user, a, ms):
-        """Count a completion answered (a: its Answer) or cancelled (a: None)."""
-        reason, values = a.reason if a else "cancelled", self.values
-        with self.lock:
-            values["completions_total", (("language", language), ("reason", reason))] += 1
-            self.observe("completion_seconds", ms / 1000)
-            for name, n in zip(
-                ("prompt", "reused", "generated"), (a.size, a.reused, a.generated) if a else ()
-            ):
-                values[name + "_tokens_total", ()] += n
-            if a and reason != "typed through":
-                self.observe("completion_model_seconds", a.ms / 1000)
+        """Count a completion answered (a: its Answer) or cancelled (a: None), and tell of it."""
+        self.add("completions_total", language=language, reason=a.reason if a else "cancelled")
         for tell in self.told:
             tell(time.time(), "completion", cid, language, user, a, ms)
 
@@ -1534,6 +1528,13 @@ class EventsLog:
         self.today = self.prune(time.time())
         if self.days:  # also when no event comes for days
             threading.Thread(target=self.prune_daily, daemon=True, name="events-days").start()
+
+    def describe(self):
+        what = {
+            "meta": "ids, sizes and timings, no code (--events full keeps the code too)",
+            "full": "each completion with the code around it (--events meta keeps no code)",
+        }
+        return f"events: {self.folder}: {what[self.mode]}" if self.mode != "off" else "events: off"
 
     def prune(self, now):
         """Delete the day files older than --events-days; -> today's name, as day files go."""
@@ -1738,7 +1739,7 @@ def serve_completions(server):
         if not config["model"]:
             raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL")
         server.backend = LocalModel(config, server.locate(config["model"], "--model"))
-    for line in server.backend.describe():
+    for line in [*server.backend.describe(), events.describe()]:
         print(line, file=sys.stderr)
     if server.tokens is None and config["host"] not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {config['host']} without a token: anyone who can reach it "
@@ -3086,6 +3087,32 @@ METRICS = {
 # fmt: on
 
 
+SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)  # Prometheus' buckets
+
+
+def observe(values, name, seconds):
+    """A histogram's sample: its bucket (cumulated when shown), its sum."""
+    values[name, (("le", next((b for b in SECONDS if seconds <= b), math.inf)),)] += 1
+    values[name + "_sum", ()] += seconds
+
+
+def count_completions(counters):
+    """The tell() that counts completions' times and tokens for /metrics (see Counters.told)."""
+
+    def tell(ts, kind, cid, language, user, a, ms):
+        if kind != "completion":
+            return
+        with counters.lock:
+            observe(counters.values, "completion_seconds", ms / 1000)
+            for name, n in zip(("prompt", "reused", "generated"),
+                               (a.size, a.reused, a.generated) if a else ()):  # fmt: skip
+                counters.values[name + "_tokens_total", ()] += n
+            if a and a.reason != "typed through":
+                observe(counters.values, "completion_model_seconds", a.ms / 1000)
+
+    return tell
+
+
 HISTORY_DAYS = 14  # days of tallies kept
 RECENT_IDS = 10_000  # completions whose views and selects are matched to their day and language
 BUCKET = math.log(1.02)  # latencies are tallied in buckets 2 % wide: percentiles within 1 %
@@ -3408,7 +3435,7 @@ def add_status_page(server):
     for path in day_files(server.events.folder, HISTORY_DAYS - 1, time.time()):
         for record in records(path):
             tally_history(tallies, record, named)
-    counters.told.append(tallies.tell)
+    counters.told += [tallies.tell, count_completions(counters)]
 
     @app.get("/")
     def status_route():
@@ -3660,4 +3687,10 @@ if __name__ == "__main__":
         config = load_config(sys.argv[1:])
     except ValueError as e:
         sys.exit(f"error: {e}")
-    create_app(config).run(host=config["host"], port=config["port"], threaded=True)
+    # Werkzeug's threaded server: the one the tests hold to slow and hostile clients, and the one
+    # that lets a request see its editor hang up (ClientGone); run without its banner, whose
+    # "development server" warning is Werkzeug's, not ours (README: "The HTTP server")
+    httpd = make_server(config["host"], config["port"], create_app(config), threaded=True)
+    print(f"serving on http://{config['host']}:{httpd.port} (Ctrl+C stops it)", file=sys.stderr)
+    with contextlib.suppress(KeyboardInterrupt):
+        httpd.serve_forever()

@@ -65,8 +65,9 @@ def make_app(model_path, tmp_path):
     """make_app(family, **config) -> (app, events dir): a test app on a tiny model."""
 
     def make(family="starcoder", **overrides):
-        config = server.load_config(
-            ["--model", model_path(family), "--root", str(tmp_path / "tabby")], environ={}
+        config = server.load_config(  # --events full: the tests read what was asked there
+            ["--model", model_path(family), "--root", str(tmp_path / "tabby"), "--events", "full"],
+            environ={},
         )
         config.update(overrides)
         app = server.create_app(config)
@@ -114,9 +115,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(args, env=None, port=None, timeout=60):
-    """Start `python app.py ARGS --port P` on 127.0.0.1; wait until /v1/health answers."""
+def start_server(args, env=None, port=None, timeout=60, events="full"):
+    """Start `python app.py ARGS --port P` on 127.0.0.1; wait until /v1/health answers.
+    events: the --events the tests read what was asked from (None: the default's)."""
     port = port or free_port()
+    if events and "--events" not in args:
+        args = [*args, "--events", events]
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(server.ENV_PREFIX)},
         **(env or {}),

@@ -86,8 +86,20 @@ def test_events_meta_keeps_ids_sizes_and_times_but_no_code(model_path, tmp_path)
     assert [e["user"] for e in events[:3]] == ["alice"] * 3
 
 
+def test_the_default_keeps_no_code_and_start_up_says_where_events_go(model_path, tmp_path):
+    proc, url = start_server(["--model", model_path(), "--root", str(tmp_path)], events=None)
+    try:
+        status, _ = post(url, "/v1/completions", COMPLETION)
+    finally:
+        said = stop(proc)
+    text = "".join(path.read_text() for path in (tmp_path / "events").glob("*.json"))
+    assert status == 200 and '"completion_id"' in text
+    assert [secret for secret in SECRETS if secret in text] == []
+    assert f"events: {tmp_path / 'events'}: ids, sizes and timings, no code" in said
+
+
 def test_events_full_keeps_tabbys_layout_with_the_code(model_path, tmp_path):
-    serve_and_ask(model_path, tmp_path)
+    serve_and_ask(model_path, tmp_path, "--events", "full")
     text = "".join(path.read_text() for path in (tmp_path / "events").glob("*.json"))
     assert [secret for secret in SECRETS if secret not in text] == []  # the control: all there
 

@@ -9,6 +9,7 @@ import re
 import resource
 import shutil
 import signal
+import socket
 import threading
 import time
 
@@ -255,6 +256,29 @@ def test_sixteen_editors_behind_one_address_each_get_their_own_completion(model_
     assert len({cid for _, cid, _ in got}) == 160
 
 
+def test_two_hundred_stalled_connections_do_not_keep_an_editor_waiting(model_path, tmp_path):
+    """Werkzeug's server, as python app.py runs it: a thread for each connection, so clients that
+    open a connection and stall (half a request line, half the headers, half a body, or nothing)
+    hold only their own thread: an editor's completion comes as it does alone."""
+    proc, url = start_server(["--model", model_path(), "--root", str(tmp_path)])
+    port, stalled = int(url.rsplit(":", 1)[1]), []
+    try:
+        alone = timed(port, own_prompt(1))
+        halves = [b"", b"POST /v1/comp", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConte",
+                  b"POST /v1/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"lan"]  # fmt: skip
+        for n in range(200):
+            conn = socket.create_connection(("127.0.0.1", port), timeout=10)
+            conn.sendall(halves[n % len(halves)])
+            stalled.append(conn)
+        time.sleep(0.2)
+        crowded = timed(port, own_prompt(2))
+    finally:
+        for conn in stalled:
+            conn.close()
+        stop(proc)
+    assert crowded < alone + 0.5, (alone, crowded)
+
+
 # -----------------------------------------------------------------------------------------------
 # What the server holds
 
@@ -461,3 +485,8 @@ def timed(port, body):
     started = time.monotonic()
     post(port, body)
     return time.monotonic() - started
+
+
+def own_prompt(n):
+    """COMPLETION with a prompt of its own: the model answers it, not the completion cache."""
+    return dict(COMPLETION, segments=dict(COMPLETION["segments"], prefix=f"# {n}\n" + PREFIX))
