@@ -85,8 +85,9 @@ CONFIG = {
     "threads": (0, "CPU threads; 0: one per physical core"),
     "repack": ("auto", "llama.cpp's weight repacking (faster Q4_0, Q4_K, ... on a CPU): auto: on, "
                        "unless a test load with it crashes (it does on some CPUs), true or false"),
-    "flash_attn": (False, "llama.cpp's flash attention (llama-server's default where it can): on "
-                          "a CPU prompts up to a tenth faster, tokens at long contexts slower"),
+    "flash_attn": ("auto", "llama.cpp's flash attention: auto: on where the model runs on a GPU "
+                           "(as llama-server), off on a CPU (tokens slower there at long "
+                           "contexts); true or false"),
     "kv_cache_mb": (1024, "MB of KV caches kept for editors taking turns, so that each gets its "
                           "own back (least recently used dropped first); 0: none"),
     "max_tokens": (64, "most tokens generated per completion (Tabby's max_decoding_tokens)"),
@@ -168,7 +169,8 @@ def load_config(argv=(), environ=None):
 
 def check_config(config):
     """SystemExit with one line naming the flag, for the core's settings that cannot work."""
-    choices = {"device": ("cpu", "gpu"), "repack": ("auto", "true", "false"),
+    auto = ("auto", "true", "false")
+    choices = {"device": ("cpu", "gpu"), "repack": auto, "flash_attn": auto,
                "events": ("full", "meta", "off")}  # fmt: skip
     for key, allowed in choices.items():
         if config[key] not in allowed:
@@ -818,7 +820,9 @@ def load_model(config, path, flag="--model"):
         raise SystemExit("error: --device gpu: this llama-cpp-python was built without a GPU "
                          'backend (reinstall it with CMAKE_ARGS="-DGGML_CUDA=on", see '
                          "README)")  # fmt: skip
-    settings = {key: config[key] for key in ("ctx", "threads", "flash_attn", "device")}
+    settings = {key: config[key] for key in ("ctx", "threads", "device")}
+    flash, gpu = config["flash_attn"], config["device"] == "gpu"  # auto: on a GPU only
+    settings["flash_attn"] = flash == "true" or flash == "auto" and gpu
     repack = config["repack"] == "true"
     if config["repack"] == "auto":
         stat = os.stat(path)
@@ -849,8 +853,7 @@ def repacking(on):
 
 @(llama_cpp.llama_log_callback if llama_cpp else lambda f: f)
 def llama_log(level, text, _):
-    """llama.cpp's log: errors only (as verbose=False), but not two that say nothing is wrong: a
-    model with sliding-window attention loaded, and a decode stopped for a hang-up (abortable)."""
+    """llama.cpp's errors (as verbose=False), but for two that are none (see abortable)."""
     if level == 3 and not re.search(rb"full-size SWA cache|removing memory module", text):
         sys.stderr.write(text.decode(errors="replace"))
 
@@ -1069,13 +1072,6 @@ def model_pieces(llm, tokens, temperature, seed, should_stop=lambda: False):
     )
 
 
-def gpu_name():
-    """What llama.cpp offloads to, as /v1/health names the device: cuda, metal, ..."""
-    backends = llama_cpp.llama_print_system_info().decode()
-    return next((n.lower() for n in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if n in backends),
-                "gpu")  # fmt: skip
-
-
 class LocalModel:
     """llama.cpp in this process: the core's backend. It owns the Llama, the one thread that runs
     it and the KV caches of editors taking turns. A backend has prompt(prefix, suffix, head),
@@ -1095,7 +1091,16 @@ class LocalModel:
         self.tokenize = functools.lru_cache(maxsize=64)(tokenize)
         model = config["model"]
         self.name = os.path.basename(model) if os.path.exists(model) else model
-        self.device = gpu_name() if config["device"] == "gpu" else "cpu"
+        # /v1/health's device (what llama.cpp offloads to) and cuda_devices (the GPUs' names)
+        offload = llama_cpp.llama_print_system_info().decode()
+        kinds = [kind for kind in ("CUDA", "Metal", "Vulkan", "ROCm", "SYCL") if kind in offload]
+        self.device = (kinds + ["gpu"])[0].lower() if config["device"] == "gpu" else "cpu"
+        self.gpus = []
+        if self.device == "cuda":
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                ask = ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"]
+                out = subprocess.run(ask, capture_output=True, text=True, timeout=10).stdout
+                self.gpus = out.splitlines()
         # The model runs on a thread of its own: a Llama is not thread-safe, flask run serves
         # each request on a new thread, and llama.cpp's OpenMP workers belong to the calling
         # thread. Its jobs (a request, a chat step, work in idle time) queue for it first come
@@ -1118,9 +1123,14 @@ class LocalModel:
     def describe(self):
         how = "no FIM tokens, prefix-only prompts"
         how = f"FIM template {self.format.template!r}" if self.format.fim else how
+        flash = "on" if self.health()["flash_attn"] else "off"
         off = "" if self.llm.model_params.use_extra_bufts else ", weight repacking off"
         return [f"model {self.name}: {how}; ctx {self.ctx}, {self.llm.context_params.n_threads} "
-                f"threads, device {self.device}{off}"]  # fmt: skip
+                f"threads, device {self.device}, flash attention {flash}{off}"]  # fmt: skip
+
+    def health(self):
+        flash = self.llm.context_params.flash_attn_type == llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        return {"flash_attn": flash, "cuda_devices": self.gpus}
 
     def prompt(self, prefix, suffix, head=None):
         """The template's special tokens as ids, the rest tokenized as plain text; head (a
@@ -1454,16 +1464,10 @@ class Counters:
         with self.lock:
             self.values[name, tuple(sorted(labels.items()))] += n
 
-    def completion(self, cid, language, user, a, ms):
-        """Count a completion answered (a: its Answer) or cancelled (a: None), and tell of it."""
-        self.add("completions_total", language=language, reason=a.reason if a else "cancelled")
+    def tell(self, *about):
+        """Tell those in told of a completion answered or cancelled, or of a view or select."""
         for tell in self.told:
-            tell(time.time(), "completion", cid, language, user, a, ms)
-
-    def event(self, kind, cid, user):
-        """Tell of a view or select of the completion cid."""
-        for tell in self.told:
-            tell(time.time(), kind, cid, None, user, None, 0)
+            tell(time.time(), *about)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -1530,11 +1534,9 @@ class EventsLog:
             threading.Thread(target=self.prune_daily, daemon=True, name="events-days").start()
 
     def describe(self):
-        what = {
-            "meta": "ids, sizes and timings, no code (--events full keeps the code too)",
-            "full": "each completion with the code around it (--events meta keeps no code)",
-        }
-        return f"events: {self.folder}: {what[self.mode]}" if self.mode != "off" else "events: off"
+        code = "no code (--events full keeps it)" if self.mode == "meta" else "with the code"
+        where = f"{self.folder}: ids, sizes and timings, {code}"
+        return f"events: {where if self.mode != 'off' else 'off'}"
 
     def prune(self, now):
         """Delete the day files older than --events-days; -> today's name, as day files go."""
@@ -1622,6 +1624,7 @@ class Server:
     completions: Completions | None = None
     health: list = dataclasses.field(default_factory=list)  # functions -> more for /v1/health
     about: list = dataclasses.field(default_factory=list)  # -> [(label, text, ok)], for people
+    guarded: list = dataclasses.field(default_factory=list)  # more paths that need the token
 
 
 def body_of(request):
@@ -1665,17 +1668,13 @@ class ClientGone:
 def system_info(backend):
     """The static part of /v1/health: what runs this server."""
     cpu_info = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-            cpu_info = next(names, cpu_info)
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:  # Linux: the CPU's name
+        names = (line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        cpu_info = next(names, cpu_info)
     version = dict.fromkeys(("build_date", "build_timestamp", "git_sha"), "")
     return {"model": backend.name, "device": backend.device, "arch": platform.machine(),
             "cpu_info": cpu_info, "cpu_count": os.cpu_count(), "cuda_devices": [],
             "version": {**version, "git_describe": TABBY_VERSION}}  # fmt: skip
-
-
-GUARDED = ("/", "/metrics")  # besides /v1/* and /v1beta/*, what needs a token when one is set
 
 
 def open_server(config):
@@ -1700,7 +1699,7 @@ def open_server(config):
     def check_token():
         """The token check, which names the request's user (g.user: a user a token names)."""
         g.user, tokens, path = None, server.tokens, request.path
-        if tokens is None or not (path.startswith(("/v1/", "/v1beta/")) or path in GUARDED):
+        if tokens is None or not (path.startswith(("/v1/", "/v1beta/")) or path in server.guarded):
             return None
         auth = request.authorization  # Bearer TOKEN, or a browser's Basic with it as password
         given = (auth.password if auth.type == "basic" else auth.token) or "" if auth else ""
@@ -1708,10 +1707,6 @@ def open_server(config):
             if hmac.compare_digest(given.encode(), token.encode()):
                 g.user = user
                 return None
-        if path == "/":  # a browser asks for a user name (any) and a password (the token)
-            response = jsonify(error="missing or wrong token: give it as the password")
-            response.headers["WWW-Authenticate"] = 'Basic realm="tabbypy", charset="UTF-8"'
-            return response, 401
         abort(401, "missing or wrong token: send Authorization: Bearer <token>")
 
     @app.errorhandler(HTTPException)
@@ -1739,6 +1734,7 @@ def serve_completions(server):
         if not config["model"]:
             raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL")
         server.backend = LocalModel(config, server.locate(config["model"], "--model"))
+        server.health.append(server.backend.health)
     for line in [*server.backend.describe(), events.describe()]:
         print(line, file=sys.stderr)
     if server.tokens is None and config["host"] not in ("127.0.0.1", "localhost", "::1"):
@@ -1761,7 +1757,7 @@ def serve_completions(server):
         event = parse_event(body, request.args.get("select_kind"))
         ((kind, fields),) = event.items()
         if kind in ("view", "select"):
-            counters.event(kind, fields["completion_id"], g.user)
+            counters.tell(kind, fields["completion_id"], None, g.user, None, 0)
         why = events.write(g.user or get(body, "user", str), event)
         if why:
             abort(503, f"the event was not stored: {why}")
@@ -1778,7 +1774,7 @@ def serve_completions(server):
         answer = answer._replace(ms=round(answer.ms, 1))  # counted as logged, so a restart agrees
         language = req.language if req.language in (*LANGUAGE, "unknown") else "other"
         served = answer if answer.reason != "cancelled" else None
-        counters.completion(completion_id, language, g.user, served, ms)
+        counters.tell("completion", completion_id, language, g.user, served, ms)
         if served:
             user_agent = request.headers.get("User-Agent")
             events.write(req.user, completion_event(completion_id, req, answer, user_agent, ms))
@@ -1800,7 +1796,33 @@ def serve_completions(server):
 
 # Capabilities beyond the core
 # ===============================================================================================
-# Each section below can be deleted with its line in create_app(); its knobs go with it.
+# Each section below attaches itself with one line in create_app() (the last function), through
+# what the core offers anyone: the backend, the completion service's two hooks (context: more for
+# a prompt; answered: what to do once an answer is sent), the Flask app, the counters (and their
+# told list) and the Server record's lists (health, about, guarded). The core names nothing a
+# section defines. To delete a capability, delete its section (from its comment rule to the
+# next; its knobs are in it, in a CONFIG.update) and its line in create_app():
+# tests/test_capabilities.py does exactly that for each one and runs the core tests on the rest.
+#
+# The moving parts, each because:
+# - threads (6 kinds): the model's one thread (a Llama is not thread-safe, and llama.cpp's OpenMP
+#   workers belong to their caller); an engine request's hang-up watch (the engine must stop the
+#   moment the editor moves on); --events-days pruning at midnight; the repository index's
+#   refresh; the --tokens file watch (revoking without a restart); a name lookup with a time
+#   limit at start-up (the Hugging Face download: a lookup cannot be given one);
+# - locks (8): the completion service's (last answers, completion cache), the counters', the
+#   events log's (whole lines), the model queue's waiting count, an engine's waiting count, one
+#   chat at a time, the index's reading connection, the status page's tallies;
+# - caches (7): the completion cache (--completion-cache), the last answers (typed through), the
+#   KV copies (--kv-cache-mb), tokens of the prompt's pieces (64) and of lines (4,096: fitting a
+#   prompt tokenizes only near the cursor), BM25 results for the text above the cursor (64), and
+#   each model file's test load (once a process);
+# - knobs: 32, 20 of them the core's; python app.py --help lists them.
+#
+# Where a change goes: a new reason to stop generating is a check in generate(); a new kind of
+# engine is an entry in ENGINES plus its request (engine_body) and stream (engine_event); a new
+# language is an entry in LANGUAGES; a new capability is a section with an add_...(server) and its
+# line in create_app().
 
 # -----------------------------------------------------------------------------------------------
 # Remote engines (--backend): the prompt is built here, an inference engine generates, streaming
@@ -2151,7 +2173,7 @@ def add_engine(server):
         raise SystemExit("error: --model and --backend both given: pass one (--backend "
                          "generates with the engine's model)")  # fmt: skip
     local = {"--device": config["device"] != "cpu", "--threads": config["threads"],
-             "--flash-attn": config["flash_attn"],
+             "--flash-attn": config["flash_attn"] != "auto",
              "--repack": config["repack"] != "auto"}  # fmt: skip
     given = [flag for flag, value in local.items() if value]
     if given:
@@ -2587,6 +2609,18 @@ HEAD_POLL = 2  # seconds between looks at each checkout's HEAD (a commit: indexe
 # repositories, for those whose GGUF llama.cpp finds no fim_rep and fim_sep in (StarCoder2's)
 REPO_TOKENS = [("<|repo_name|>", "<|file_sep|>"), ("<repo_name>", "<file_sep>")]
 WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer ones are not words
+# the name being typed at the cursor, and what it is a member of: self.session.mer, utils.get_en
+TYPING = re.compile(r"((?:[A-Za-z_]\w*\s*\.\s*)*)([A-Za-z_]\w*)$")
+PARTIAL_MIN = 3  # characters of a name being typed, at least, before names beginning so are found
+# what a file imports, and from where: Python's from M import a, b as c / import M.N as c, and
+# JavaScript's import {a, b as c} from "./m" / import c from "./m"
+IMPORTS = re.compile(
+    r"^[ \t]*(?:from[ \t]+(?P<py_from>\.*[\w.]*)[ \t]+import[ \t]+"
+    r"(?:\((?P<py_list>[^)]*)\)|(?P<py_names>[\w \t,]+))"
+    r"|import\s+\{?(?P<js_names>[\w\s,]*)\}?\s*from\s*[\"'](?P<js_from>[^\"']+)"
+    r"|import[ \t]+(?P<module>[\w.]+)(?:[ \t]+as[ \t]+(?P<alias>\w+))?)",
+    re.M,
+)
 # a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =
 DEFINES = re.compile(
     r"\b(?:def|class|function|func|fn|struct|enum|trait|interface|type|module|object|fun|macro)"
@@ -2645,6 +2679,48 @@ def defined(body):
         name = match[1] or match[2] or match[3]
         ranks[name] = min(rank, ranks.get(name, 2))
     return ranks
+
+
+def imported(text, path):
+    """{name: [the files it may come from, as paths without extension; one ending in / may be a
+    package, and all in it]} of the imports in text, a file at path (relative imports resolved
+    from its folder)."""
+    names, folder = {}, os.path.dirname(path)
+
+    def resolve(source, python):  # -> a path from the repository's top, without extension
+        if python:  # m.n, or relative: .m, ..m.n
+            dots = len(source) - len(source.lstrip("."))
+            if not dots:
+                return source.replace(".", "/")
+            source = "/".join([".."] * (dots - 1) + [source[dots:].replace(".", "/")])
+        elif source[:1] != ".":  # a package
+            return source
+        where = os.path.normpath(os.path.join(folder, source))
+        return "" if where == "." else where
+
+    for m in IMPORTS.finditer(text):
+        if m["module"]:  # import m.n as c: c is m.n; import m.n: m is m (a package: all of it)
+            alias = m["alias"] or m["module"].split(".")[0]
+            names.setdefault(alias, []).append(
+                resolve(m["module"] if m["alias"] else alias, True) + "/"
+            )
+            continue
+        python = m["py_from"] is not None
+        where = resolve(m["py_from"] if python else m["js_from"], python)
+        for item in (m["py_list"] or m["py_names"] or m["js_names"] or "").split(","):
+            parts = item.split()  # a, or a as c
+            if parts and parts[0].isidentifier():  # a name, or a module: from m import sub
+                names.setdefault(parts[-1], []).extend([where, os.path.join(where, parts[0], "")])
+    return names
+
+
+def from_where(file, sources):
+    """How surely a file is one of sources (from imported()): 0 it is (or is inside one ending
+    in /, a package), 1 its path ends so (a package under src/, say), 2 not."""
+    stem = re.sub(r"(/__init__|/index)?\.\w+$", "", file)
+    if any(stem == s.rstrip("/") or s.endswith("/") and stem.startswith(s) for s in sources):
+        return 0
+    return 1 if any(stem.endswith("/" + s.rstrip("/")) for s in sources if s.strip("/")) else 2
 
 
 def normal_url(url):
@@ -2909,19 +2985,26 @@ class CodeIndex:
     def find(self, repo, language, path, prefix, suffix, budget, known=""):
         """Snippets ({filepath, body, score}) of repo's code for a cursor between prefix and
         suffix in the file at path, in the order they may help, their bodies budget characters
-        at most in all: first the chunks that define a name used near the cursor, then those
-        Tabby's BM25 finds for the prefix's words (above the cursor line: typing on a line
-        leaves them be, and so the KV cache); at most 2 a file, none of path's, none whose text
-        is in known (the prompt, the editor's snippets)."""
+        at most in all: first the chunks that define the name being typed (by its start), then
+        those that define a name used near the cursor, then those Tabby's BM25 finds for the
+        prefix's words (above the cursor line: typing on a line leaves them be, and so the KV
+        cache); at most 2 a file, none of path's, none whose text is in known (the prompt, the
+        editor's snippets)."""
         kind, path = family(language), os.path.normpath(path or "")
         above, line = prefix[: prefix.rfind("\n") + 1], prefix[prefix.rfind("\n") + 1 :]
-        line = re.sub(r"\w+$", "", line)  # the word being typed is not a name yet: the snippets
-        near = "\n".join(above.splitlines()[-NEAR_LINES:] + [line])  # change when one is done
+        typing = TYPING.search(line)
+        line = line[: typing.start()] if typing else line  # not a name yet: looked up by its start
+        near = "\n".join(above.splitlines()[-NEAR_LINES:] + [line])
         before = WORD.findall(near)[::-1]  # the nearest the cursor first
         after = WORD.findall("\n".join(suffix.splitlines()[:NEAR_LINES]))
         names = list(dict.fromkeys(before + after))
         with self.lock:
-            found = self.definitions(repo.path, kind, names) + self.bm25(repo.path, kind, above)
+            query = "SELECT body FROM chunks WHERE repo = ? AND path = ? AND body LIKE '%import%'"
+            head = "".join(body for (body,) in self.reader.execute(query, (repo.path, path)))
+            imports = imported(head + prefix, path)  # the file's, as indexed, and those in view
+            found = self.completing(repo.path, kind, imports, typing, prefix, suffix)
+            found += self.definitions(repo.path, kind, names, imports)
+            found += self.bm25(repo.path, kind, above)
         picked, per_file, used, known = [], {}, 0, known + prefix + suffix
         for chunk, file, body, score in found:
             if any(chunk == p[0] for p in picked) or file == path or per_file.get(file, 0) >= 2:
@@ -2932,26 +3015,68 @@ class CodeIndex:
             per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
         return [snippet for _, snippet in picked]
 
-    def definitions(self, repo, kind, names):
+    def completing(self, repo, kind, imports, typing, prefix, suffix):
+        """[(chunk, path, body, score)] of the chunk that defines the likeliest name beginning
+        with the one being typed (PARTIAL_MIN characters at least): one imported by name (or
+        from the module it is a member of) first, then one from a file the file imports, one of
+        the kind wanted (a method after a dot, else a top-level one), one used elsewhere in the
+        text, the shortest. The next keystroke only leaves names out: the likeliest stays, and
+        so does the prompt's start (one more would change as often as the second changes)."""
+        if not typing or len(typing[2]) < PARTIAL_MIN:
+            return []
+        members, partial = [m.strip() for m in typing[1].split(".")][:-1], typing[2]
+        rows = self.reader.execute(
+            "SELECT n.name, n.rank, n.chunk, c.path FROM names n JOIN chunks c ON c.id = n.chunk "
+            "WHERE n.name >= ? AND n.name < ? AND n.repo = ? AND n.family = ?",
+            (partial, partial[:-1] + chr(ord(partial[-1]) + 1), repo, kind)).fetchall()  # fmt: skip
+        module = imports.get(members[0], []) if members else []  # utils.get_e: utils' file
+        module = [os.path.join(stem, *members[1:]).rstrip("/") for stem in module]
+        used = set(WORD.findall(prefix[: -len(partial)] + suffix))
+        method = bool(members) and not module  # obj.name: a method; module.name: a function
+        files = sum(imports.values(), [])
+
+        def likely(row):
+            name, rank, chunk, file = row
+            named = from_where(file, module or imports.get(name, []))  # imported by name
+            unused = name not in used
+            return named, from_where(file, files), rank != method, unused, len(name), chunk
+
+        best = min(rows, key=likely, default=None)
+        return self.bodies([best[2]] if best else [])
+
+    def definitions(self, repo, kind, names, imports):
         """(chunk, path, body, score) of the chunks that define names, in the names' order, at
-        most PER_NAME for each (top-level definitions first: see defined); none for a name
-        defined in more than DEFINED_MAX chunks (x, name, data: too common to tell)."""
+        most PER_NAME for each (from a file the file imports first, then top-level definitions:
+        see defined); none for a name defined in more than DEFINED_MAX chunks (x, name, data:
+        too common to tell)."""
         if not names:
             return []
-        marks = ",".join("?" * len(names))
-        where = f"repo = ? AND family = ? AND name IN ({marks})"
-        query = f"SELECT name, rank, chunk FROM names WHERE {where}"
-        rows = self.reader.execute(query, (repo, kind, *names)).fetchall()
+        query = "SELECT name, rank, chunk FROM names WHERE repo = ? AND family = ? AND name IN "
+        rows = self.reader.execute(f"{query}({','.join('?' * len(names))})", (repo, kind, *names))
         chunks = {}
         for name, rank, chunk in rows:
             chunks.setdefault(name, []).append((rank, chunk))
-        wanted = [c for name in names if len(chunks.get(name, ())) <= DEFINED_MAX
-                  for _, c in sorted(chunks.get(name, ()))[:PER_NAME]]  # fmt: skip
-        if not wanted:
-            return []
-        bodies = dict((c, (path, body)) for c, path, body in self.reader.execute(
-            f"SELECT id, path, body FROM chunks WHERE id IN ({','.join('?' * len(wanted))})",
-            wanted))  # fmt: skip
+        chunks = {name: found for name, found in chunks.items() if len(found) <= DEFINED_MAX}
+        ids = [chunk for found in chunks.values() for _, chunk in found]
+        query = f"SELECT id, path FROM chunks WHERE id IN ({','.join('?' * len(ids))})"
+        paths, files = dict(self.reader.execute(query, ids)), sum(imports.values(), [])
+        return self.bodies(
+            [
+                chunk
+                for name in names
+                for *_, chunk in sorted(
+                    (from_where(paths[c], files), rank, c) for rank, c in chunks.get(name, ())
+                )[:PER_NAME]
+            ]
+        )
+
+    def bodies(self, wanted):
+        """(chunk, path, body, 1.0) of the chunks wanted, in that order."""
+        marks = ",".join("?" * len(wanted))
+        rows = self.reader.execute(
+            f"SELECT id, path, body FROM chunks WHERE id IN ({marks})", wanted
+        )
+        bodies = {c: (path, body) for c, path, body in rows}
         return [(c, *bodies[c], 1.0) for c in dict.fromkeys(wanted) if c in bodies]
 
     def bm25_search(self, repo, kind, text):
@@ -3103,6 +3228,8 @@ def count_completions(counters):
         if kind != "completion":
             return
         with counters.lock:
+            reason = (("language", language), ("reason", a.reason if a else "cancelled"))
+            counters.values["completions_total", reason] += 1
             observe(counters.values, "completion_seconds", ms / 1000)
             for name, n in zip(("prompt", "reused", "generated"),
                                (a.size, a.reused, a.generated) if a else ()):  # fmt: skip
@@ -3436,6 +3563,13 @@ def add_status_page(server):
         for record in records(path):
             tally_history(tallies, record, named)
     counters.told += [tallies.tell, count_completions(counters)]
+    server.guarded += ["/", "/metrics"]
+
+    @app.after_request
+    def ask_a_browser(response):  # for the token, as the password of any user name
+        if request.path == "/" and response.status_code == 401:
+            response.headers["WWW-Authenticate"] = 'Basic realm="tabbypy", charset="UTF-8"'
+        return response
 
     @app.get("/")
     def status_route():

@@ -1,6 +1,7 @@
 """/v1/completions, /v1/health, /v1/events and server_setting through Flask's test client."""
 
 import json
+import os
 import re
 import threading
 
@@ -27,6 +28,37 @@ def test_flash_attention_completes_the_same(model_path):
     request = server.parse_completion(body)
     answer = server.Completions(model, config).answer(request, ("me", None, None), bool)
     assert (answer.text, answer.reason) == ("total = a + b\n    return total", "stop")
+
+
+@pytest.mark.parametrize(
+    "flag, device, on",
+    [("auto", "cpu", False), ("auto", "gpu", True), ("true", "cpu", True), ("false", "gpu", False)],
+)
+def test_flash_attention_auto_is_on_where_the_model_runs_on_a_gpu(
+    model_path, monkeypatch, flag, device, on
+):
+    """--flash-attn auto: on with --device gpu (as llama-server), off on a CPU, where it made
+    tokens slower; start-up and /v1/health say which. A CPU-only build is told it can offload
+    (llama.cpp then keeps the layers on the CPU): the rule is what is tested, not a GPU."""
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    args = ["--model", model_path(), "--flash-attn", flag, "--device", device, "--events", "off"]
+    model = server.LocalModel(server.load_config(args, environ={}))
+    assert model.health() == {"flash_attn": on, "cuda_devices": []}
+    assert f"flash attention {'on' if on else 'off'}" in model.describe()[0]
+
+
+def test_health_names_the_gpus_as_nvidia_smi_lists_them(model_path, monkeypatch, tmp_path):
+    """Tabby's /v1/health lists the CUDA devices by name. With no GPU here, llama.cpp is told it
+    offloads to CUDA, and nvidia-smi is a script that answers as it does on an H200 machine."""
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\nprintf 'NVIDIA H200\\nNVIDIA H200\\n'\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)
+    monkeypatch.setattr(llama_cpp, "llama_print_system_info", lambda: b"CUDA : ARCHS = 900 |")
+    args = ["--model", model_path(), "--device", "gpu", "--events", "off"]
+    model = server.LocalModel(server.load_config(args, environ={}))
+    assert (model.device, model.health()) == (
+        "cuda", {"flash_attn": True, "cuda_devices": ["NVIDIA H200", "NVIDIA H200"]})  # fmt: skip
 
 
 def test_each_completion_logs_one_line_with_its_counts(make_app, caplog):
@@ -331,6 +363,7 @@ def test_health(client):
     assert (
         health["model"].endswith(".gguf")
         and health["device"] == "cpu"
+        and health["flash_attn"] is False  # --flash-attn auto, on a CPU
         and "chat_model" not in health
     )
     assert (
