@@ -35,6 +35,7 @@ import html
 import http.client
 import itertools
 import json
+import keyword
 import logging
 import math
 import os
@@ -2612,6 +2613,11 @@ WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer o
 # the name being typed at the cursor, and what it is a member of: self.session.mer, utils.get_en
 TYPING = re.compile(r"((?:[A-Za-z_]\w*\s*\.\s*)*)([A-Za-z_]\w*)$")
 PARTIAL_MIN = 3  # characters of a name being typed, at least, before names beginning so are found
+# words typed often that are no names to look up (so that typing them leaves the snippets be,
+# and the KV cache after them): a keyword's start is not looked up until it is no longer one
+KEYWORDS = {*keyword.kwlist, "self", "cls", "this", "const", "let", "var", "function", "func",
+            "export", "package", "struct", "interface", "public", "private", "static", "void",
+            "new", "print", "string", "int", "float"}  # fmt: skip
 # what a file imports, and from where: Python's from M import a, b as c / import M.N as c, and
 # JavaScript's import {a, b as c} from "./m" / import c from "./m"
 IMPORTS = re.compile(
@@ -2993,7 +2999,7 @@ class CodeIndex:
         kind, path = family(language), os.path.normpath(path or "")
         above, line = prefix[: prefix.rfind("\n") + 1], prefix[prefix.rfind("\n") + 1 :]
         typing = TYPING.search(line)
-        line = line[: typing.start()] if typing else line  # not a name yet: looked up by its start
+        line = line[: typing.start(2)] if typing else line  # not a name yet: found by its start
         near = "\n".join(above.splitlines()[-NEAR_LINES:] + [line])
         before = WORD.findall(near)[::-1]  # the nearest the cursor first
         after = WORD.findall("\n".join(suffix.splitlines()[:NEAR_LINES]))
@@ -3025,6 +3031,8 @@ class CodeIndex:
         if not typing or len(typing[2]) < PARTIAL_MIN:
             return []
         members, partial = [m.strip() for m in typing[1].split(".")][:-1], typing[2]
+        if not members and any(word.startswith(partial) for word in KEYWORDS):
+            return []  # (after a dot, no keyword comes)
         rows = self.reader.execute(
             "SELECT n.name, n.rank, n.chunk, c.path FROM names n JOIN chunks c ON c.id = n.chunk "
             "WHERE n.name >= ? AND n.name < ? AND n.repo = ? AND n.family = ?",

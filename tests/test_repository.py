@@ -283,6 +283,24 @@ def test_a_name_being_typed_brings_its_definition_and_keeps_it(make_app, repo):
         assert seen == [ops if above else []] + [ops] * 4, seen
 
 
+def test_typing_a_keyword_leaves_the_snippets_be(make_app, repo):
+    """ "ret" may begin retry_all, defined in the repository, but it begins return, typed far
+    more often: no name is looked up by the start of a keyword, so the snippets (and the KV
+    cache after them) stay while one is typed; "retr" is no keyword's start any more."""
+    (repo / "calc" / "retry.py").write_text("def retry_all(items):\n    return list(items)\n")
+    git("add", ".", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "retry", cwd=repo)
+    client = make_app(repo=(str(repo),))[0].test_client()
+    seen = []
+    for typed in ("r", "re", "ret", "retu", "return", "return ", "retr"):
+        body = {"language": "python", "segments": {"prefix": "def run(cart):\n    " + typed,
+                "suffix": "\n", "filepath": "calc/main.py", "git_url": REMOTE},
+                "debug_options": {"return_snippets": True}}  # fmt: skip
+        found = client.post("/v1/completions", json=body).json["debug_data"].get("snippets", [])
+        seen.append([s["filepath"] for s in found])
+    assert seen == [[]] * 6 + [["calc/retry.py"]], seen
+
+
 def test_a_member_being_typed_is_looked_up_in_the_module_it_is_a_member_of(make_app, repo):
     """utils.get_e: the part after the last dot is the name's start, and the module before it,
     imported at the top of the file (out of the editor's view), says which file: of two
