@@ -2705,11 +2705,10 @@ def imported(text, path):
         return "" if where == "." else where
 
     for m in IMPORTS.finditer(text):
-        if m["module"]:  # import m.n as c: c is m.n; import m.n: m is m (a package: all of it)
+        if m["module"]:  # import m.n (as c): m.n, a package perhaps, and all in it; m itself
             alias = m["alias"] or m["module"].split(".")[0]
-            names.setdefault(alias, []).append(
-                resolve(m["module"] if m["alias"] else alias, True) + "/"
-            )
+            where = resolve(m["module"], True)
+            names.setdefault(alias, []).extend([where + "/", where.split("/")[0]])
             continue
         python = m["py_from"] is not None
         where = resolve(m["py_from"] if python else m["js_from"], python)

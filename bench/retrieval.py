@@ -20,6 +20,7 @@ prompt is most of it) with the bench's model.
 
 import argparse
 import ast
+import builtins
 import importlib.util
 import logging
 import os
@@ -87,8 +88,8 @@ def cases(folder, limit):
             where = defined.get(name, [])
             if len(where) != 1 or where[0][0] == path or len(name) < 6:
                 continue
-            if kind == "member" and not surely(node.func, where[0][0]):
-                continue
+            if kind == "member" and not surely(node.func, where[0][0]) or name in BUILTINS:
+                continue  # (enumerate(...) calls the builtin, not threading's)
             line, column = node.func.end_lineno - 1, node.func.end_col_offset
             if line >= len(lines) or lines[line][column : column + 1] != "(":
                 continue
@@ -102,6 +103,7 @@ def cases(folder, limit):
     return [case for i in range(0, len(found), step) for case in found[i : i + 2]][: 2 * limit]
 
 
+BUILTINS = set(dir(builtins))
 BUILTIN = {name for kind in (list, dict, str, bytes, set, tuple, int, float) for name in dir(kind)}
 
 
