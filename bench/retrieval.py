@@ -21,6 +21,7 @@ prompt is most of it) with the bench's model.
 import argparse
 import ast
 import builtins
+import contextlib
 import importlib.util
 import logging
 import os
@@ -58,7 +59,8 @@ def checkout(source, folder):
 
 
 def cases(folder, limit):
-    """(path, prefix, suffix, name, cut, line of its definition, path of it, kind) for call sites
+    """(path, prefix, suffix, name, cut, line of its definition, path of it, kind, the cursor's
+    line) for call sites
     of functions and methods defined once, in another file: kind "call" (name(...)) or
     "member" (x.name(...)); the prefix ends after the name and its "(" (cut None), or with the
     name cut after cut of its characters, 40-70 % of it (what the agent sends mid-word)."""
@@ -98,7 +100,7 @@ def cases(folder, limit):
             for end, at in ((column + 1, None), (start + cut, cut)):
                 prefix = "".join(lines[max(0, line - 19) : line]) + lines[line][:end]
                 suffix = lines[line][end:] + "".join(lines[line + 1 : line + 21])
-                found.append((path, prefix, suffix, name, at, where[0][1], where[0][0], kind))
+                found.append((path, prefix, suffix, name, at, where[0][1], where[0][0], kind, line))
     step = max(1, len(found) // (2 * limit)) * 2  # a complete case and its half-typed twin
     return [case for i in range(0, len(found), step) for case in found[i : i + 2]][: 2 * limit]
 
@@ -121,6 +123,28 @@ def surely(func, def_path):
     if module.split("/")[-1] == root:
         return True
     return func.attr not in BUILTIN and root not in sys.stdlib_module_names
+
+
+@contextlib.contextmanager
+def unwritten(index, repo, path, line):
+    """The index as it was before the cursor's line was written (the file without it), as while
+    the user writes it: the line does not tell its own names."""
+    full = os.path.join(repo.path, path)
+    with open(full, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    lines = text.splitlines(keepends=True)
+
+    def write(content):
+        with open(full, "w", encoding="utf-8") as f:
+            f.write(content)
+        index.update(repo)
+        index.bm25.cache_clear()
+
+    write("".join(lines[:line] + lines[line + 1 :]))
+    try:
+        yield
+    finally:
+        write(text)
 
 
 def tabby_find(index, repo, path, prefix):
@@ -180,20 +204,20 @@ def measure(folder, label, limit, log, model=None):
           f"in {built:.1f} s ({stats['files'] / built:.0f} files/s), {size / 2**20:.0f} MB on disk, "
           f"+{memory:.0f} MB of memory at most", flush=True)  # fmt: skip
     times, hits, kept, keystrokes = [], {}, 0, 0
-    for path, prefix, suffix, name, cut, def_line, def_path, kind in cases(repo.path, limit):
-        mine = ours_find(index, repo, path, prefix, suffix, times)
+    for path, prefix, suffix, name, cut, def_line, def_path, kind, line in cases(repo.path, limit):
+        with unwritten(index, repo, path, line):
+            mine = ours_find(index, repo, path, prefix, suffix, times)
+            if cut:  # the keystrokes of the rest of the name: do the snippets stay?
+                before, last = prefix[: len(prefix) - cut], None
+                for n in range(server.PARTIAL_MIN, len(name) + 1):
+                    now = ours_find(index, repo, path, before + name[:n], suffix, times)
+                    if last is not None:
+                        keystrokes, kept = keystrokes + 1, kept + (now == last)
+                    last = now
         key = (kind, "half typed" if cut else "complete")
         tabby = hit(tabby_find(index, repo, path, prefix), def_path, def_line)
         counts = hits.get(key, (0, 0, 0))
         hits[key] = (counts[0] + hit(mine, def_path, def_line), counts[1] + tabby, counts[2] + 1)
-        if cut:  # the keystrokes of the rest of the name: do the snippets stay?
-            before = prefix[: len(prefix) - cut]
-            last = None
-            for n in range(server.PARTIAL_MIN, len(name) + 1):
-                now = ours_find(index, repo, path, before + name[:n], suffix, times)
-                if last is not None:
-                    keystrokes, kept = keystrokes + 1, kept + (now == last)
-                last = now
     for (kind, typed), (ours, tabby, n) in sorted(hits.items()):
         print(f"{label}: {n} {kind} sites into another file, the name {typed}: the definition "
               f"among the snippets: ours {ours} ({100 * ours / n:.0f}%), Tabby's rules {tabby} "
