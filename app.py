@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import platform
+import random
 import re
 import select
 import shutil
@@ -631,7 +632,7 @@ class CompletionRequest:
     language: str = "unknown"
     user: str | None = None
     temperature: float | None = None  # None: the server's
-    seed: int | None = None  # None: one from the clock
+    seed: int | None = None  # None: a random one
     raw_prompt: str | None = None  # debug_options.raw_prompt: sent as it is, special tokens too
     debug_data: bool = False  # debug_options was sent: the answer has debug_data
     return_snippets: bool = False
@@ -706,9 +707,9 @@ Sampling = collections.namedtuple("Sampling", "temperature seed")  # (a 32-bit s
 
 
 def sampling(req, temperature):
-    """The Sampling of a request: its own temperature, else the server's; its seed, else one from
-    the clock."""
-    seed = req.seed if req.seed is not None else int(time.time() * 1000)
+    """The Sampling of a request: its own temperature, else the server's; its seed, else a random
+    one (not the clock's: two requests in one millisecond would get one sample)."""
+    seed = req.seed if req.seed is not None else random.getrandbits(32)
     temperature = req.temperature if req.temperature is not None else temperature
     return Sampling(temperature, seed & 0xFFFFFFFF)
 

@@ -61,6 +61,14 @@ def test_health_names_the_gpus_as_nvidia_smi_lists_them(model_path, monkeypatch,
         "cuda", {"flash_attn": True, "cuda_devices": ["NVIDIA H200", "NVIDIA H200"]})  # fmt: skip
 
 
+def test_requests_without_a_seed_each_get_their_own():
+    """A manual trigger's requests come close together (and other editors' too): seeds drawn in
+    one millisecond must still differ, or two of them sample the same text."""
+    req = server.parse_completion({"segments": {"prefix": "x"}, "temperature": 0.8})
+    seeds = [server.sampling(req, 0.1).seed for _ in range(100)]  # within a millisecond or two
+    assert len(set(seeds)) == 100
+
+
 def test_each_completion_logs_one_line_with_its_counts(make_app, caplog):
     caplog.set_level("INFO")
     client = make_app(completion_cache=0)[0].test_client()  # the model answers each time
