@@ -3067,16 +3067,11 @@ class CodeIndex:
         chunks = {name: found for name, found in chunks.items() if len(found) <= DEFINED_MAX}
         ids = [chunk for found in chunks.values() for _, chunk in found]
         query = f"SELECT id, path FROM chunks WHERE id IN ({','.join('?' * len(ids))})"
-        paths, files = dict(self.reader.execute(query, ids)), sum(imports.values(), [])
-        return self.bodies(
-            [
-                chunk
-                for name in names
-                for *_, chunk in sorted(
-                    (from_where(paths[c], files), rank, c) for rank, c in chunks.get(name, ())
-                )[:PER_NAME]
-            ]
-        )
+        paths, files, wanted = dict(self.reader.execute(query, ids)), sum(imports.values(), []), []
+        likely = lambda found: (from_where(paths[found[1]], files), *found)  # noqa: E731
+        for name in names:  # its likeliest first: from a file the file imports, then top-level
+            wanted += [chunk for _, chunk in sorted(chunks.get(name, ()), key=likely)[:PER_NAME]]
+        return self.bodies(wanted)
 
     def bodies(self, wanted):
         """(chunk, path, body, 1.0) of the chunks wanted, in that order."""
