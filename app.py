@@ -211,89 +211,54 @@ FIM_TEMPLATES = {
 # a special-token marker inside a template: <...> or [UPPER]
 MARKER = r"<[^\s<>{}]+>|\[[A-Z]+\]"
 
-# TabbyML/tabby:crates/tabby-common/assets/languages.toml. line_comment None: the language has
-# none, so context snippets are left out. Each top-level keyword becomes the stop word "\n" + kw.
+# TabbyML/tabby:crates/tabby-common/assets/languages.toml, an entry a line: its language ids, its
+# line comment (None: none, so context snippets are left out) and its top-level keywords, each of
+# which becomes the stop word "\n" + keyword.
 # fmt: off
 LANGUAGES = [
-    {"languages": ["python"], "line_comment": "#",
-     "top_level_keywords": ["def", "from", "class", "import"]},
-    {"languages": ["rust"], "line_comment": "//",
-     "top_level_keywords": ["fn", "trait", "impl", "enum", "pub", "extern", "static", "trait",
-                            "unsafe", "use"]},
-    {"languages": ["java"], "line_comment": "//",
-     "top_level_keywords": ["abstract", "public", "private", "class", "const", "exports",
-                            "extends", "implements", "static", "import", "interface", "module",
-                            "package", "var", "enum", "return"]},
-    {"languages": ["kotlin"], "line_comment": "//",
-     "top_level_keywords": ["abstract", "public", "private", "companion", "class", "data",
-                            "const", "actual", "expect", "sealed", "suspend", "fun", "import",
-                            "interface", "package", "var", "val", "enum"]},
-    {"languages": ["javascript-typescript", "javascript", "typescript", "javascriptreact",
-                   "typescriptreact"], "line_comment": "//",
-     "top_level_keywords": ["abstract", "async", "class", "const", "export", "function",
-                            "interface", "module", "package", "type", "var", "enum", "let"]},
-    {"languages": ["go"], "line_comment": "//",
-     "top_level_keywords": ["func", "interface", "struct", "package", "type", "import", "var",
-                            "const"]},
-    {"languages": ["ruby"], "line_comment": "#",
-     "top_level_keywords": ["begin", "class", "def", "end", "ensure", "include", "module",
-                            "require", "rescue", "self"]},
-    {"languages": ["c"], "line_comment": "//",
-     "top_level_keywords": ["const", "enum", "extern", "inline", "register", "static", "struct",
-                            "typedef", "union", "volatile"]},
-    {"languages": ["cpp"], "line_comment": "//",
-     "top_level_keywords": ["auto", "class", "const", "concept", "enum", "extern", "inline",
-                            "namespace", "register", "static", "struct", "template", "typedef",
-                            "union", "volatile"]},
-    {"languages": ["csharp"], "line_comment": "//",
-     "top_level_keywords": ["class", "struct", "enum", "interface", "abstract", "static",
-                            "extern", "namespace", "using", "var", "dynamic", "async"]},
-    {"languages": ["php"], "line_comment": "//",
-     "top_level_keywords": ["abstract", "class", "const", "declare", "extends", "final",
-                            "finally", "function", "global", "implements", "include_once",
-                            "include", "interface", "namespace", "private", "protected", "public",
-                            "require_once", "require", "static", "trait", "use"]},
-    {"languages": ["solidity"], "line_comment": "//",
-     "top_level_keywords": ["contract", "interface", "error", "library", "struct", "enum",
-                            "function", "type"]},
-    {"languages": ["dart"], "line_comment": "//",
-     "top_level_keywords": ["abstract", "class", "late", "var", "final", "const", "export",
-                            "interface", "type", "enum", "int", "String", "double", "DateTime",
-                            "typedef"]},
-    {"languages": ["elixir"], "line_comment": "#",
-     "top_level_keywords": ["def", "defp", "defmacro", "defmacrop", "module", "use", "import",
-                            "alias", "require", "if", "unless", "case", "cond", "with", "try",
-                            "catch", "throw", "receive", "after", "do", "end"]},
-    {"languages": ["r"], "line_comment": "#",
-     "top_level_keywords": ["function", "library", "install.packages"]},
-    {"languages": ["lua"], "line_comment": "--",
-     "top_level_keywords": ["and", "break", "do", "else", "elseif", "end", "false", "for",
-                            "function", "if", "in", "local", "nil", "not", "or", "repeat",
-                            "return", "then", "true", "until", "while"]},
-    {"languages": ["scala"], "line_comment": "//",
-     "top_level_keywords": ["abstract", "case", "class", "def", "do", "else", "enum", "extends",
-                            "final", "for", "given", "if", "implicit", "import", "lazy", "match",
-                            "new", "object", "override", "package", "private", "protected",
-                            "return", "sealed", "then", "throw", "trait", "try", "type", "val",
-                            "var", "while", "with", "yield"]},
-    {"languages": ["ocaml"], "line_comment": None,
-     "top_level_keywords": ["and", "as", "assert", "begin", "class", "constraint", "do", "done",
-                            "downto", "else", "end", "exception", "external", "for", "fun",
-                            "function", "functor", "if", "in", "include", "inherit",
-                            "initializer", "lazy", "let", "match", "method", "module", "mutable",
-                            "new", "nonrec", "object", "of", "open", "private", "rec", "sig",
-                            "struct", "then", "to", "try", "type", "val", "virtual", "when",
-                            "while", "with"]},
-    {"languages": ["gdscript"], "line_comment": "#",
-     "top_level_keywords": ["var", "const", "enum", "func", "class", "class_name", "extends"]},
-    {"languages": ["css", "dockerfile", "haskell", "html", "julia", "makefile", "markdown", "txt",
-                   "perl", "powershell", "sql", "shellscript", "tex", "vb"], "line_comment": None,
-     "top_level_keywords": []},
+    ("python", "#", "def from class import"),
+    ("rust", "//", "fn trait impl enum pub extern static trait unsafe use"),
+    ("java", "//", "abstract public private class const exports extends implements static import "
+                   "interface module package var enum return"),
+    ("kotlin", "//", "abstract public private companion class data const actual expect sealed "
+                     "suspend fun import interface package var val enum"),
+    ("javascript-typescript javascript typescript javascriptreact typescriptreact", "//",
+     "abstract async class const export function interface module package type var enum let"),
+    ("go", "//", "func interface struct package type import var const"),
+    ("ruby", "#", "begin class def end ensure include module require rescue self"),
+    ("c", "//", "const enum extern inline register static struct typedef union volatile"),
+    ("cpp", "//", "auto class const concept enum extern inline namespace register static struct "
+                  "template typedef union volatile"),
+    ("csharp", "//", "class struct enum interface abstract static extern namespace using var "
+                     "dynamic async"),
+    ("php", "//", "abstract class const declare extends final finally function global implements "
+                  "include_once include interface namespace private protected public "
+                  "require_once require static trait use"),
+    ("solidity", "//", "contract interface error library struct enum function type"),
+    ("dart", "//", "abstract class late var final const export interface type enum int String "
+                   "double DateTime typedef"),
+    ("elixir", "#", "def defp defmacro defmacrop module use import alias require if unless case "
+                    "cond with try catch throw receive after do end"),
+    ("r", "#", "function library install.packages"),
+    ("lua", "--", "and break do else elseif end false for function if in local nil not or repeat "
+                  "return then true until while"),
+    ("scala", "//", "abstract case class def do else enum extends final for given if implicit "
+                    "import lazy match new object override package private protected return "
+                    "sealed then throw trait try type val var while with yield"),
+    ("ocaml", None, "and as assert begin class constraint do done downto else end exception "
+                    "external for fun function functor if in include inherit initializer lazy "
+                    "let match method module mutable new nonrec object of open private rec sig "
+                    "struct then to try type val virtual when while with"),
+    ("gdscript", "#", "var const enum func class class_name extends"),
+    ("css dockerfile haskell html julia makefile markdown txt perl powershell sql shellscript tex "
+     "vb", None, ""),
 ]
+# language id -> (the ids of its entry, line comment, top-level keywords)
+LANGUAGE = {name: (names.split(), comment, words.split())
+            for names, comment, words in LANGUAGES for name in names.split()}
 # fmt: on
-LANGUAGE = {name: entry for entry in LANGUAGES for name in entry["languages"]}
 # any other language: Tabby's UNKNOWN_LANGUAGE, whose empty line comment makes "\n" a stop word
-UNKNOWN_LANGUAGE = {"line_comment": "", "top_level_keywords": []}
+UNKNOWN_LANGUAGE = ([], "", [])
 
 # Tabby's DEFAULT stop words: a blank line, also followed by indentation (a tokenizer often
 # emits "\n\n    " as one piece), and the special tokens of common FIM and chat formats.
@@ -325,9 +290,9 @@ LAST_ANSWERS = 64  # clients whose last answer is kept, for typed-through answer
 def stop_words(language):
     """Tabby's stop words for a language: DEFAULT, "\\n" + its line comment, "\\n" + each
     top-level keyword."""
-    entry = LANGUAGE.get(language, UNKNOWN_LANGUAGE)
-    comment = [] if entry["line_comment"] is None else ["\n" + entry["line_comment"]]
-    return DEFAULT_STOP_WORDS + comment + ["\n" + kw for kw in entry["top_level_keywords"]]
+    _, comment, keywords = LANGUAGE.get(language, UNKNOWN_LANGUAGE)
+    comment = [] if comment is None else ["\n" + comment]
+    return DEFAULT_STOP_WORDS + comment + ["\n" + kw for kw in keywords]
 
 
 def find_stop(text, words, tail=""):
@@ -357,7 +322,7 @@ def pick_snippets(segments):
 def build_prefix(language, prefix, snippets):
     """The prefix after a comment block of the snippets, each under a "Path:" line, as Tabby
     writes it."""
-    comment = LANGUAGE.get(language, UNKNOWN_LANGUAGE)["line_comment"]
+    comment = LANGUAGE.get(language, UNKNOWN_LANGUAGE)[1]
     if not snippets or not comment:  # no line comment, no way to hide code from the model
         return prefix
     lines = []
@@ -2640,7 +2605,7 @@ DEFINES = re.compile(
 def family(language):
     """The language family whose files can help a language (Tabby's: JavaScript and TypeScript
     are one)."""
-    return LANGUAGE[language]["languages"][0] if language in LANGUAGE else language
+    return LANGUAGE[language][0][0] if language in LANGUAGE else language
 
 
 def indexable(text):
