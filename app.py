@@ -1962,11 +1962,8 @@ class Engine:
 
     def __init__(self, config, counters):
         self.kind, self.url, self.base = engine_of(config)
-        self.model, token, self.counters = (
-            config["backend_model"],
-            config["backend_token"],
-            counters,
-        )
+        self.model, self.counters = config["backend_model"], counters
+        token = config["backend_token"]
         self.headers = {"Content-Type": "application/json"}
         self.headers.update({"Authorization": f"Bearer {token}"} if token else {})
         self.timeout, self.ctx = config["backend_timeout"], config["ctx"]
@@ -3274,11 +3271,8 @@ class Tallies:
 
     def summary(self, now=None):
         """(the last hour's Tally, the last HISTORY_DAYS days', [(day, its Tally)] oldest first)."""
-        now, ago, none = (
-            time.time() if now is None else now,
-            range(HISTORY_DAYS - 1, -1, -1),
-            collections.Counter(),
-        )
+        now, none = time.time() if now is None else now, collections.Counter()
+        ago = range(HISTORY_DAYS - 1, -1, -1)
         names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in ago]
         with self.lock:  # sums made here are copies: the tallies go on changing
             hour = sum((t for m, t in self.minutes.items() if m > now // 60 - 60), none.copy())
