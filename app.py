@@ -3318,23 +3318,19 @@ def share_text(part, whole):
     return f"{100 * part / whole:.0f}%" if whole else "–"
 
 
-def served_rows(windows):
-    """The rows of the completions table: (label, key, {window id: text}) for each figure."""
-    figures = [
-        ("Completions served", "served", lambda t: str(t["served"])),
-        ("Latency p50, in all", "p50", lambda t: ms_text(percentile(t, "total_ms", 0.5))),
-        ("Latency p90, in all", "p90", lambda t: ms_text(percentile(t, "total_ms", 0.9))),
-        ("Latency p50, in the model", "model-p50",
-         lambda t: ms_text(percentile(t, "model_ms", 0.5))),
-        ("Latency p90, in the model", "model-p90",
-         lambda t: ms_text(percentile(t, "model_ms", 0.9))),
-        ("Cancelled (the editor moved on)", "cancelled",
-         lambda t: share_text(t["cancelled"], t["served"] + t["cancelled"])),
-        ("Typed through (no model)", "typed", lambda t: share_text(t["typed"], t["served"])),
-        ("Prompt tokens reused", "reused",
-         lambda t: share_text(t["reused_tokens"], t["prompt_tokens"])),
-    ]  # fmt: skip
-    return [(label, key, {w: text(t) for w, t in windows.items()}) for label, key, text in figures]
+# the rows of the completions table: (label, id, the text of a window's Tally)
+SERVED_ROWS = [
+    ("Completions served", "served", lambda t: str(t["served"])),
+    ("Latency p50, in all", "p50", lambda t: ms_text(percentile(t, "total_ms", 0.5))),
+    ("Latency p90, in all", "p90", lambda t: ms_text(percentile(t, "total_ms", 0.9))),
+    ("Latency p50, in the model", "model-p50", lambda t: ms_text(percentile(t, "model_ms", 0.5))),
+    ("Latency p90, in the model", "model-p90", lambda t: ms_text(percentile(t, "model_ms", 0.9))),
+    ("Cancelled (the editor moved on)", "cancelled",
+     lambda t: share_text(t["cancelled"], t["served"] + t["cancelled"])),
+    ("Typed through (no model)", "typed", lambda t: share_text(t["typed"], t["served"])),
+    ("Prompt tokens reused", "reused",
+     lambda t: share_text(t["reused_tokens"], t["prompt_tokens"])),
+]  # fmt: skip
 
 
 def accepted_by(tally, index):
@@ -3397,11 +3393,9 @@ def status_page(about, hour, fortnight, days):
         f"<tr><td>{html.escape(label)}</td><td{mark[ok]}>{html.escape(text)}</td></tr>"
         for label, text, ok in about
     )
-    served = "".join(
-        f"<tr><td>{label}</td>" + "".join(f'<td id="{w}-{key}">{t}</td>' for w, t in texts.items())
-        + "</tr>"
-        for label, key, texts in served_rows({"hour": hour, "days": fortnight})
-    )  # fmt: skip
+    served = "".join(f"<tr><td>{label}</td><td id=hour-{key}>{text(hour)}</td>"
+                     f"<td id=days-{key}>{text(fortnight)}</td></tr>"
+                     for label, key, text in SERVED_ROWS)  # fmt: skip
     viewed, selected = accepted_totals(fortnight)
     users = accepted_by(fortnight, 2)
     parts = [
@@ -3424,23 +3418,19 @@ def status_page(about, hour, fortnight, days):
     return "".join(parts)
 
 
-def day_files(folder, days, now):
-    """The paths of the day files of the last days days (today's too) in folder, oldest first."""
-    names = [time.strftime("%Y-%m-%d", time.gmtime(now - n * 86400)) for n in range(days, -1, -1)]
-    paths = (os.path.join(folder, name + ".json") for name in names)
-    return [path for path in paths if os.path.isfile(path)]
-
-
-def records(path):
-    """The records of a day file, one JSON line each; lines that are not one are skipped."""
-    with open(path, "rb") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except (ValueError, RecursionError):  # another tool's line, or a torn one
-                continue
-            if isinstance(record, dict) and isinstance(record.get("event"), dict):
-                yield record
+def logged(folder, now):
+    """The records of the events log's last HISTORY_DAYS days, oldest first; lines that are not
+    one (another tool's, a torn one) are skipped."""
+    for n in range(HISTORY_DAYS - 1, -1, -1):
+        path = os.path.join(folder, time.strftime("%Y-%m-%d.json", time.gmtime(now - n * 86400)))
+        with open(path, "rb") if os.path.isfile(path) else contextlib.nullcontext([]) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("event"), dict):
+                    yield record
 
 
 def count_of(value, most=1e12):
@@ -3521,9 +3511,8 @@ def add_status_page(server):
     (from the events log: a restart keeps the page's figures)."""
     config, counters, app, tallies = server.config, server.counters, server.app, Tallies()
     named = lambda user: user in (server.tokens or {}).values()  # noqa: E731  (a token names it)
-    for path in day_files(server.events.folder, HISTORY_DAYS - 1, time.time()):
-        for record in records(path):
-            tally_history(tallies, record, named)
+    for record in logged(server.events.folder, time.time()):
+        tally_history(tallies, record, named)
     counters.told += [tallies.tell, count_completions(counters)]
     server.guarded += ["/", "/metrics"]
 
