@@ -95,3 +95,25 @@ def test_a_capability_deleted_leaves_a_server_that_passes_the_core_tests(name, t
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+
+
+def test_the_readme_lays_out_the_code_as_it_is():
+    """README's "How the code is laid out": the core's last line where it is, and every section
+    of app.py in its table, with its lines within 10 %."""
+    source = open(os.path.join(ROOT, "app.py")).read().splitlines()
+    rules = [i for i, line in enumerate(source) if line in ("# " + "-" * 95, "# " + "=" * 95)]
+    rules.append(len(source))
+    sections = {source[a + 1][2:]: b - a for a, b in zip(rules, rules[1:])}
+    del sections[next(title for title in sections if title.startswith("Each section below"))]
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    layout = readme[readme.index("## How the code is laid out") :]
+    marker = source.index("# Capabilities beyond the core") + 1
+    said = re.search(r"`# Capabilities beyond the core`\s+\(line ([\d,]+);", layout)
+    assert said and said[1] == f"{marker:,}", said
+    rows = [line.split("|")[1:-1] for line in layout.splitlines() if line.startswith("| ")][1:]
+    cells = [cell.strip() for row in rows for cell in row if cell.strip()]
+    listed = dict(zip(cells[::2], cells[1::2]))
+    assert len(listed) == len(sections), (sorted(listed), sorted(sections))
+    for name, lines in listed.items():
+        title = next(t for t in sections if re.match(rf"{re.escape(name)}[ :(,]", t))
+        assert abs(int(lines) - sections[title]) <= 0.1 * sections[title], (name, lines)
