@@ -13,10 +13,10 @@ the tabby-agent client) get fill-in-the-middle completions from a local GGUF mod
 The core comes first, a complete server on a local model in the order a request meets it:
 config, data tables, the prompt, the editor's cut, parsing, the generation loop, the local model,
 the completion service, counters, the events log, routes. After "# Capabilities beyond the core"
-comes a section per capability (engines, chat, speculation, repository context, the status page
-and /metrics, tokens per developer, Hugging Face download), which attaches itself with one line
-in create_app(), at the end, through what the core offers anyone: delete the section and that
-line, and the rest still serves.
+comes a section per capability (engines, chat, speculation, drafts, repository context, the
+status page and /metrics, tokens per developer, Hugging Face download), which attaches itself
+with one line in create_app(), at the end, through what the core offers anyone: delete the
+section and that line, and the rest still serves.
 """
 
 from __future__ import annotations
@@ -1784,7 +1784,7 @@ def serve_completions(server):
 #   KV copies (--kv-cache-mb), tokens of the prompt's pieces (64) and of lines (4,096: fitting a
 #   prompt tokenizes only near the cursor), BM25 results for the text above the cursor (64), and
 #   each model file's test load (once a process);
-# - knobs: 32, 20 of them the core's; python app.py --help lists them.
+# - knobs: 33, 20 of them the core's; python app.py --help lists them.
 #
 # Where a change goes: a new reason to stop generating is a check in generate(); a new kind of
 # engine is an entry in ENGINES plus its request (engine_body) and stream (engine_event); a new
@@ -2531,6 +2531,81 @@ def add_speculation(server):
         model.thread.submit(run)
 
     completions.answered.append(look_ahead)
+
+
+# -----------------------------------------------------------------------------------------------
+# Drafts (--draft N): code copies itself (a block's closing lines, arguments written a few lines
+# up, a pattern repeated in the file), so what followed the last few tokens where they occurred
+# before, in the prompt or the output, is a likely draft of the next ones. The model checks a
+# draft in one batch and keeps what it would have sampled itself. A batch row costs little on a
+# GPU or with a small vocabulary; with a large one on a CPU it costs nearly a token
+# (bench/drafts.py measures it), hence off by default.
+
+# fmt: off
+CONFIG.update({
+    "draft": (0, "tokens drafted from the document after each generated one and checked in one "
+                 "batch: faster where a batch row costs little (bench/drafts.py says); 0: none"),
+})
+# fmt: on
+
+DRAFT_MATCH = 4  # tokens that must match an earlier occurrence for what followed it to be drafted
+
+
+def drafting(llm, most):
+    """A generate() for llm, in place of llama-cpp-python's, for a prompt already evaluated (as
+    model_tokens leaves it): after each token it drafts up to most tokens, those that followed
+    the newest earlier occurrence of the last DRAFT_MATCH tokens, and decodes the token and its
+    draft in one batch. Each row is sampled in turn and compared with the draft: every token is
+    the model's own sample (the same distribution as one at a time; at temperature 0 the same
+    text, but where llama.cpp's batched arithmetic tips a near tie), and the KV cache drops the
+    draft from the first token that differs."""
+
+    def generate(tokens, temp, repeat_penalty):
+        sampler = llm._init_sampler(temp=temp, repeat_penalty=repeat_penalty)
+        memory, batch = llama_cpp.llama_get_memory(llm.ctx), llm._batch.batch
+        history, seen, draft, row = list(tokens), {}, [], -1
+
+        def saw(end):  # the n-gram that ends before end was last seen there
+            if end >= DRAFT_MATCH:
+                seen[tuple(history[end - DRAFT_MATCH : end])] = end
+
+        for end in range(len(history)):
+            saw(end)
+        while True:
+            for i in range(len(draft) + 1):  # the rows of the last decode (-1: the prompt's)
+                token = sampler.sample(llm._ctx, row + i)
+                yield token
+                history.append(token)
+                saw(len(history) - 1)
+                if i == len(draft) or token != draft[i]:
+                    break
+            llm.n_tokens -= len(draft) - i  # what was drafted after a token that differs
+            llama_cpp.llama_memory_seq_rm(memory, 0, llm.n_tokens, -1)
+            at = seen.get(tuple(history[-DRAFT_MATCH:]))
+            room = min(most, llm.n_ctx() - llm.n_tokens - 1, llm.n_batch - 1)
+            draft = history[at : at + room] if at is not None else []
+            todo, row = [token, *draft], 0
+            batch.n_tokens = len(todo)
+            for j, t in enumerate(todo):
+                batch.token[j], batch.pos[j], batch.n_seq_id[j] = t, llm.n_tokens + j, 1
+                batch.seq_id[j][0], batch.logits[j] = 0, True
+            status = llama_cpp.llama_decode(llm.ctx, batch)
+            if status:  # (as llm.eval says it: 2 is an abortable() decode stopped)
+                raise RuntimeError(f"llama_decode returned {status}")
+            llm.input_ids[llm.n_tokens : llm.n_tokens + len(todo)] = todo
+            llm.n_tokens += len(todo)
+
+    return generate
+
+
+def add_drafts(server):
+    """With --draft N, the local model's Llama generates with drafts (its chat model does not)."""
+    model, most = server.backend, server.config["draft"]
+    if most < 0 or most and not isinstance(model, LocalModel):
+        raise SystemExit("error: --draft must be 0 or more, for a local model (--model)")
+    if most:
+        model.llm.generate = drafting(model.llm, most)
+        print(f"drafts: up to {most} tokens, after a {DRAFT_MATCH}-token match", file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------------------------
@@ -3763,6 +3838,7 @@ def create_app(config=None):
     add_chat(server)
     add_repository_context(server)
     add_speculation(server)
+    add_drafts(server)
     add_status_page(server)
     return server.app
 

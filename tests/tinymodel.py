@@ -231,10 +231,12 @@ def write_model(
     chat_template=None,
     fim_script=FIM_SCRIPT,
     plain_script=PLAIN_SCRIPT,
+    logit=64.0,
 ):
     """Write the model to path. fim_script: what it writes after the FIM middle token;
     plain_script: after any other token (code on the cursor line goes after the middle token:
-    app.arrange). Each token of both is followed by one token only: a bigram automaton."""
+    app.arrange). Each token of both is followed by one token only: a bigram automaton, whose
+    next token has logit (every other 0: the default makes it certain, a small one a draw)."""
     spec = FAMILIES[family]
     tokens, types, merges = build_vocab(spec["specials"], special_type)
     shapes = {
@@ -247,7 +249,7 @@ def write_model(
         "ffn_down": (n_embd, n_ff),
     }
     if weights == "scripted":
-        embd, out = scripted_head(spec, tokens, n_embd, fim_script, plain_script)
+        embd, out = scripted_head(spec, tokens, n_embd, fim_script, plain_script, logit)
         layers = [
             {name: np.zeros(shape, dtype=np.float32) for name, shape in shapes.items()}
             for _ in range(n_layer)
@@ -299,7 +301,7 @@ def write_model(
     return path
 
 
-def scripted_head(spec, tokens, n_embd, fim_script, plain_script):
+def scripted_head(spec, tokens, n_embd, fim_script, plain_script, logit):
     """Embedding and output head of the bigram automaton (the blocks are all zeros)."""
     eos, succ = 0, {}
     chains = [split_script(plain_script, tokens)]
@@ -321,8 +323,8 @@ def scripted_head(spec, tokens, n_embd, fim_script, plain_script):
     for k, t in enumerate(routed):
         embd[t, default_dim] = 0.0
         embd[t, k] = 1.0
-        out[succ[t], k] = 8.0  # after rmsnorm the one-hot is sqrt(64) = 8: logit 64, all others 0
-    out[chains[0][0], default_dim] = 8.0
+        out[succ[t], k] = logit / 8  # after rmsnorm the one-hot is sqrt(64) = 8; all others 0
+    out[chains[0][0], default_dim] = logit / 8
     return embd, out
 
 
