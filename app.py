@@ -3601,6 +3601,7 @@ def add_status_page(server):
     def status_route():
         up = int(time.time() - counters.started)
         days, hours, minutes = up // 86400, up // 3600 % 24, up // 60 % 60
+        uptime = f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min"
         kept = f" for {config['events_days']} days" if config["events_days"] else ""
         settings = (f"--max-tokens {config['max_tokens']}, --time-budget "
                     f"{config['time_budget']} ms, --kv-cache-mb {config['kv_cache_mb']}, "
@@ -3613,11 +3614,7 @@ def add_status_page(server):
         about += [line for part in server.about for line in part()]
         about += [
             ("Version", f"Tabby API {TABBY_VERSION}, Python {platform.python_version()}", None),
-            (
-                "Up for",
-                f"{days} d {hours} h {minutes} min" if days else f"{hours} h {minutes} min",
-                None,
-            ),
+            ("Up for", uptime, None),
             ("Settings", settings, None),
             ("Access", access, None),
         ]

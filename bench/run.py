@@ -17,6 +17,7 @@ the first 20 after it. Scenarios:
               the server to speculate), then types on: the request after the accept
   revisit     type a word, delete it, type it again: the requests after the first time
   concurrent  2 and 4 editors typing at once (type; each types every line, from its own first line)
+With --draft N, ours runs again with --draft N (app.py's drafts), its rows named "drafts".
 Standard library only, plus the test models' generator for --model fim.
 """
 
@@ -379,6 +380,9 @@ def main():
     parser.add_argument(
         "--accept-wait", type=float, default=2.0, help="seconds from a completion to its accept"
     )
+    parser.add_argument(
+        "--draft", type=int, default=0, help="also run ours with --draft N (shown as 'drafts')"
+    )
     args = parser.parse_args()
     model = model_path(args.model)
     sources = [(lang, path) for lang, path in SOURCES if os.path.exists(path)]
@@ -394,6 +398,8 @@ def main():
         "ours": [sys.executable, "app.py", "--model", model, "--root", tempfile.mkdtemp()],
         "baseline": [sys.executable, "bench/baseline.py", "--model", model],
     }
+    if args.draft:
+        servers["drafts"] = servers["ours"] + ["--draft", str(args.draft)]
     for name, command in servers.items():
         logs[name] = tempfile.NamedTemporaryFile("w+", suffix=".log")
         port = free_port()
@@ -433,7 +439,7 @@ def main():
         )
         if s in ours
     ]:
-        for name in ("ours", "baseline"):
+        for name in results:
             s = stats(results[name][scenario])
             print(
                 f"{scenario:<14}{name:<10}{s['n']:>4}{s['p50'] * 1000:>10.0f}{s['p90'] * 1000:>10.0f}{s['max'] * 1000:>10.0f}"
