@@ -2,6 +2,8 @@
 writes one token at a time, in fewer decodes. On the scripted model, whose arithmetic is exact
 batched or not; a certain one (greedy text) and an unsure one (sampled text, seed for seed)."""
 
+import pytest
+
 import app as server
 
 SCRIPT = "total = fib + add * Calc - a / b\n"  # each token once (a bigram automaton's script)
@@ -83,3 +85,10 @@ def test_drafts_on_a_model_that_reads_its_context_write_its_text(make_app, model
             out[draft].append(client.post("/v1/completions", json=body).json["choices"][0]["text"])
     assert out[0] == out[4] and sum(map(len, out[0])) > 2000
     assert sum(n - 1 for n in drafts) > 300 and len(drafts) < 30 * 47 * 0.7  # a third saved
+
+
+def test_drafts_are_a_local_models(make_app):
+    with pytest.raises(SystemExit, match="--draft must be 0 or more, for a local model"):
+        make_app(draft=-1)
+    with pytest.raises(SystemExit, match="--draft must be 0 or more, for a local model"):
+        make_app(model="", backend="http://127.0.0.1:9/v1", backend_model="qwen2.5-coder", draft=3)
