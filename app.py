@@ -3060,11 +3060,12 @@ class CodeIndex:
 
     def completing(self, repo, kind, imports, typing, prefix, suffix):
         """[(chunk, path, body, score)] of the chunk that defines the likeliest name beginning
-        with the one being typed (PARTIAL_MIN characters at least): one imported by name (or
-        from the module it is a member of) first, then one from a file the file imports, one of
-        the kind wanted (a method after a dot, else a top-level one), one used elsewhere in the
-        text, the shortest. The next keystroke only leaves names out: the likeliest stays, and
-        so does the prompt's start (one more would change as often as the second changes)."""
+        with the one being typed (PARTIAL_MIN characters at least): one imported by name (after
+        a dot: from the module it is a member of, if any) first, then one from a file the file
+        imports, one of the kind wanted (a method after a dot, else a top-level one), one used
+        elsewhere in the text, the shortest. The next keystroke only leaves names out: the
+        likeliest stays, and so does the prompt's start (one more would change as often as the
+        second changes)."""
         if not typing or len(typing[2]) < PARTIAL_MIN:
             return []
         members, partial = [m.strip() for m in typing[1].split(".")][:-1], typing[2]
@@ -3082,7 +3083,7 @@ class CodeIndex:
 
         def likely(row):
             name, rank, chunk, file = row
-            named = from_where(file, module or imports.get(name, []))  # imported by name
+            named = from_where(file, module if members else imports.get(name, []))  # x.name: x's
             unused = name not in used
             return named, from_where(file, files), rank != method, unused, len(name), chunk
 

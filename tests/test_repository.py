@@ -325,6 +325,25 @@ def test_a_member_being_typed_is_looked_up_in_the_module_it_is_a_member_of(make_
     assert [s["filepath"] for s in found][:1] == ["calc/utils.py"], found
 
 
+def test_a_name_imported_by_the_file_is_no_member_of_self(make_app, repo):
+    """self.chec: a method (here the base class's check_total), not check_tax, a function the
+    file imports by name (a test file that imports a helper and calls self.assert...)."""
+    for name, text in (("calc/base.py", "class Base:\n    def check_total(self, cart):\n"
+                                        "        return cart.total\n"),
+                       ("calc/taxes.py", "def check_tax(rate):\n    return rate < 1\n")):  # fmt: skip
+        (repo / name).write_text(text)
+    git("add", ".", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "more", cwd=repo)
+    client = make_app(repo=(str(repo),))[0].test_client()
+    prefix = ("from calc.base import Base\nfrom calc.taxes import check_tax\n\n\n"
+              "class TestCart(Base):\n    def test_total(self):\n        self.chec")  # fmt: skip
+    body = {"language": "python", "segments": {"prefix": prefix, "suffix": "\n",
+            "filepath": "calc/test_cart.py", "git_url": REMOTE},
+            "debug_options": {"return_snippets": True}}  # fmt: skip
+    found = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
+    assert [s["filepath"] for s in found][:1] == ["calc/base.py"], found
+
+
 def test_a_commit_is_indexed_within_seconds(make_app, repo):
     """A new HEAD (a commit, a checkout, a pull) is seen at the next look at HEAD, every 2
     seconds, whatever --repo-refresh says (and indexed in a moment: 0.5 s here)."""
