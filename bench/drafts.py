@@ -14,6 +14,7 @@ Three figures, each on the server's own local model (app.LocalModel, its setting
    DRAFT_MATCH tokens, checked in one batch). Tokens per second, the share of drafted tokens
    accepted (counted at llama_decode), and whether the text is the same.
 3. Why it may not be: the logits of one position decoded alone and inside a batch.
+4. What drafting costs where it finds nothing: the same loop with drafts of 0 tokens.
 """
 
 import argparse
@@ -86,12 +87,13 @@ def main():
         lines.append(open(os.path.join(os.path.dirname(os.__file__), name)).read().splitlines(True))
     generated, totals, same, stats, widest = (
         [0],
-        {"plain": [0, 0.0], "drafts": [0, 0.0]},
+        {"plain": [0, 0.0], "drafts": [0, 0.0], "misses": [0, 0.0]},
         0,
         [0, 0],
         0.0,
     )
     plain, drafts, decoded = llm.generate, app.drafting(llm, args.draft), llama_cpp.llama_decode
+    misses = app.drafting(llm, 0)  # every lookup made, no draft ever: what a miss costs
 
     def counted(ctx, batch):  # tokens drafted (each batch's but its first) and decodes
         stats[0], stats[1] = stats[0] + batch.n_tokens - 1, stats[1] + 1
@@ -104,12 +106,12 @@ def main():
         suffix = src[i][len(src[i]) // 2 :] + "".join(src[i + 1 : i + 20])
         prompt = model.prompt(prefix, suffix).tokens
         out = {}
-        for kind in ("plain", "drafts"):
+        for kind in ("plain", "drafts", "misses"):
             llm.n_tokens = 0  # both evaluate the whole prompt, untimed
             app.keep_kv(llm, prompt)
             app.eval_prompt(llm, prompt[llm.n_tokens :], lambda: False)
-            llm.generate = plain if kind == "plain" else drafts
-            llama_cpp.llama_decode = decoded if kind == "plain" else counted
+            llm.generate = {"plain": plain, "drafts": drafts, "misses": misses}[kind]
+            llama_cpp.llama_decode = counted if kind == "drafts" else decoded
             made = app.model_tokens(llm, prompt, 0, 1)
             started, out[kind] = time.perf_counter(), []
             for token in made:
@@ -122,8 +124,9 @@ def main():
         llama_cpp.llama_decode, llm.generate = decoded, plain
         generated[0] += len(out["drafts"])
         same += out["plain"] == out["drafts"]
+        assert out["misses"] == out["plain"]  # (one token a batch: the same arithmetic)
         if out["plain"] != out["drafts"]:  # the first position where they part: alone, batched
-            d = next(j for j, (a, b) in enumerate(zip(*out.values())) if a != b)
+            d = next(j for j, (a, b) in enumerate(zip(out["plain"], out["drafts"])) if a != b)
             llm.n_tokens = 0
             llm.eval(prompt)
             for token in out["plain"][:d]:
@@ -140,6 +143,8 @@ def main():
           f"{rate['drafts']:.1f} ({rate['drafts'] / rate['plain']:.2f}x); drafted tokens accepted "
           f"{accepted} of {stats[0]} ({100 * accepted / max(1, stats[0]):.0f}%); the same text in "
           f"{same} of {args.cases}")  # fmt: skip
+    print(f"the lookups alone (drafts of 0 tokens: every one a miss): {rate['misses']:.1f} "
+          f"tokens/s ({rate['misses'] / rate['plain']:.3f}x plain)")  # fmt: skip
     if widest:
         print(f"where they part, a position's logits decoded alone and in a batch differ by up to "
               f"{widest:.2f}")  # fmt: skip
