@@ -92,3 +92,33 @@ def test_drafts_are_a_local_models(make_app):
         make_app(draft=-1)
     with pytest.raises(SystemExit, match="--draft must be 0 or more, for a local model"):
         make_app(model="", backend="http://127.0.0.1:9/v1", backend_model="qwen2.5-coder", draft=3)
+
+
+def test_a_batch_stopped_midway_leaves_the_kv_cache_as_it_was(make_app, model_path, monkeypatch):
+    """abortable() stops a decode (a speculation that a request overtakes) in the middle of a
+    draft's batch: llama.cpp drops the batch, and what llm says its KV cache holds (n_tokens,
+    input_ids) is what it holds, the tokens before the batch, for the next request to go on."""
+    app = make_app(model=model_path(fim_script=SCRIPT), draft=7, completion_cache=0,
+                   speculate=False, max_tokens=16)[0]  # fmt: skip
+    model = app.extensions["tabbypy"].backend
+    llm, batches, decode = model.llm, [], server.llama_cpp.llama_decode
+    monkeypatch.setattr(server.llama_cpp, "llama_decode",
+                        lambda ctx, batch: batches.append(batch.n_tokens) or decode(ctx, batch))  # fmt: skip
+
+    def stopped_in_a_draft():
+        tokens, made = model.prompt(PREFIX, "\n").tokens, []
+        server.keep_kv(llm, tokens)
+        with pytest.raises(RuntimeError) as error:
+            with server.abortable(llm, lambda: bool(batches) and batches[-1] > 1, every=0):
+                for token in server.model_tokens(llm, tokens, 0, 1):
+                    made.append(token)
+        assert server.aborted(error.value)
+        return tokens, made
+
+    tokens, made = model.thread.submit(stopped_in_a_draft).result()
+    assert batches == [1, 1, 1, 8] and len(made) == 4  # (see the first test)
+    held = server.llama_cpp.llama_memory_seq_pos_max(server.llama_cpp.llama_get_memory(llm.ctx), 0)
+    assert llm.n_tokens == held + 1 == len(tokens) + 3  # the batch's first token: made, not held
+    assert llm.input_ids[: llm.n_tokens].tolist() == tokens + made[:-1]
+    body = {"language": "python", "segments": {"prefix": PREFIX, "suffix": "\n"}, "temperature": 0}
+    assert app.test_client().post("/v1/completions", json=body).json["choices"][0]["text"] == SCRIPT
