@@ -5,7 +5,7 @@ gain on this machine, measured before building it into app.py.
     python bench/drafts.py --model fim       # the random-weight 16x1024 FIM model
     python bench/drafts.py --draft 3          # drafts of 3 tokens at most (app.py's --draft)
 
-Three figures, each on the server's own local model (app.LocalModel, its settings):
+Four figures, each on the server's own local model (app.LocalModel, its settings):
 1. What a batch of n tokens costs llama_decode, each with its logits (a draft of n - 1 tokens is
    checked in one such batch): if n rows cost n times one, an accepted draft saves nothing.
 2. Completions of real code (64 tokens at temperature 0, from prompts cut in the middle of lines
@@ -107,7 +107,7 @@ def main():
         prompt = model.prompt(prefix, suffix).tokens
         out = {}
         for kind in ("plain", "drafts", "misses"):
-            llm.n_tokens = 0  # both evaluate the whole prompt, untimed
+            llm.n_tokens = 0  # each evaluates the whole prompt, untimed
             app.keep_kv(llm, prompt)
             app.eval_prompt(llm, prompt[llm.n_tokens :], lambda: False)
             llm.generate = {"plain": plain, "drafts": drafts, "misses": misses}[kind]
