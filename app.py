@@ -2651,6 +2651,8 @@ WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer o
 # the name being typed at the cursor, and what it is a member of: self.session.mer, utils.get_en
 TYPING = re.compile(r"((?:[A-Za-z_]\w*\s*\.\s*)*)([A-Za-z_]\w*)$")
 PARTIAL_MIN = 3  # characters of a name being typed, at least, before names beginning so are found
+CANDIDATES = 5  # names beginning with the one being typed whose signatures are shown, at most
+SIGNATURE_LINES = 4  # lines of a signature, at most (a def's arguments on lines of their own)
 # words typed often that are no names to look up (so that typing them leaves the snippets be,
 # and the KV cache after them): a keyword's start is not looked up until it is no longer one
 KEYWORDS = {*keyword.kwlist, "self", "cls", "this", "const", "let", "var", "function", "func",
@@ -2725,6 +2727,18 @@ def defined(body):
     return ranks
 
 
+def signature(body, name):
+    """The lines of body, a chunk, that define name: the first that does, and those after it
+    until its brackets close (def f(a,\n b):), SIGNATURE_LINES at most."""
+    match = next(m for m in DEFINES.finditer(body) if name in m.groups())
+    lines, depth = body[body.rfind("\n", 0, match.start()) + 1 :].splitlines(keepends=True), 0
+    for n, line in enumerate(lines[:SIGNATURE_LINES]):
+        depth += sum(map(line.count, "([{")) - sum(map(line.count, ")]}"))
+        if depth <= 0:
+            break
+    return "".join(lines[: n + 1]).rstrip() + "\n"
+
+
 def imported(text, path):
     """{name: [the files it may come from, as paths without extension; one ending in / may be a
     package, and all in it]} of the imports in text, a file at path (relative imports resolved
@@ -2757,13 +2771,23 @@ def imported(text, path):
     return names
 
 
-def from_where(file, sources):
-    """How surely a file is one of sources (from imported()): 0 it is (or is inside one ending
-    in /, a package), 1 its path ends so (a package under src/, say), 2 not."""
-    stem = re.sub(r"(/__init__|/index)?\.\w+$", "", file)
-    if any(stem == s.rstrip("/") or s.endswith("/") and stem.startswith(s) for s in sources):
-        return 0
-    return 1 if any(stem.endswith("/" + s.rstrip("/")) for s in sources if s.strip("/")) else 2
+def from_where(sources):
+    """A function telling how surely a file is one of sources (from imported()): 0 it is (or is
+    inside one ending in /, a package), 1 its path ends so (a package under src/, say), 2 not.
+    It looks up the file's folders, not each source (a test file imports dozens)."""
+    whole = {s.rstrip("/") for s in sources}
+    packages = {s.rstrip("/") for s in sources if s.endswith("/")}
+    tails = {s.rstrip("/") for s in sources if s.strip("/")}
+
+    @functools.cache
+    def surely(file):
+        parts = re.sub(r"(/__init__|/index)?\.\w+$", "", file).split("/")
+        folders = ("/".join(parts[:n]) for n in range(1, len(parts)))
+        if "/".join(parts) in whole or not packages.isdisjoint(folders):
+            return 0
+        return 1 if any("/".join(parts[n:]) in tails for n in range(1, len(parts))) else 2
+
+    return surely
 
 
 def normal_url(url):
@@ -3028,11 +3052,11 @@ class CodeIndex:
     def find(self, repo, language, path, prefix, suffix, budget, known=""):
         """Snippets ({filepath, body, score}) of repo's code for a cursor between prefix and
         suffix in the file at path, in the order they may help, their bodies budget characters
-        at most in all: first the chunks that define the name being typed (by its start), then
-        those that define a name used near the cursor, then those Tabby's BM25 finds for the
-        prefix's words (above the cursor line: typing on a line leaves them be, and so the KV
-        cache); at most 2 a file, none of path's, none whose text is in known (the prompt, the
-        editor's snippets)."""
+        at most in all: first the signatures of the names that begin with the one being typed,
+        then the chunks that define a name used near the cursor, then those Tabby's BM25 finds
+        for the prefix's words (above the cursor line: typing on a line leaves them be, and so
+        the KV cache); at most 2 a file, none of path's, none whose text is in known (the
+        prompt, the editor's snippets)."""
         kind, path = family(language), os.path.normpath(path or "")
         above, line = prefix[: prefix.rfind("\n") + 1], prefix[prefix.rfind("\n") + 1 :]
         typing = TYPING.search(line)
@@ -3045,7 +3069,7 @@ class CodeIndex:
             query = "SELECT body FROM chunks WHERE repo = ? AND path = ? AND body LIKE '%import%'"
             head = "".join(body for (body,) in self.reader.execute(query, (repo.path, path)))
             imports = imported(head + prefix, path)  # the file's, as indexed, and those in view
-            found = self.completing(repo.path, kind, imports, typing, prefix, suffix)
+            found = self.completing(repo.path, kind, path, imports, typing, prefix, suffix)
             found += self.definitions(repo.path, kind, names, imports)
             found += self.bm25(repo.path, kind, above)
         picked, per_file, used, known = [], {}, 0, known + prefix + suffix
@@ -3058,37 +3082,55 @@ class CodeIndex:
             per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
         return [snippet for _, snippet in picked]
 
-    def completing(self, repo, kind, imports, typing, prefix, suffix):
-        """[(chunk, path, body, score)] of the chunk that defines the likeliest name beginning
-        with the one being typed (PARTIAL_MIN characters at least): one imported by name (after
-        a dot: from the module it is a member of, if any) first, then one from a file the file
-        imports, one of the kind wanted (a method after a dot, else a top-level one), one used
-        elsewhere in the text, the shortest. The next keystroke only leaves names out: the
-        likeliest stays, and so does the prompt's start (one more would change as often as the
-        second changes)."""
+    def completing(self, repo, kind, path, imports, typing, prefix, suffix):
+        """[(key, path, signatures, score)] of the CANDIDATES likeliest names beginning with the
+        one being typed (PARTIAL_MIN characters at least), each as its signature (see
+        signature), one snippet a file. Likeliest: imported by name (after a dot: from the module
+        it is a member of, if any), then from a file the file imports, of the kind wanted (a
+        method after a dot, else a top-level one), used elsewhere in the text, the shortest.
+        The list stays while the name is typed, and so does the prompt after it (the KV cache):
+        it is that of the names beginning with the shortest start of the typed name whose
+        CANDIDATES likeliest hold the likeliest name that begins with all of it."""
         if not typing or len(typing[2]) < PARTIAL_MIN:
             return []
         members, partial = [m.strip() for m in typing[1].split(".")][:-1], typing[2]
         if not members and any(word.startswith(partial) for word in KEYWORDS):
             return []  # (after a dot, no keyword comes)
+        start = partial[:PARTIAL_MIN]
         rows = self.reader.execute(
             "SELECT n.name, n.rank, n.chunk, c.path FROM names n JOIN chunks c ON c.id = n.chunk "
-            "WHERE n.name >= ? AND n.name < ? AND n.repo = ? AND n.family = ?",
-            (partial, partial[:-1] + chr(ord(partial[-1]) + 1), repo, kind)).fetchall()  # fmt: skip
+            "WHERE n.name >= ? AND n.name < ? AND n.repo = ? AND n.family = ? AND c.path != ?",
+            (start, start[:-1] + chr(ord(start[-1]) + 1), repo, kind, path)).fetchall()  # fmt: skip
         module = imports.get(members[0], []) if members else []  # utils.get_e: utils' file
         module = [os.path.join(stem, *members[1:]).rstrip("/") for stem in module]
         used = set(WORD.findall(prefix[: -len(partial)] + suffix))
         method = bool(members) and not module  # obj.name: a method; module.name: a function
-        files = sum(imports.values(), [])
+        in_module, imported_from = from_where(module), from_where(sum(imports.values(), []))
 
         def likely(row):
             name, rank, chunk, file = row
-            named = from_where(file, module if members else imports.get(name, []))  # x.name: x's
-            unused = name not in used
-            return named, from_where(file, files), rank != method, unused, len(name), chunk
+            if members:  # x.name: from x's module
+                named = in_module(file)
+            else:
+                named = from_where(imports[name])(file) if name in imports else 2
+            return named, imported_from(file), rank != method, name not in used, len(name), chunk
 
-        best = min(rows, key=likely, default=None)
-        return self.bodies([best[2]] if best else [])
+        ranked = {}  # each name once, as its likeliest definition, the likeliest first
+        for row in sorted(rows, key=likely):
+            ranked.setdefault(row[0], row)
+        best = next((name for name in ranked if name.startswith(partial)), None)
+        if best is None:
+            return []
+        for end in range(PARTIAL_MIN, len(partial) + 1):
+            names = (name for name in ranked if name.startswith(partial[:end]))
+            shown = [ranked[name] for name in itertools.islice(names, CANDIDATES)]
+            if ranked[best] in shown:
+                break
+        bodies = {chunk: body for chunk, _, body, _ in self.bodies([r[2] for r in shown])}
+        signatures = {}  # path -> its names' signatures
+        for name, _, chunk, file in shown:
+            signatures[file] = signatures.get(file, "") + signature(bodies[chunk], name)
+        return [(("signatures", file), file, text, 1.0) for file, text in signatures.items()]
 
     def definitions(self, repo, kind, names, imports):
         """(chunk, path, body, score) of the chunks that define names, in the names' order, at
@@ -3105,8 +3147,9 @@ class CodeIndex:
         chunks = {name: found for name, found in chunks.items() if len(found) <= DEFINED_MAX}
         ids = [chunk for found in chunks.values() for _, chunk in found]
         query = f"SELECT id, path FROM chunks WHERE id IN ({','.join('?' * len(ids))})"
-        paths, files, wanted = dict(self.reader.execute(query, ids)), sum(imports.values(), []), []
-        likely = lambda found: (from_where(paths[found[1]], files), *found)  # noqa: E731
+        paths, wanted = dict(self.reader.execute(query, ids)), []
+        imported_from = from_where(sum(imports.values(), []))
+        likely = lambda found: (imported_from(paths[found[1]]), *found)  # noqa: E731
         for name in names:  # its likeliest first: from a file the file imports, then top-level
             wanted += [chunk for _, chunk in sorted(chunks.get(name, ()), key=likely)[:PER_NAME]]
         return self.bodies(wanted)

@@ -11,7 +11,8 @@ x.name(...) where x is self, cls, that file's module, or no standard module): th
 lines before the call and 20 after, the cursor after the name and its "(", or in the name, cut
 at 40-70 % of it (where the agent asks mid-word); then each keystroke of the rest of the name,
 to see whether the snippets stay (and with them the KV cache of the prompt after them). A hit is
-the definition's chunk among the snippets that fit Tabby's 768-character budget. Tabby's rules,
+the definition's line among the snippets of its file (in a chunk, or in the signatures of the
+names that begin with the typed name) that fit Tabby's 768-character budget. Tabby's rules,
 on the same index: BM25 over all the prefix's words, scores of 8 and more, at most 2 chunks a
 file. The cost is measured on CPython's Lib (about 700k lines): index build time and size,
 memory, the time per lookup, and what retrieval adds to a completion (1 token, so that the
@@ -153,11 +154,11 @@ def tabby_find(index, repo, path, prefix):
     words = sorted({w.lower() for w in server.WORD.findall(prefix)})
     query = " OR ".join(f'"{w}"' for w in words)
     rows = index.reader.execute(
-        "SELECT c.path, c.line, c.body, -bm25(search) FROM search JOIN chunks c ON c.id = search.rowid "
+        "SELECT c.path, c.body, -bm25(search) FROM search JOIN chunks c ON c.id = search.rowid "
         "WHERE search MATCH ? AND c.repo = ? AND c.family = 'python' ORDER BY rank LIMIT 20",
         (query, repo.path)).fetchall()  # fmt: skip
     picked, per_file, used = [], {}, 0
-    for file, line, body, score in rows:
+    for file, body, score in rows:
         if (
             score < server.MIN_BM25
             or file == path
@@ -165,7 +166,7 @@ def tabby_find(index, repo, path, prefix):
             or used + len(body) > 768
         ):
             continue
-        picked.append((file, line, body))
+        picked.append((file, body))
         per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
     return picked
 
@@ -174,19 +175,13 @@ def ours_find(index, repo, path, prefix, suffix, times):
     t = time.perf_counter()
     found = index.find(repo, "python", path, prefix, suffix, 768)
     times.append(time.perf_counter() - t)
-    lines = {}
-    for s in found:
-        row = index.reader.execute("SELECT line FROM chunks WHERE repo = ? AND path = ? AND body = ?",
-                                   (repo.path, s["filepath"], s["body"])).fetchone()  # fmt: skip
-        lines[(s["filepath"], s["body"])] = row[0] if row else -1
-    return [(s["filepath"], lines[(s["filepath"], s["body"])], s["body"]) for s in found]
+    return [(s["filepath"], s["body"]) for s in found]
 
 
-def hit(found, def_path, def_line):
-    """Whether the chunk holding the definition's line is among what was found."""
-    return any(
-        f == def_path and line < def_line <= line + body.count("\n") + 1 for f, line, body in found
-    )
+def hit(found, def_path, def_text):
+    """Whether the definition's line (def_text) is in a snippet of its file: in a chunk, or in
+    the signatures of the names that begin with the typed name."""
+    return any(file == def_path and def_text in body.splitlines() for file, body in found)
 
 
 def measure(folder, label, limit, log, model=None):
@@ -215,9 +210,11 @@ def measure(folder, label, limit, log, model=None):
                         keystrokes, kept = keystrokes + 1, kept + (now == last)
                     last = now
         key = (kind, "half typed" if cut else "complete")
-        tabby = hit(tabby_find(index, repo, path, prefix), def_path, def_line)
+        with open(os.path.join(repo.path, def_path), encoding="utf-8", errors="replace") as f:
+            def_text = f.read().splitlines()[def_line - 1]
+        tabby = hit(tabby_find(index, repo, path, prefix), def_path, def_text)
         counts = hits.get(key, (0, 0, 0))
-        hits[key] = (counts[0] + hit(mine, def_path, def_line), counts[1] + tabby, counts[2] + 1)
+        hits[key] = (counts[0] + hit(mine, def_path, def_text), counts[1] + tabby, counts[2] + 1)
     for (kind, typed), (ours, tabby, n) in sorted(hits.items()):
         print(f"{label}: {n} {kind} sites into another file, the name {typed}: the definition "
               f"among the snippets: ours {ours} ({100 * ours / n:.0f}%), Tabby's rules {tabby} "

@@ -279,8 +279,9 @@ def test_a_name_being_typed_brings_its_definition_and_keeps_it(make_app, repo):
                     "debug_options": {"return_snippets": True}}  # fmt: skip
             found = client.post("/v1/completions", json=body).json["debug_data"].get("snippets", [])
             seen.append([(s["filepath"], s["body"][:24]) for s in found])
-        ops = [("calc/ops.py", "def compute_total(items,")]
-        assert seen == [ops if above else []] + [ops] * 4, seen
+        ops = ("calc/ops.py", "def compute_total(items,")  # in view: its chunk, and signature
+        assert [ops in found for found in seen] == [bool(above)] + [True] * 4, seen
+        assert seen[1] == seen[2] == seen[3], seen
 
 
 def test_typing_a_keyword_leaves_the_snippets_be(make_app, repo):
@@ -415,3 +416,24 @@ def test_a_top_level_definition_ranks_before_a_method_or_an_assignment():
     body = "def run(a):\n    pass\n\nclass Cart:\n    def total(self):\n        pass\n\ntotal = 3\n"
     assert server.defined(body) == {"run": 0, "Cart": 0, "total": 1}  # the method beats total =
     assert server.defined("x = 1\nfn main() {}\n") == {"x": 2, "main": 0}
+
+
+def test_the_names_a_start_may_become_come_as_signatures_and_stay(make_app, repo):
+    """compute_t may become compute_total or compute_tax: the signatures of both (the name and
+    its arguments: what the model writes next) come, one snippet a file, and stay the same
+    while the rest of the name is typed (and so does the KV cache after them)."""
+    (repo / "calc" / "taxes.py").write_text("def compute_tax(rate,\n                amount):\n"
+                                            "    return rate * amount\n")  # fmt: skip
+    git("add", ".", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tax", cwd=repo)
+    client = make_app(repo=(str(repo),))[0].test_client()
+    seen = []
+    for typed in ("com", "compute", "compute_t", "compute_to", "compute_tot"):
+        body = {"language": "python", "segments": {"prefix": "def run(cart):\n    x = " + typed,
+                "suffix": "\n", "filepath": "calc/main.py", "git_url": REMOTE},
+                "debug_options": {"return_snippets": True}}  # fmt: skip
+        found = client.post("/v1/completions", json=body).json["debug_data"].get("snippets", [])
+        seen.append([(s["filepath"], s["body"]) for s in found])
+    both = [("calc/ops.py", "def compute_total(items, tax):\n"),  # main.py imports it
+            ("calc/taxes.py", "def compute_tax(rate,\n                amount):\n")]  # fmt: skip
+    assert seen == [both] * 5, seen
