@@ -16,7 +16,8 @@ names that begin with the typed name) that fit Tabby's 768-character budget. Tab
 on the same index: BM25 over all the prefix's words, scores of 8 and more, at most 2 chunks a
 file. The cost is measured on CPython's Lib (about 700k lines): index build time and size,
 memory, the time per lookup, and what retrieval adds to a completion (1 token, so that the
-prompt is most of it) with the bench's model.
+prompt is most of it) with the bench's model: of a new prompt (the name complete, or half typed),
+and of each keystroke as the rest of a name is typed (the KV cache of the prompt kept).
 """
 
 import argparse
@@ -234,17 +235,33 @@ def measure(folder, label, limit, log, model=None):
         app = server.create_app(config)
         app.logger.setLevel(logging.WARNING)  # not a line a completion
         client = app.test_client()
+        sites = cases(repo.path, 40)
+        for typed, asked in (("complete", sites[::2]), ("half typed", sites[1::2])):  # not mixed:
+            took = {True: [], False: []}  # a site's two cases share their prompt (the KV cache)
+            for n, (path, prefix, suffix, *_) in enumerate(asked):
+                for on in (n % 2 == 0, n % 2 == 1):  # which goes first alternates
+                    body = {"language": "python", "segments": {"prefix": prefix, "suffix": suffix, "filepath": path},
+                            "debug_options": {"disable_retrieval_augmented_code_completion": not on}}  # fmt: skip
+                    started = time.perf_counter()
+                    assert client.post("/v1/completions", json=body).status_code == 200
+                    took[on].append(time.perf_counter() - started)
+            on, off = (statistics.median(took[k]) * 1000 for k in (True, False))
+            print(f"{label}: a completion (1 token, {os.path.basename(model)}), the name {typed}, p50 "
+                  f"{on:.0f} ms with repository context, {off:.0f} ms without: +{on - off:.0f} ms", flush=True)  # fmt: skip
+        # typing the rest of a name: a request a keystroke (the first left out: its prompt is new)
         took = {True: [], False: []}
-        for n, (path, prefix, suffix, *_) in enumerate(cases(repo.path, 40)[::2]):
-            for on in (n % 2 == 0, n % 2 == 1):  # which goes first alternates
-                body = {"language": "python", "segments": {"prefix": prefix, "suffix": suffix, "filepath": path},
-                        "debug_options": {"disable_retrieval_augmented_code_completion": not on}}  # fmt: skip
-                started = time.perf_counter()
-                assert client.post("/v1/completions", json=body).status_code == 200
-                took[on].append(time.perf_counter() - started)
+        for n, (path, prefix, suffix, name, cut, *_) in enumerate(sites[1::2]):
+            for on in (n % 2 == 0, n % 2 == 1):
+                for end in range(cut, len(name) + 1):
+                    body = {"language": "python", "segments": {"prefix": prefix[: len(prefix) - cut] + name[:end],
+                            "suffix": suffix, "filepath": path},
+                            "debug_options": {"disable_retrieval_augmented_code_completion": not on}}  # fmt: skip
+                    started = time.perf_counter()
+                    assert client.post("/v1/completions", json=body).status_code == 200
+                    took[on] += [time.perf_counter() - started] if end > cut else []
         on, off = (statistics.median(took[k]) * 1000 for k in (True, False))
-        print(f"{label}: a completion (1 token, {os.path.basename(model)}) p50 {on:.0f} ms with "
-              f"repository context, {off:.0f} ms without: +{on - off:.0f} ms", flush=True)  # fmt: skip
+        print(f"{label}: typing the rest of a name, a keystroke's completion p50 {on:.0f} ms with repository "
+              f"context, {off:.0f} ms without: +{on - off:.0f} ms ({len(took[True])} keystrokes)", flush=True)  # fmt: skip
     rate = {typed: sum(h[0] for (_, t), h in hits.items() if t == typed)
             / max(1, sum(h[2] for (_, t), h in hits.items() if t == typed))
             for typed in ("complete", "half typed")}  # fmt: skip
