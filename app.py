@@ -2729,11 +2729,11 @@ def defined(body):
 
 def signature(body, name):
     """The lines of body, a chunk, that define name: the first that does, and those after it
-    until its brackets close (def f(a,\n b):), SIGNATURE_LINES at most."""
+    until its parentheses close (def f(a,\n b):), SIGNATURE_LINES at most."""
     match = next(m for m in DEFINES.finditer(body) if name in m.groups())
     lines, depth = body[body.rfind("\n", 0, match.start()) + 1 :].splitlines(keepends=True), 0
     for n, line in enumerate(lines[:SIGNATURE_LINES]):
-        depth += sum(map(line.count, "([{")) - sum(map(line.count, ")]}"))
+        depth += line.count("(") - line.count(")")  # (a brace opens a body: not counted)
         if depth <= 0:
             break
     return "".join(lines[: n + 1]).rstrip() + "\n"

@@ -418,6 +418,17 @@ def test_a_top_level_definition_ranks_before_a_method_or_an_assignment():
     assert server.defined("x = 1\nfn main() {}\n") == {"x": 2, "main": 0}
 
 
+def test_a_signature_is_the_defining_line_until_its_parentheses_close():
+    assert (
+        server.signature("x = 1\n\ndef f(a,\n      b):\n    return a\n", "f")
+        == "def f(a,\n      b):\n"
+    )
+    assert (
+        server.signature("function add(a, b) {\n  return a + b;\n}\n", "add")
+        == "function add(a, b) {\n"
+    )
+
+
 def test_the_names_a_start_may_become_come_as_signatures_and_stay(make_app, repo):
     """compute_t may become compute_total or compute_tax: the signatures of both (the name and
     its arguments: what the model writes next) come, one snippet a file, and stay the same
