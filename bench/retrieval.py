@@ -5,19 +5,19 @@ with our rules and with Tabby's, and what the index costs.
     python bench/retrieval.py --library jinja2 --cases 300
     python bench/retrieval.py --model none         # without what retrieval adds to a completion
 
-Both trees are copied into a temporary git checkout (code nobody here wrote). A case is a call
-site of a function or method defined once, in another file of the library (name(...), or
-x.name(...) where x is self, cls, that file's module, or no standard module): the editor's 20
-lines before the call and 20 after, the cursor after the name and its "(", or in the name, cut
-at 40-70 % of it (where the agent asks mid-word); then each keystroke of the rest of the name,
-to see whether the snippets stay (and with them the KV cache of the prompt after them). A hit is
-the definition's line among the snippets of its file (in a chunk, or in the signatures of the
-names that begin with the typed name) that fit Tabby's 768-character budget. Tabby's rules,
-on the same index: BM25 over all the prefix's words, scores of 8 and more, at most 2 chunks a
-file. The cost is measured on CPython's Lib (about 700k lines): index build time and size,
-memory, the time per lookup, and what retrieval adds to a completion (1 token, so that the
-prompt is most of it) with the bench's model: of a new prompt (the name complete, or half typed),
-and of each keystroke as the rest of a name is typed (the KV cache of the prompt kept).
+Both trees are copied into a temporary git checkout (code nobody here wrote). A case is a call site
+of a function or method defined once, in another file of the library, and no class's name
+(name(...), or x.name(...) where x is self, cls, that file's module, or no standard module): the
+editor's 20 lines before the call and 20 after, the cursor after the name and its "(", or in the
+name, cut at 40-70 % of it (where the agent asks mid-word); then each keystroke of the rest of the
+name, to see whether the snippets stay (and with them the KV cache of the prompt after them). A hit
+is the definition's line among the snippets of its file (in a chunk, or in the signatures of the
+names that begin with the typed name) that fit Tabby's 768-character budget. Tabby's rules, on the
+same index: BM25 over all the prefix's words, scores of 8 and more, at most 2 chunks a file. The
+cost is measured on CPython's Lib (about 700k lines): index build time and size, memory, the time
+per lookup, and what retrieval adds to a completion (1 token, so that the prompt is most of it)
+with the bench's model: of a new prompt (the name complete, or half typed), and of each keystroke
+as the rest of a name is typed (the KV cache of the prompt kept).
 """
 
 import argparse
@@ -62,11 +62,11 @@ def checkout(source, folder):
 
 def cases(folder, limit):
     """(path, prefix, suffix, name, cut, line of its definition, path of it, kind, the cursor's
-    line) for call sites
-    of functions and methods defined once, in another file: kind "call" (name(...)) or
+    line) for call sites of functions and methods (async ones too) defined once, in another file,
+    and no class's name (datetime(...) calls the class): kind "call" (name(...)) or
     "member" (x.name(...)); the prefix ends after the name and its "(" (cut None), or with the
     name cut after cut of its characters, 40-70 % of it (what the agent sends mid-word)."""
-    defined, sources = {}, {}
+    defined, sources, classes = {}, {}, set()
     for top, _, files in os.walk(folder):
         for name in files:
             if name.endswith(".py") and ".git" not in top:
@@ -78,9 +78,11 @@ def cases(folder, limit):
                     continue
                 sources[path] = (text, tree)
                 methods = [n for c in tree.body if isinstance(c, ast.ClassDef) for n in c.body]
+                function = (ast.FunctionDef, ast.AsyncFunctionDef)
                 for node in tree.body + methods:
-                    if isinstance(node, ast.FunctionDef) and not node.name.startswith("__"):
+                    if isinstance(node, function) and not node.name.startswith("__"):
                         defined.setdefault(node.name, []).append((path, node.lineno))
+                classes |= {n.name for n in ast.walk(tree) if isinstance(n, ast.ClassDef)}
     found = []
     for path, (text, tree) in sorted(sources.items()):
         lines = text.splitlines(keepends=True)
@@ -90,7 +92,7 @@ def cases(folder, limit):
             kind = "call" if isinstance(node.func, ast.Name) else "member"
             name = node.func.id if kind == "call" else getattr(node.func, "attr", None)
             where = defined.get(name, [])
-            if len(where) != 1 or where[0][0] == path or len(name) < 6:
+            if len(where) != 1 or where[0][0] == path or len(name) < 6 or name in classes:
                 continue
             if kind == "member" and not surely(node.func, where[0][0]) or name in BUILTINS:
                 continue  # (enumerate(...) calls the builtin, not threading's)
