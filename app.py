@@ -2731,7 +2731,8 @@ def signature(body, name):
     """The lines of body, a chunk, that define name: the first that does, and those after it
     until its parentheses close (def f(a,\n b):), SIGNATURE_LINES at most."""
     match = next(m for m in DEFINES.finditer(body) if name in m.groups())
-    lines, depth = body[body.rfind("\n", 0, match.start()) + 1 :].splitlines(keepends=True), 0
+    lines = body[body.rfind("\n", 0, match.start()) + 1 :].splitlines(keepends=True)
+    depth = 0
     for n, line in enumerate(lines[:SIGNATURE_LINES]):
         depth += line.count("(") - line.count(")")  # (a brace opens a body: not counted)
         if depth <= 0:
@@ -2774,7 +2775,8 @@ def imported(text, path):
 def from_where(sources):
     """A function telling how surely a file is one of sources (from imported()): 0 it is (or is
     inside one ending in /, a package), 1 its path ends so (a package under src/, say), 2 not.
-    It looks up the file's folders, not each source (a test file imports dozens)."""
+    It looks up the file's folders, not each source (a test file imports dozens), and keeps
+    each file's answer: one is made for each lookup, and is gone with it."""
     whole = {s.rstrip("/") for s in sources}
     packages = {s.rstrip("/") for s in sources if s.endswith("/")}
     tails = {s.rstrip("/") for s in sources if s.strip("/")}
