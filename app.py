@@ -2650,8 +2650,9 @@ REPO_TOKENS = [("<|repo_name|>", "<|file_sep|>"), ("<repo_name>", "<file_sep>")]
 WORD = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]{0,63}\b")  # an identifier; longer ones are not words
 # the name being typed at the cursor, and what it is a member of: self.session.mer, utils.get_en
 TYPING = re.compile(r"((?:[A-Za-z_]\w*\s*\.\s*)*)([A-Za-z_]\w*)$")
+CLASS_BASES = re.compile(r"class[ \t]+\w+[ \t]*\(([^)]*)\)")  # class C(B, m.D): B, m.D
 PARTIAL_MIN = 3  # characters of a name being typed, at least, before names beginning so are found
-CANDIDATES = 5  # names beginning with the one being typed whose signatures are shown, at most
+CANDIDATES = 8  # names beginning with the one being typed whose signatures are shown, at most
 SIGNATURE_LINES = 4  # lines of a signature, at most (a def's arguments on lines of their own)
 # words typed often that are no names to look up (so that typing them leaves the snippets be,
 # and the KV cache after them): a keyword's start is not looked up until it is no longer one
@@ -2667,11 +2668,15 @@ IMPORTS = re.compile(
     r"|import[ \t]+(?P<module>[\w.]+)(?:[ \t]+as[ \t]+(?P<alias>\w+))?)",
     re.M,
 )
-# a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =
+# a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =;
+# the keyword begins the line's code, after modifiers (pub async fn f): in prose ("the original
+# function\n assigned") it defines nothing
 DEFINES = re.compile(
-    r"\b(?:def|class|function|func|fn|struct|enum|trait|interface|type|module|object|fun|macro)"
-    r"\s+(?:\([^)]*\)\s*)?([A-Za-z_]\w*)|^(?:export\s+)?(?:const|let|var|val)\s+([A-Za-z_]\w*)"
-    r"|^([A-Za-z_]\w*)\s*(?::[^=]*)?=[^=]",
+    r"^[ \t]*(?:(?:export|default|async|pub(?:\([\w ]*\))?|public|private|protected|static|"
+    r"abstract|final|inline|override|open|data|sealed|internal|unsafe|case)[ \t]+)*"
+    r"(?:def|class|function|func|fn|struct|enum|trait|interface|type|module|object|fun|macro)"
+    r"[ \t]+(?:\([^)]*\)[ \t]*)?([A-Za-z_]\w*)"
+    r"|^(?:export\s+)?(?:const|let|var|val)\s+([A-Za-z_]\w*)|^([A-Za-z_]\w*)\s*(?::[^=]*)?=[^=]",
     re.M,
 )
 
@@ -2716,14 +2721,15 @@ def chunks_of(text):
 
 def defined(body):
     """{name: rank} of the names a chunk defines, the rank telling how likely the definition is
-    the one meant: 0 at the top level (a function, a class), 1 indented (a method), 2 by an
-    assignment. The least rank of each name."""
+    the one meant: 0 at the top level (a function, a class), 1 indented once (a method), 2 by
+    an assignment, 3 indented deeper (a function inside one). The least rank of each name."""
     ranks = {}
     for match in DEFINES.finditer(body):
         line = body[body.rfind("\n", 0, match.start()) + 1 :]
-        rank = 2 if match[3] else 1 if line[:1] in (" ", "\t") else 0
+        indent = len(line) - len(line.lstrip(" \t"))
+        rank = 2 if match[3] else 0 if not indent else 1 if indent <= 4 else 3
         name = match[1] or match[2] or match[3]
-        ranks[name] = min(rank, ranks.get(name, 2))
+        ranks[name] = min(rank, ranks.get(name, 3))
     return ranks
 
 
@@ -2880,7 +2886,7 @@ def open_repository(spec, root):
     return Repository(name, top, tuple(sorted(urls)), url)
 
 
-SCHEMA_VERSION = 3  # an index made with another is made anew
+SCHEMA_VERSION = 4  # an index made with another is made anew
 SCHEMA = """
 PRAGMA journal_mode = WAL;
 CREATE TABLE IF NOT EXISTS files (repo TEXT, path TEXT, mtime REAL, size INTEGER,
@@ -3068,10 +3074,11 @@ class CodeIndex:
         after = WORD.findall("\n".join(suffix.splitlines()[:NEAR_LINES]))
         names = list(dict.fromkeys(before + after))
         with self.lock:
-            query = "SELECT body FROM chunks WHERE repo = ? AND path = ? AND body LIKE '%import%'"
-            head = "".join(body for (body,) in self.reader.execute(query, (repo.path, path)))
+            query = "SELECT body FROM chunks WHERE repo = ? AND path = ?"
+            bodies = [body for (body,) in self.reader.execute(query, (repo.path, path))]
+            text, head = "".join(bodies), "".join(b for b in bodies if "import" in b)
             imports = imported(head + prefix, path)  # the file's, as indexed, and those in view
-            found = self.completing(repo.path, kind, path, imports, typing, prefix, suffix)
+            found = self.completing(repo.path, kind, path, imports, typing, prefix, suffix, text)
             found += self.definitions(repo.path, kind, names, imports)
             found += self.bm25(repo.path, kind, above)
         picked, per_file, used, known = [], {}, 0, known + prefix + suffix
@@ -3084,12 +3091,13 @@ class CodeIndex:
             per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
         return [snippet for _, snippet in picked]
 
-    def completing(self, repo, kind, path, imports, typing, prefix, suffix):
+    def completing(self, repo, kind, path, imports, typing, prefix, suffix, text):
         """[(key, path, signatures, score)] of the CANDIDATES likeliest names beginning with the
         one being typed (PARTIAL_MIN characters at least), each as its signature (see
         signature), one snippet a file. Likeliest: imported by name (after a dot: from the module
-        it is a member of, if any), then from a file the file imports, of the kind wanted (a
-        method after a dot, else a top-level one), used elsewhere in the text, the shortest.
+        it is a member of, if any; after self.: from a class the file's classes derive from),
+        then from a file the file imports, of the kind wanted (a method after a dot, else a
+        top-level one), used in view, used most in the file (text), the shortest.
         The list stays while the name is typed, and so does the prompt after it (the KV cache):
         it is that of the names beginning with the shortest start of the typed name whose
         CANDIDATES likeliest hold the likeliest name that begins with all of it."""
@@ -3105,17 +3113,26 @@ class CodeIndex:
             (start, start[:-1] + chr(ord(start[-1]) + 1), repo, kind, path)).fetchall()  # fmt: skip
         module = imports.get(members[0], []) if members else []  # utils.get_e: utils' file
         module = [os.path.join(stem, *members[1:]).rstrip("/") for stem in module]
-        used = set(WORD.findall(prefix[: -len(partial)] + suffix))
+        inherited = set()  # self.name: from a class that the file's classes derive from
+        if members[:1] in (["self"], ["cls"]):
+            inherited = self.bases(repo, kind, path, imports, text)
+        used = set(WORD.findall(prefix[: -len(partial)] + suffix))  # in view
+        uses = collections.Counter(  # in the file (not inside a word; \b: 5 times as slow)
+            m[0]
+            for m in re.finditer(start + r"\w*", text)
+            if not text[m.start() - 1 : m.start()].isidentifier()
+        )
         method = bool(members) and not module  # obj.name: a method; module.name: a function
         in_module, imported_from = from_where(module), from_where(sum(imports.values(), []))
 
         def likely(row):
             name, rank, chunk, file = row
             if members:  # x.name: from x's module
-                named = in_module(file)
+                named = 0 if file in inherited else in_module(file)
             else:
                 named = from_where(imports[name])(file) if name in imports else 2
-            return named, imported_from(file), rank != method, name not in used, len(name), chunk
+            return (named, imported_from(file), rank != method, name not in used, -uses[name],
+                    len(name), chunk)  # fmt: skip
 
         ranked = {}  # each name once, as its likeliest definition, the likeliest first
         for row in sorted(rows, key=likely):
@@ -3132,7 +3149,23 @@ class CodeIndex:
         signatures = {}  # path -> its names' signatures
         for name, _, chunk, file in shown:
             signatures[file] = signatures.get(file, "") + signature(bodies[chunk], name)
-        return [(("signatures", file), file, text, 1.0) for file, text in signatures.items()]
+        return [(("signatures", file), file, body, 1.0) for file, body in signatures.items()]
+
+    def bases(self, repo, kind, path, imports, text):
+        """The files that define the classes that text's classes derive from (class C(B) or
+        class C(m.B), B or m imported), each from where it is imported or inside it (from
+        unittest import TestCase: unittest/case.py)."""
+        wanted = {}  # B -> the files and packages it comes from
+        for match in CLASS_BASES.finditer(text):
+            for base in match[1].split(","):  # (metaclass=M, Generic[T]: no class of the file)
+                parts = [part.strip() for part in base.split(".")]
+                if all(map(str.isidentifier, parts)) and parts[0] in imports:
+                    wanted[parts[-1]] = [s.rstrip("/") + "/" for s in imports[parts[0]]]
+        rows = self.reader.execute(
+            "SELECT n.name, c.path FROM names n JOIN chunks c ON c.id = n.chunk WHERE n.rank = 0 "
+            f"AND n.repo = ? AND n.family = ? AND c.path != ? AND n.name IN "
+            f"({','.join('?' * len(wanted))})", (repo, kind, path, *wanted)).fetchall()  # fmt: skip
+        return {file for name, file in rows if from_where(wanted[name])(file) == 0}
 
     def definitions(self, repo, kind, names, imports):
         """(chunk, path, body, score) of the chunks that define names, in the names' order, at

@@ -448,3 +448,40 @@ def test_the_names_a_start_may_become_come_as_signatures_and_stay(make_app, repo
     both = [("calc/ops.py", "def compute_total(items, tax):\n"),  # main.py imports it
             ("calc/taxes.py", "def compute_tax(rate,\n                amount):\n")]  # fmt: skip
     assert seen == [both] * 5, seen
+
+
+def test_a_method_of_self_comes_from_the_base_class_and_as_the_file_uses_it(make_app, repo):
+    """self.asse in a TestCase: the methods of the class the file's classes derive from (imported
+    from its package) come before those of a module the file imports, and among more names than
+    fit, those the file uses most (assertIsNone, used three times) before the shorter ones."""
+    asserts = ["In", "Is", "Not", "All", "True", "Less", "Equal", "False", "Regex", "Raises"]
+    case = "class TestCase:\n" + "".join(
+        f"    def assert{a}(self, a):\n        pass\n\n" for a in asserts
+    )
+    files = {"testing/__init__.py": "from testing.case import TestCase\n",
+             "testing/case.py": case + "    def assertIsNone(self, obj, msg=None):\n        pass\n",
+             "other/mocks.py": "class Mock:\n    def assert_called(self):\n        pass\n",
+             "tests/test_shop.py": "from testing import TestCase\nfrom other import mocks\n\n\n"
+                                   "class ShopTest(TestCase):\n    def test_a(self):\n"
+                                   + "        self.assertIsNone(mocks.Mock())\n" * 3}  # fmt: skip
+    for name, text in files.items():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_text(text)
+    git("add", ".", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tests", cwd=repo)
+    client = make_app(repo=(str(repo),))[0].test_client()
+    body = {"language": "python", "segments": {"prefix": "    def test_b(self):\n        self.asse",
+            "suffix": "\n", "filepath": "tests/test_shop.py", "git_url": REMOTE},
+            "debug_options": {"return_snippets": True}}  # fmt: skip
+    found = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
+    assert found[0]["filepath"] == "testing/case.py", found
+    assert found[0]["body"].startswith("    def assertIsNone(self, obj, msg=None):\n"), found
+
+
+def test_prose_defines_nothing_and_a_function_inside_one_ranks_last():
+    doc = '    """Call the function named in it, as the class\n    does."""\n'
+    assert server.defined(doc) == {}
+    body = "class Mock:\n    def called(self):\n        def called(*args):\n            pass\n"
+    assert server.defined(body) == {"Mock": 0, "called": 1}
+    body = "class Mock:\n    def setup(self):\n        def called(*args):\n            pass\n"
+    assert server.defined(body) == {"Mock": 0, "setup": 1, "called": 3}
