@@ -3078,7 +3078,8 @@ class CodeIndex:
             bodies = [body for (body,) in self.reader.execute(query, (repo.path, path))]
             text, head = "".join(bodies), "".join(b for b in bodies if "import" in b)
             imports = imported(head + prefix, path)  # the file's, as indexed, and those in view
-            found = self.completing(repo.path, kind, path, imports, typing, prefix, suffix, text)
+            found = self.completing(repo.path, kind, path, imports, typing, prefix, suffix, text,
+                                    budget)  # fmt: skip
             found += self.definitions(repo.path, kind, names, imports)
             found += self.bm25(repo.path, kind, above)
         picked, per_file, used, known = [], {}, 0, known + prefix + suffix
@@ -3091,13 +3092,14 @@ class CodeIndex:
             per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
         return [snippet for _, snippet in picked]
 
-    def completing(self, repo, kind, path, imports, typing, prefix, suffix, text):
+    def completing(self, repo, kind, path, imports, typing, prefix, suffix, text, budget):
         """[(key, path, signatures, score)] of the CANDIDATES likeliest names beginning with the
         one being typed (PARTIAL_MIN characters at least), each as its signature (see
-        signature), one snippet a file. Likeliest: imported by name (after a dot: from the module
-        it is a member of, if any; after self.: from a class the file's classes derive from),
-        then from a file the file imports, of the kind wanted (a method after a dot, else a
-        top-level one), used in view, used most in the file (text), the shortest.
+        signature), one snippet a file, budget characters in all. Likeliest: imported by name
+        (after a dot: from the module it is a member of, if any; after self.: from a class the
+        file's classes derive from), then from a file the file imports, of the kind wanted (a
+        method after a dot, else a top-level one), used in view, used most in the file (text),
+        the shortest.
         The list stays while the name is typed, and so does the prompt after it (the KV cache):
         it is that of the names beginning with the shortest start of the typed name whose
         CANDIDATES likeliest hold the likeliest name that begins with all of it."""
@@ -3140,15 +3142,28 @@ class CodeIndex:
         best = next((name for name in ranked if name.startswith(partial)), None)
         if best is None:
             return []
+        signed = {}  # name -> its signature, fetched when needed
+
+        def fitting(start):  # the likeliest names beginning so whose signatures fit the budget
+            shown, used = [], 0
+            for name in (n for n in ranked if n.startswith(start)):
+                if name not in signed:
+                    [(_, _, body, _)] = self.bodies([ranked[name][2]])
+                    signed[name] = signature(body, name)
+                used += len(signed[name])
+                if used > budget or len(shown) == CANDIDATES:
+                    break
+                shown.append(name)
+            return shown
+
         for end in range(PARTIAL_MIN, len(partial) + 1):
-            names = (name for name in ranked if name.startswith(partial[:end]))
-            shown = [ranked[name] for name in itertools.islice(names, CANDIDATES)]
-            if ranked[best] in shown:
+            shown = fitting(partial[:end])
+            if best in shown:
                 break
-        bodies = {chunk: body for chunk, _, body, _ in self.bodies([r[2] for r in shown])}
         signatures = {}  # path -> its names' signatures
-        for name, _, chunk, file in shown:
-            signatures[file] = signatures.get(file, "") + signature(bodies[chunk], name)
+        for name in shown:
+            file = ranked[name][3]
+            signatures[file] = signatures.get(file, "") + signed[name]
         return [(("signatures", file), file, body, 1.0) for file, body in signatures.items()]
 
     def bases(self, repo, kind, path, imports, text):

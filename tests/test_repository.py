@@ -485,3 +485,28 @@ def test_prose_defines_nothing_and_a_function_inside_one_ranks_last():
     assert server.defined(body) == {"Mock": 0, "called": 1}
     body = "class Mock:\n    def setup(self):\n        def called(*args):\n            pass\n"
     assert server.defined(body) == {"Mock": 0, "setup": 1, "called": 3}
+
+
+def test_the_signatures_that_come_fit_the_budget_and_hold_the_name_being_typed(make_app, repo):
+    """Eight long signatures would not fit Tabby's 768 characters (and their snippet would not
+    come at all): those that fit come, the likeliest first, and the name being typed among them."""
+    names = [f"parse_{word}_header" for word in ("age", "date", "etag", "range", "csp", "cache")]
+    names += ["parse_content_range_header", "parse_options_header"]
+    args = "(\n    value: str | None,\n    on_update: Callable[[Headers], None] | None = None,\n"
+    http = "".join(
+        f"def {name}{args}    cls: type | None = None,\n):\n    pass\n\n\n" for name in names
+    )
+    (repo / "web" / "http.py").write_text(http)
+    (repo / "web" / "response.py").write_text(
+        "".join(f"from web.http import {name}\n" for name in names) + "\n\ndef handle(value):\n"
+    )
+    git("add", ".", cwd=repo)
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "http", cwd=repo)
+    client = make_app(repo=(str(repo),))[0].test_client()
+    body = {"language": "python", "segments": {"prefix": "def handle(value):\n    rv = parse_content_ra",
+            "suffix": "\n", "filepath": "web/response.py", "git_url": REMOTE},
+            "debug_options": {"return_snippets": True}}  # fmt: skip
+    found = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
+    assert found and found[0]["filepath"] == "web/http.py", found
+    assert f"def parse_content_range_header{args}" in found[0]["body"], found[0]["body"]
+    assert sum(len(s["body"]) for s in found) <= 768
