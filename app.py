@@ -3147,9 +3147,9 @@ class CodeIndex:
         def fitting(start):  # the likeliest names beginning so whose signatures fit the budget
             shown, used = [], 0
             for name in (n for n in ranked if n.startswith(start)):
-                if name not in signed:
-                    [(_, _, body, _)] = self.bodies([ranked[name][2]])
-                    signed[name] = signature(body, name)
+                if name not in signed:  # (a chunk the index dropped meanwhile: none)
+                    found = self.bodies([ranked[name][2]])
+                    signed[name] = signature(found[0][2], name) if found else ""
                 used += len(signed[name])
                 if used > budget or len(shown) == CANDIDATES:
                     break
