@@ -2672,8 +2672,9 @@ IMPORTS = re.compile(
 # the keyword begins the line's code, after modifiers (pub async fn f): in prose ("the original
 # function\n assigned") it defines nothing
 DEFINES = re.compile(
-    r"^[ \t]*(?:(?:export|default|async|pub(?:\([\w ]*\))?|public|private|protected|static|"
-    r"abstract|final|inline|override|open|data|sealed|internal|unsafe|case)[ \t]+)*"
+    r"^[ \t]*(?:(?:export|default|declare|async|pub(?:\([\w ]*\))?|public|private|protected|"
+    r"internal|static|abstract|final|inline|override|open|data|sealed|inner|enum|case|implicit|"
+    r"suspend|unsafe|const|local|typedef)[ \t]+)*"
     r"(?:def|class|function|func|fn|struct|enum|trait|interface|type|module|object|fun|macro)"
     r"[ \t]+(?:\([^)]*\)[ \t]*)?([A-Za-z_]\w*)"
     r"|^(?:export\s+)?(?:const|let|var|val)\s+([A-Za-z_]\w*)|^([A-Za-z_]\w*)\s*(?::[^=]*)?=[^=]",

@@ -481,6 +481,8 @@ def test_a_method_of_self_comes_from_the_base_class_and_as_the_file_uses_it(make
 def test_prose_defines_nothing_and_a_function_inside_one_ranks_last():
     doc = '    """Call the function named in it, as the class\n    does."""\n'
     assert server.defined(doc) == {}
+    code = "enum class Color { RED }\nlocal function helper(x)\npub const fn size() -> usize {\n"
+    assert server.defined(code) == {"Color": 0, "helper": 0, "size": 0}  # after modifiers
     body = "class Mock:\n    def called(self):\n        def called(*args):\n            pass\n"
     assert server.defined(body) == {"Mock": 0, "called": 1}
     body = "class Mock:\n    def setup(self):\n        def called(*args):\n            pass\n"
