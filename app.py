@@ -3200,7 +3200,8 @@ class CodeIndex:
         query = f"SELECT id, path FROM chunks WHERE id IN ({','.join('?' * len(ids))})"
         paths, wanted = dict(self.reader.execute(query, ids)), []
         imported_from = from_where(sum(imports.values(), []))
-        likely = lambda found: (imported_from(paths[found[1]]), *found)  # noqa: E731
+        # (paths.get: a chunk that the indexer dropped between the two reads has no path)
+        likely = lambda found: (imported_from(paths.get(found[1], "")), *found)  # noqa: E731
         for name in names:  # its likeliest first: from a file the file imports, then top-level
             wanted += [chunk for _, chunk in sorted(chunks.get(name, ()), key=likely)[:PER_NAME]]
         return self.bodies(wanted)
