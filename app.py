@@ -2669,12 +2669,14 @@ IMPORTS = re.compile(
     re.M,
 )
 # a name a line defines: def f, class C, function f, func (r T) F, fn f, struct S, ..., or x =;
-# the keyword begins the line's code, after modifiers (pub async fn f): in prose ("the original
-# function\n assigned") it defines nothing
+# the keyword begins the line's code, after annotations and modifiers (@Composable fun f, pub
+# async fn f, template <T> class C): in prose ("the original function\n assigned") it defines
+# nothing
 DEFINES = re.compile(
-    r"^[ \t]*(?:(?:export|default|declare|async|pub(?:\([\w ]*\))?|public|private|protected|"
-    r"internal|static|abstract|final|inline|override|open|data|sealed|inner|enum|case|implicit|"
-    r"suspend|unsafe|const|local|typedef)[ \t]+)*"
+    r"^[ \t]*(?:@[\w.]+(?:\([^)]*\))?[ \t]+|template[ \t]*<[^>]*>[ \t]*)*"
+    r"(?:(?:export|default|declare|async|pub(?:\([^)]*\))?|public|private|protected|internal|"
+    r"fileprivate|static|abstract|final|inline|override|open|data|sealed|partial|readonly|inner|"
+    r"enum|case|implicit|companion|mutating|suspend|unsafe|const|local|typedef|class)[ \t]+)*"
     r"(?:def|class|function|func|fn|struct|enum|trait|interface|type|module|object|fun|macro)"
     r"[ \t]+(?:\([^)]*\)[ \t]*)?([A-Za-z_]\w*)"
     r"|^(?:export\s+)?(?:const|let|var|val)\s+([A-Za-z_]\w*)|^([A-Za-z_]\w*)\s*(?::[^=]*)?=[^=]",
@@ -2722,12 +2724,12 @@ def chunks_of(text):
 
 def defined(body):
     """{name: rank} of the names a chunk defines, the rank telling how likely the definition is
-    the one meant: 0 at the top level (a function, a class), 1 indented once (a method), 2 by
-    an assignment, 3 indented deeper (a function inside one). The least rank of each name."""
+    the one meant: 0 at the top level (a function, a class), 1 indented 4 columns at most (a
+    method), 2 by an assignment, 3 indented more (a function inside one). The least rank of
+    each name."""
     ranks = {}
     for match in DEFINES.finditer(body):
-        line = body[body.rfind("\n", 0, match.start()) + 1 :]
-        indent = len(line) - len(line.lstrip(" \t"))
+        indent = len(re.match(r"[ \t]*", match[0])[0].expandtabs(4))
         rank = 2 if match[3] else 0 if not indent else 1 if indent <= 4 else 3
         name = match[1] or match[2] or match[3]
         ranks[name] = min(rank, ranks.get(name, 3))
@@ -3103,7 +3105,8 @@ class CodeIndex:
         the shortest.
         The list stays while the name is typed, and so does the prompt after it (the KV cache):
         it is that of the names beginning with the shortest start of the typed name whose
-        CANDIDATES likeliest hold the likeliest name that begins with all of it."""
+        likeliest that fit (CANDIDATES at most) hold the likeliest name that begins with all of
+        it."""
         if not typing or len(typing[2]) < PARTIAL_MIN:
             return []
         members, partial = [m.strip() for m in typing[1].split(".")][:-1], typing[2]
@@ -3117,14 +3120,13 @@ class CodeIndex:
         module = imports.get(members[0], []) if members else []  # utils.get_e: utils' file
         module = [os.path.join(stem, *members[1:]).rstrip("/") for stem in module]
         inherited = set()  # self.name: from a class that the file's classes derive from
-        if members[:1] in (["self"], ["cls"]):
-            inherited = self.bases(repo, kind, path, imports, text)
+        if members in (["self"], ["cls"]):  # (not self.x.name: x's)
+            inherited = self.bases(repo, kind, path, imports, text + prefix)
         used = set(WORD.findall(prefix[: -len(partial)] + suffix))  # in view
-        uses = collections.Counter(  # in the file (not inside a word; \b: 5 times as slow)
-            m[0]
-            for m in re.finditer(start + r"\w*", text)
-            if not text[m.start() - 1 : m.start()].isidentifier()
-        )
+        uses = collections.Counter()  # in the file: its words that begin so (\b: 5 times as slow)
+        for m in re.finditer(start + r"\w*", text):
+            before = text[m.start() - 1 : m.start()]
+            uses[m[0]] += not (before.isalnum() or before == "_")
         method = bool(members) and not module  # obj.name: a method; module.name: a function
         in_module, imported_from = from_where(module), from_where(sum(imports.values(), []))
 
@@ -3145,14 +3147,16 @@ class CodeIndex:
             return []
         signed = {}  # name -> its signature, fetched when needed
 
-        def fitting(start):  # the likeliest names beginning so whose signatures fit the budget
-            shown, used = [], 0
-            for name in (n for n in ranked if n.startswith(start)):
+        def fitting(begins):  # the likeliest names beginning so whose signatures fit budget
+            shown, size = [], 0
+            for name in (n for n in ranked if n.startswith(begins)):
+                if len(shown) == CANDIDATES:
+                    break
                 if name not in signed:  # (a chunk the index dropped meanwhile: none)
                     found = self.bodies([ranked[name][2]])
                     signed[name] = signature(found[0][2], name) if found else ""
-                used += len(signed[name])
-                if used > budget or len(shown) == CANDIDATES:
+                size += len(signed[name])
+                if size > budget:
                     break
                 shown.append(name)
             return shown
@@ -3177,6 +3181,8 @@ class CodeIndex:
                 parts = [part.strip() for part in base.split(".")]
                 if all(map(str.isidentifier, parts)) and parts[0] in imports:
                     wanted[parts[-1]] = [s.rstrip("/") + "/" for s in imports[parts[0]]]
+        if not wanted:
+            return set()
         rows = self.reader.execute(
             "SELECT n.name, c.path FROM names n JOIN chunks c ON c.id = n.chunk WHERE n.rank = 0 "
             f"AND n.repo = ? AND n.family = ? AND c.path != ? AND n.name IN "

@@ -452,15 +452,16 @@ def test_the_names_a_start_may_become_come_as_signatures_and_stay(make_app, repo
 
 def test_a_method_of_self_comes_from_the_base_class_and_as_the_file_uses_it(make_app, repo):
     """self.asse in a TestCase: the methods of the class the file's classes derive from (imported
-    from its package) come before those of a module the file imports, and among more names than
-    fit, those the file uses most (assertIsNone, used three times) before the shorter ones."""
+    from its package) come before those of a module the file imports (mocks.asserts, shorter),
+    and among more names than fit, those the file uses most (assertIsNone, used three times)
+    before the shorter ones. Not after self.mocks., and also for a class not indexed yet."""
     asserts = ["In", "Is", "Not", "All", "True", "Less", "Equal", "False", "Regex", "Raises"]
     case = "class TestCase:\n" + "".join(
         f"    def assert{a}(self, a):\n        pass\n\n" for a in asserts
     )
     files = {"testing/__init__.py": "from testing.case import TestCase\n",
              "testing/case.py": case + "    def assertIsNone(self, obj, msg=None):\n        pass\n",
-             "other/mocks.py": "class Mock:\n    def assert_called(self):\n        pass\n",
+             "other/mocks.py": "class Mock:\n    def asserts(self):\n        pass\n",
              "tests/test_shop.py": "from testing import TestCase\nfrom other import mocks\n\n\n"
                                    "class ShopTest(TestCase):\n    def test_a(self):\n"
                                    + "        self.assertIsNone(mocks.Mock())\n" * 3}  # fmt: skip
@@ -470,28 +471,42 @@ def test_a_method_of_self_comes_from_the_base_class_and_as_the_file_uses_it(make
     git("add", ".", cwd=repo)
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "tests", cwd=repo)
     client = make_app(repo=(str(repo),))[0].test_client()
-    body = {"language": "python", "segments": {"prefix": "    def test_b(self):\n        self.asse",
-            "suffix": "\n", "filepath": "tests/test_shop.py", "git_url": REMOTE},
-            "debug_options": {"return_snippets": True}}  # fmt: skip
-    found = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
-    assert found[0]["filepath"] == "testing/case.py", found
-    assert found[0]["body"].startswith("    def assertIsNone(self, obj, msg=None):\n"), found
+
+    def found(prefix, path="tests/test_shop.py"):
+        body = {"language": "python", "segments": {"prefix": prefix, "suffix": "\n", "filepath": path,
+                "git_url": REMOTE}, "debug_options": {"return_snippets": True}}  # fmt: skip
+        return client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
+
+    first = found("    def test_b(self):\n        self.asse")[0]
+    assert first["filepath"] == "testing/case.py", first
+    assert first["body"].startswith("    def assertIsNone(self, obj, msg=None):\n"), first
+    assert (
+        found("    def test_b(self):\n        self.mocks.asse")[0]["filepath"] == "other/mocks.py"
+    )
+    new = "from testing import TestCase\n\n\nclass NewTest(TestCase):\n    def test_b(self):\n"
+    assert found(new + "        self.asse", "tests/test_new.py")[0]["filepath"] == "testing/case.py"
 
 
 def test_prose_defines_nothing_and_a_function_inside_one_ranks_last():
     doc = '    """Call the function named in it, as the class\n    does."""\n'
     assert server.defined(doc) == {}
-    code = "enum class Color { RED }\nlocal function helper(x)\npub const fn size() -> usize {\n"
-    assert server.defined(code) == {"Color": 0, "helper": 0, "size": 0}  # after modifiers
+    code = ("enum class Color { RED }\nlocal function helper(x)\npub const fn size() -> usize {\n"
+            "public sealed partial class Foo {\n@Composable fun Screen() {\n"
+            "template <typename T> class Vec {\n")  # fmt: skip
+    assert server.defined(code) == dict.fromkeys(
+        ["Color", "helper", "size", "Foo", "Screen", "Vec"], 0
+    )
     body = "class Mock:\n    def called(self):\n        def called(*args):\n            pass\n"
     assert server.defined(body) == {"Mock": 0, "called": 1}
     body = "class Mock:\n    def setup(self):\n        def called(*args):\n            pass\n"
     assert server.defined(body) == {"Mock": 0, "setup": 1, "called": 3}
+    assert server.defined(body.replace("    ", "\t")) == {"Mock": 0, "setup": 1, "called": 3}
 
 
 def test_the_signatures_that_come_fit_the_budget_and_hold_the_name_being_typed(make_app, repo):
     """Eight long signatures would not fit Tabby's 768 characters (and their snippet would not
-    come at all): those that fit come, the likeliest first, and the name being typed among them."""
+    come at all): those that fit come, the likeliest first (imported, the shortest), of the
+    shortest start whose list holds the name being typed (parse_c: the 5 of parse_ do not)."""
     names = [f"parse_{word}_header" for word in ("age", "date", "etag", "range", "csp", "cache")]
     names += ["parse_content_range_header", "parse_options_header"]
     args = "(\n    value: str | None,\n    on_update: Callable[[Headers], None] | None = None,\n"
@@ -510,5 +525,6 @@ def test_the_signatures_that_come_fit_the_budget_and_hold_the_name_being_typed(m
             "debug_options": {"return_snippets": True}}  # fmt: skip
     found = client.post("/v1/completions", json=body).json["debug_data"]["snippets"]
     assert found and found[0]["filepath"] == "web/http.py", found
-    assert f"def parse_content_range_header{args}" in found[0]["body"], found[0]["body"]
-    assert sum(len(s["body"]) for s in found) <= 768
+    shown = ["parse_csp_header", "parse_cache_header", "parse_content_range_header"]  # parse_c
+    signatures = "".join(f"def {name}{args}    cls: type | None = None,\n" for name in shown)
+    assert found[0]["body"] == signatures, found[0]["body"]  # (4 lines each, at most)
