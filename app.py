@@ -3076,7 +3076,7 @@ class CodeIndex:
         before = WORD.findall(near)[::-1]  # the nearest the cursor first
         after = WORD.findall("\n".join(suffix.splitlines()[:NEAR_LINES]))
         names = list(dict.fromkeys(before + after))
-        with self.lock:
+        with self.snapshot():
             query = "SELECT body FROM chunks WHERE repo = ? AND path = ?"
             bodies = [body for (body,) in self.reader.execute(query, (repo.path, path))]
             text, head = "".join(bodies), "".join(b for b in bodies if "import" in b)
@@ -3094,6 +3094,17 @@ class CodeIndex:
             picked.append((chunk, {"filepath": file, "body": body, "score": score}))
             per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
         return [snippet for _, snippet in picked]
+
+    @contextlib.contextmanager
+    def snapshot(self):
+        """The reader, under the lock, in one read transaction: a lookup's statements see one
+        version of the index, whatever the indexer commits meanwhile (WAL keeps it)."""
+        with self.lock:
+            self.reader.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.reader.execute("COMMIT")
 
     def completing(self, repo, kind, path, imports, typing, prefix, suffix, text, budget):
         """[(key, path, signatures, score)] of the CANDIDATES likeliest names beginning with the
@@ -3152,9 +3163,9 @@ class CodeIndex:
             for name in (n for n in ranked if n.startswith(begins)):
                 if len(shown) == CANDIDATES:
                     break
-                if name not in signed:  # (a chunk the index dropped meanwhile: none)
-                    found = self.bodies([ranked[name][2]])
-                    signed[name] = signature(found[0][2], name) if found else ""
+                if name not in signed:
+                    [(_, _, body, _)] = self.bodies([ranked[name][2]])
+                    signed[name] = signature(body, name)
                 size += len(signed[name])
                 if size > budget:
                     break
@@ -3206,8 +3217,7 @@ class CodeIndex:
         query = f"SELECT id, path FROM chunks WHERE id IN ({','.join('?' * len(ids))})"
         paths, wanted = dict(self.reader.execute(query, ids)), []
         imported_from = from_where(sum(imports.values(), []))
-        # (paths.get: a chunk that the indexer dropped between the two reads has no path)
-        likely = lambda found: (imported_from(paths.get(found[1], "")), *found)  # noqa: E731
+        likely = lambda found: (imported_from(paths[found[1]]), *found)  # noqa: E731
         for name in names:  # its likeliest first: from a file the file imports, then top-level
             wanted += [chunk for _, chunk in sorted(chunks.get(name, ()), key=likely)[:PER_NAME]]
         return self.bodies(wanted)
