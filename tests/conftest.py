@@ -22,6 +22,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
+def models_end_with_their_test(monkeypatch):
+    """The model thread of each LocalModel a test makes ends with the test, and llama.cpp's
+    OpenMP workers with it: libgomp counts idle workers too, and where its threads outnumber
+    the cores it barely spins at a barrier, which made a model on 2 cores 4 times slower."""
+    made, init = [], server.LocalModel.__init__
+    monkeypatch.setattr(server.LocalModel, "__init__",
+                        lambda model, *args, **kw: made.append(model) or init(model, *args, **kw))  # fmt: skip
+    yield
+    for model in made:
+        if hasattr(model, "thread"):  # (not when its model failed to load)
+            model.thread.shutdown(cancel_futures=True)
+
+
+@pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     """Tests never see the developer's TABBYPY_* or FLASK_* settings."""
     for name in list(os.environ):
@@ -65,11 +79,15 @@ def make_app(model_path, tmp_path):
     """make_app(family, **config) -> (app, events dir): a test app on a tiny model."""
 
     def make(family="starcoder", **overrides):
-        config = server.load_config(  # --events full: the tests read what was asked there
+        # --events full: the tests read what was asked there
+        config = server.load_config(
             ["--model", model_path(family), "--root", str(tmp_path / "tabby"), "--events", "full"],
             environ={},
         )
-        config.update(overrides)
+        # --repack false: --repack auto's test load is a child process for each model file (half
+        # a second); test_cli.py and the servers start_server() starts hold what it does. (An
+        # engine takes no --repack.)
+        config.update({} if overrides.get("backend") else {"repack": "false"}, **overrides)
         app = server.create_app(config)
         app.config["TESTING"] = True
         return app, tmp_path / "tabby" / "events"
