@@ -1043,14 +1043,14 @@ class LocalModel:
     """llama.cpp in this process: the core's backend. It owns the Llama, the one thread that runs
     it and the KV caches of editors taking turns. A backend has prompt(prefix, suffix, head),
     raw_prompt(text), count(text), complete(prompt, sampling, limits, reuse) -> Answer,
-    describe(), figures() and name, device, format (its PromptFormat)."""
+    describe(), health(), figures() and name, device, format (its PromptFormat)."""
 
     def __init__(self, config, path=None):
         self.llm = load_model(config, path or config["model"])
         self.ctx = config["ctx"]
         self.format = template_format(*find_template(self.llm, config["prompt_template"]))
-        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
-        self.bos = [self.llm.token_bos()] if llama_cpp.llama_vocab_get_add_bos(vocab) else []
+        self.vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.bos = [self.llm.token_bos()] if llama_cpp.llama_vocab_get_add_bos(self.vocab) else []
         protected = {self.llm.token_bos(), self.llm.token_eos(), *self.format.specials.values()}
         # While the user types on a line, only that line changes: the other pieces of the prompt
         # (the text above, the suffix) come from here instead of the tokenizer.
@@ -1130,10 +1130,9 @@ class LocalModel:
             tokens = prompt.tokens + done  # (a new list: done may be made ahead still)
             self.use_kv_for(tokens)
             reused = min(keep_kv(self.llm, tokens), prompt.size)
-            vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
 
             def pieces():  # (yield from: closing it closes model_pieces)
-                yield from (token_bytes(vocab, token) for token in done)
+                yield from (token_bytes(self.vocab, token) for token in done)
                 yield from model_pieces(self.llm, tokens, *sampling, limits.should_stop)
 
             text, n, reason = finish(generate(pieces(), *limits))
@@ -1701,7 +1700,7 @@ def serve_completions(server):
         if not config["model"]:
             raise SystemExit(f"error: no model: pass --model PATH.gguf or set {ENV_PREFIX}MODEL")
         server.backend = LocalModel(config, server.locate(config["model"], "--model"))
-        server.health.append(server.backend.health)
+    server.health.append(server.backend.health)
     for line in [*server.backend.describe(), events.describe()]:
         print(line, file=sys.stderr)
     if server.tokens is None and config["host"] not in ("127.0.0.1", "localhost", "::1"):
@@ -2146,7 +2145,6 @@ def add_engine(server):
     if not config["backend_timeout"] > 0:
         raise SystemExit("error: --backend-timeout must be more than 0 seconds")
     server.backend = engine = Engine(config, server.counters)
-    server.health.append(engine.health)
 
     def about():
         said = engine.health()["backend"]
@@ -2469,13 +2467,12 @@ def speculate(model, prompt, sampling, limits):
     model.ahead = {tuple(prompt.tokens): done}  # one at a time: an older one goes
     model.use_kv_for(prompt.tokens, 1, idle=True)
     keep_kv(llm, prompt.tokens)
-    vocab = llama_cpp.llama_model_get_vocab(llm.model)
     tokens = model_tokens(llm, prompt.tokens, *sampling, limits.should_stop, every=0)
 
     def pieces():
         for token in tokens:
             done.append(token)
-            yield token_bytes(vocab, token)
+            yield token_bytes(model.vocab, token)
 
     try:  # should_stop() is asked inside each token's decode too: a request waits for none
         with abortable(llm, limits.should_stop, every=0):  # (cheap: an int compared)
@@ -3085,15 +3082,15 @@ class CodeIndex:
                                     budget)  # fmt: skip
             found += self.definitions(repo.path, kind, names, imports)
             found += self.bm25(repo.path, kind, above)
-        picked, per_file, used, known = [], {}, 0, known + prefix + suffix
+        picked, per_file, used, known = {}, collections.Counter(), 0, known + prefix + suffix
         for chunk, file, body, score in found:
-            if any(chunk == p[0] for p in picked) or file == path or per_file.get(file, 0) >= 2:
+            if chunk in picked or file == path or per_file[file] >= 2:
                 continue
             if used + len(body) > budget or body.strip() in known:
                 continue
-            picked.append((chunk, {"filepath": file, "body": body, "score": score}))
-            per_file[file], used = per_file.get(file, 0) + 1, used + len(body)
-        return [snippet for _, snippet in picked]
+            picked[chunk] = {"filepath": file, "body": body, "score": score}
+            per_file[file], used = per_file[file] + 1, used + len(body)
+        return list(picked.values())
 
     @contextlib.contextmanager
     def snapshot(self):
@@ -3207,16 +3204,16 @@ class CodeIndex:
         too common to tell)."""
         if not names:
             return []
-        query = "SELECT name, rank, chunk FROM names WHERE repo = ? AND family = ? AND name IN "
-        rows = self.reader.execute(f"{query}({','.join('?' * len(names))})", (repo, kind, *names))
-        chunks = {}
-        for name, rank, chunk in rows:
+        rows = self.reader.execute(
+            "SELECT n.name, n.rank, n.chunk, c.path FROM names n JOIN chunks c ON c.id = n.chunk "
+            f"WHERE n.repo = ? AND n.family = ? AND n.name IN ({','.join('?' * len(names))})",
+            (repo, kind, *names))  # fmt: skip
+        chunks, paths = {}, {}
+        for name, rank, chunk, path in rows:
             chunks.setdefault(name, []).append((rank, chunk))
+            paths[chunk] = path
         chunks = {name: found for name, found in chunks.items() if len(found) <= DEFINED_MAX}
-        ids = [chunk for found in chunks.values() for _, chunk in found]
-        query = f"SELECT id, path FROM chunks WHERE id IN ({','.join('?' * len(ids))})"
-        paths, wanted = dict(self.reader.execute(query, ids)), []
-        imported_from = from_where(sum(imports.values(), []))
+        imported_from, wanted = from_where(sum(imports.values(), [])), []
         likely = lambda found: (imported_from(paths[found[1]]), *found)  # noqa: E731
         for name in names:  # its likeliest first: from a file the file imports, then top-level
             wanted += [chunk for _, chunk in sorted(chunks.get(name, ()), key=likely)[:PER_NAME]]
@@ -3229,7 +3226,7 @@ class CodeIndex:
             f"SELECT id, path, body FROM chunks WHERE id IN ({marks})", wanted
         )
         bodies = {c: (path, body) for c, path, body in rows}
-        return [(c, *bodies[c], 1.0) for c in dict.fromkeys(wanted) if c in bodies]
+        return [(c, *bodies[c], 1.0) for c in dict.fromkeys(wanted)]
 
     def bm25_search(self, repo, kind, text):
         """(chunk, path, body, score) of the chunks that BM25 scores MIN_BM25 or more for the
@@ -3659,36 +3656,30 @@ def sample_value(value):
 
 def label_text(labels):
     """{a="x",b="y"} of (name, value) pairs, values escaped as Prometheus' format asks."""
-    if not labels:
-        return ""
-    quoted = (
-        str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for _, v in labels
-    )
-    return "{" + ",".join(f'{k}="{v}"' for (k, _), v in zip(labels, quoted)) + "}"
+
+    def escape(value):
+        return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{escape(v)}"' for k, v in labels) + "}" if labels else ""
 
 
 def metrics_text(values, gauges):
     """Prometheus' text format (0.0.4) of counters' values ({(name, labels): value}) and of the
     gauges asked for now ({name: value})."""
-    lines, histograms = [], {name for name, (kind, _) in METRICS.items() if kind == "histogram"}
+    lines = []
     for name, (kind, about) in METRICS.items():
         lines += [f"# HELP tabbypy_{name} {about}", f"# TYPE tabbypy_{name} {kind}"]
-        samples = sorted((labels, v) for (n, labels), v in values.items() if n == name)
-        if name in histograms:
+        if kind == "histogram":
             seen = 0
             for bound in (*SECONDS, math.inf):
                 seen += values.get((name, (("le", bound),)), 0)
                 le = "+Inf" if bound == math.inf else f"{bound:g}"
                 lines.append(f'tabbypy_{name}_bucket{{le="{le}"}} {seen}')
-            total = values.get((name + "_sum", ()), 0.0)
-            samples = []
-            lines += [
-                f"tabbypy_{name}_sum {sample_value(float(total))}",
-                f"tabbypy_{name}_count {seen}",
-            ]
-        elif name in gauges:
-            samples = [((), gauges[name])]
-        for labels, value in samples:
+            total = float(values.get((name + "_sum", ()), 0.0))
+            lines += [f"tabbypy_{name}_sum {sample_value(total)}", f"tabbypy_{name}_count {seen}"]
+            continue
+        samples = sorted((labels, v) for (n, labels), v in values.items() if n == name)
+        for labels, value in [((), gauges[name])] if name in gauges else samples:
             lines.append(f"tabbypy_{name}{label_text(labels)} {sample_value(value)}")
     return "\n".join(lines) + "\n"
 
@@ -3912,8 +3903,6 @@ def download(repo_id, flag="--model"):
                 )
             filename = ggufs[0] if len(ggufs) == 1 else TABBY_LAYOUT
         return huggingface_hub.hf_hub_download(repo, filename)
-    except SystemExit:
-        raise
     except Exception as e:  # no such repo, no such file, disk full: all end start-up the same way
         first = str(e).splitlines()[0] if str(e) else ""
         raise SystemExit(
