@@ -3310,6 +3310,8 @@ def add_repository_context(server):
     config = server.config
     if not config["repo"]:
         return
+    if not config["repo_refresh"] > 0:
+        raise SystemExit("error: --repo-refresh must be more than 0 seconds")
     index, model = open_index(config, server.app.logger), server.backend
     ids = repo_tokens(model.llm) if isinstance(model, LocalModel) else []
     room = config["ctx"] - config["max_tokens"]

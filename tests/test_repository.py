@@ -163,6 +163,12 @@ def test_a_repository_that_cannot_be_opened_stops_start_up(model_path, tmp_path,
     assert lines[-1].startswith(f"error: --repo {spec}: {words}"), result.stderr
 
 
+def test_a_repo_refresh_of_no_time_stops_start_up(make_app, repo):
+    """Not an index thread that dies at its first look for changes (a division by zero)."""
+    with pytest.raises(SystemExit, match="--repo-refresh must be more than 0 seconds"):
+        make_app(repo=(str(repo),), repo_refresh=0)
+
+
 def test_start_up_says_what_it_indexed(model_path, repo, tmp_path):
     proc, _ = start_server(
         ["--model", model_path(), "--root", str(tmp_path / "tabby"), "--repo", str(repo)]
