@@ -178,9 +178,11 @@ def check_config(config):
         if config[key] not in allowed:
             named = f"{', '.join(allowed[:-1])} or {allowed[-1]}"
             raise SystemExit(f"error: --{key} must be {named}, not {config[key]!r}")
-    for key in ("events_days", "kv_cache_mb", "completion_cache"):
-        if config[key] < 0:
-            raise SystemExit(f"error: --{key.replace('_', '-')} must be 0 or more")
+    least = {"events_days": 0, "kv_cache_mb": 0, "completion_cache": 0, "threads": 0,
+             "temperature": 0, "time_budget": 0, "max_body": 1}  # fmt: skip
+    for key, n in least.items():
+        if config[key] < n:
+            raise SystemExit(f"error: --{key.replace('_', '-')} must be {n} or more")
     if not 0 < config["max_tokens"] < config["ctx"]:
         raise SystemExit(
             f"error: --max-tokens must be at least 1 and less than --ctx ({config['ctx']})"

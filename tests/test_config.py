@@ -136,3 +136,16 @@ def test_warns_when_serving_beyond_loopback_without_a_token(make_app, capsys):
     make_app(host="0.0.0.0", token="t")
     make_app(host="127.0.0.1")
     assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, least", [
+    ("--kv-cache-mb", "-1", 0), ("--completion-cache", "-1", 0), ("--events-days", "-1", 0),
+    ("--threads", "-1", 0), ("--temperature", "-0.5", 0), ("--time-budget", "-1", 0),
+    ("--max-body", "0", 1),
+])  # fmt: skip
+def test_a_knob_below_its_least_stops_start_up_in_one_line(flag, value, least):
+    """Not a server that answers every request 413 (--max-body 0), ends every completion at its
+    first line end (a negative --time-budget) or samples at a temperature no request may ask."""
+    config = server.load_config(["--model", "m.gguf", f"{flag}={value}"], environ={})
+    with pytest.raises(SystemExit, match=f"^error: {flag} must be {least} or more$"):
+        server.check_config(config)
