@@ -3314,6 +3314,8 @@ def add_repository_context(server):
         return
     if not config["repo_refresh"] > 0:
         raise SystemExit("error: --repo-refresh must be more than 0 seconds")
+    if config["repo_context_tokens"] < 0:
+        raise SystemExit("error: --repo-context-tokens must be 0 or more")
     index, model = open_index(config, server.app.logger), server.backend
     ids = repo_tokens(model.llm) if isinstance(model, LocalModel) else []
     room = config["ctx"] - config["max_tokens"]

@@ -163,10 +163,13 @@ def test_a_repository_that_cannot_be_opened_stops_start_up(model_path, tmp_path,
     assert lines[-1].startswith(f"error: --repo {spec}: {words}"), result.stderr
 
 
-def test_a_repo_refresh_of_no_time_stops_start_up(make_app, repo):
-    """Not an index thread that dies at its first look for changes (a division by zero)."""
+def test_knobs_that_cannot_work_stop_start_up(make_app, repo):
+    """Not an index thread that dies at its first look for changes (a division by zero), nor a
+    repository that silently gives nothing."""
     with pytest.raises(SystemExit, match="--repo-refresh must be more than 0 seconds"):
         make_app(repo=(str(repo),), repo_refresh=0)
+    with pytest.raises(SystemExit, match="--repo-context-tokens must be 0 or more"):
+        make_app(repo=(str(repo),), repo_context_tokens=-1)
 
 
 def test_start_up_says_what_it_indexed(model_path, repo, tmp_path):
